@@ -1,0 +1,258 @@
+"""The official single-file checkpoint format: config metadata, key prefixes, version detection, strict loading.
+
+An official LTX-2 / LTX-2.3 checkpoint is one ``.safetensors`` file. Its ``__metadata__["config"]`` entry is a
+JSON document with the sections ``transformer``, ``vae``, ``audio_vae``, ``vocoder`` and ``scheduler``; the
+tensors of every component live in the same file under the prefixes in :data:`COMPONENT_PREFIXES`.
+
+Loading is always the same three moves: build the module on the ``meta`` device from the config, read only the
+requested component's tensors (one at a time, cast on the fly, so host memory peaks near one copy of the
+component), and ``load_state_dict(strict=True, assign=True)`` with an error that lists what is missing or
+unexpected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+logger = logging.getLogger(__name__)
+
+ModelVersion = Literal["ltx-2", "ltx-2.3"]
+
+# Where each component's tensors live inside an official checkpoint.
+TRANSFORMER_PREFIX = "model.diffusion_model."
+VIDEO_CONNECTOR_PREFIX = "model.diffusion_model.video_embeddings_connector."
+AUDIO_CONNECTOR_PREFIX = "model.diffusion_model.audio_embeddings_connector."
+TEXT_PROJECTION_PREFIX = "text_embedding_projection."
+VIDEO_VAE_ENCODER_PREFIX = "vae.encoder."
+VIDEO_VAE_DECODER_PREFIX = "vae.decoder."
+VIDEO_VAE_STATISTICS_PREFIX = "vae.per_channel_statistics."
+AUDIO_VAE_ENCODER_PREFIX = "audio_vae.encoder."
+AUDIO_VAE_DECODER_PREFIX = "audio_vae.decoder."
+AUDIO_VAE_STATISTICS_PREFIX = "audio_vae.per_channel_statistics."
+VOCODER_PREFIX = "vocoder."
+
+# Sub-trees of ``model.diffusion_model.`` that belong to the text side, not to the transformer.
+TEXT_CONNECTOR_SUBPREFIXES = ("video_embeddings_connector.", "audio_embeddings_connector.", "embeddings_connector.")
+
+# The four keys that switch the text side to feature extractor V2 (LTX-2.3), with the only accepted values.
+V2_TEXT_KEYS: dict[str, bool] = {
+    "caption_proj_before_connector": True,
+    "caption_projection_first_linear": False,
+    "caption_proj_input_norm": False,
+    "caption_projection_second_linear": False,
+}
+
+
+def _check_is_file(path: Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"checkpoint file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"checkpoint path is not a file: {path}")
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """Return the raw ``__metadata__`` string map of a safetensors file (empty if it has none).
+
+    Raises ``ValueError`` naming the file if it is missing or is not a safetensors file.
+    """
+    path = _check_is_file(Path(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def read_config(path: str | Path) -> dict:
+    """Return the model config stored as JSON in the ``config`` metadata entry of an official checkpoint."""
+    path = Path(path)
+    metadata = read_metadata(path)
+    if "config" not in metadata:
+        raise ValueError(
+            f"{path} has no 'config' entry in its safetensors metadata; an official LTX-2 checkpoint stores "
+            "its model config there (metadata keys found: "
+            f"{sorted(metadata) or 'none'})"
+        )
+    try:
+        config = json.loads(metadata["config"])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: the 'config' metadata entry is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: the 'config' metadata entry must be a JSON object, got {type(config).__name__}")
+    return config
+
+
+def config_section(config: Mapping, section: str, path: str | Path) -> dict:
+    """Return ``config[section]`` or raise a ``ValueError`` naming the file and the missing section."""
+    value = config.get(section)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: the checkpoint config has no '{section}' section (found: {sorted(config)})")
+    return value
+
+
+def list_keys(path: str | Path) -> list[str]:
+    """All tensor names in a safetensors file (reads the header only)."""
+    path = _check_is_file(Path(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def read_tensor_shapes(path: str | Path, keys: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the named tensors without reading their data."""
+    path = _check_is_file(Path(path))
+    shapes: dict[str, tuple[int, ...]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        available = set(f.keys())
+        for key in keys:
+            if key in available:
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    return shapes
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Version detection
+
+
+def detect_text_version(transformer_config: Mapping, path: str | Path = "<config>") -> ModelVersion:
+    """Decide LTX-2 vs LTX-2.3 from the four V2 text keys, with the reference's exact rules.
+
+    None of the keys present means LTX-2 (feature extractor V1, caption projection inside the transformer). All
+    four present with exactly the values in :data:`V2_TEXT_KEYS` means LTX-2.3. Anything else is an error.
+    """
+    present = {k: transformer_config[k] for k in V2_TEXT_KEYS if k in transformer_config}
+    if not present:
+        return "ltx-2"
+    wrong = {k: v for k, v in present.items() if v != V2_TEXT_KEYS[k]}
+    if wrong:
+        raise ValueError(
+            f"{path}: unknown text-encoder config values {wrong}; LTX-2.3 checkpoints set {V2_TEXT_KEYS}"
+        )
+    if len(present) != len(V2_TEXT_KEYS):
+        missing = sorted(set(V2_TEXT_KEYS) - set(present))
+        raise ValueError(
+            f"{path}: partial LTX-2.3 (V2 text) config: has {sorted(present)} but is missing {missing}; "
+            f"an LTX-2.3 checkpoint sets all of {V2_TEXT_KEYS}"
+        )
+    return "ltx-2.3"
+
+
+def detect_version(config: Mapping, path: str | Path = "<config>") -> ModelVersion:
+    """Model version of a full checkpoint config (the ``transformer`` section decides)."""
+    return detect_text_version(config_section(config, "transformer", path), path)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Reading tensors and strict loading
+
+
+def read_tensors(
+    path: str | Path,
+    select: Callable[[str], str | None],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """Read only the tensors that ``select`` keeps, renamed by it, one at a time.
+
+    ``select(file_key)`` returns the module key for a tensor to keep, or ``None`` to skip it (the tensor data is
+    never read). Floating-point tensors are cast to ``dtype`` as they are read, so peak host memory stays near
+    one copy of what is kept.
+    """
+    path = _check_is_file(Path(path))
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for file_key in f.keys():
+                name = select(file_key)
+                if name is None:
+                    continue
+                tensor = f.get_tensor(file_key)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                tensors[name] = tensor.to(device)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+    return tensors
+
+
+def strip_prefix(prefix: str, exclude: Iterable[str] = ()) -> Callable[[str], str | None]:
+    """A ``select`` function for :func:`read_tensors`: keep keys under ``prefix`` (minus ``exclude``d
+    sub-prefixes) and strip the prefix."""
+    exclude = tuple(exclude)
+
+    def select(key: str) -> str | None:
+        if not key.startswith(prefix):
+            return None
+        rest = key[len(prefix) :]
+        if exclude and rest.startswith(exclude):
+            return None
+        return rest
+
+    return select
+
+
+def load_state_dict_strict(
+    module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str | Path
+) -> torch.nn.Module:
+    """``load_state_dict(strict=True, assign=True)`` with an error that names the file and lists every
+    missing and unexpected key and every shape mismatch."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(state_dict))
+        if tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = [f"{source}: the weights do not match the model built from its config."]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_abbreviate(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_abbreviate(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches ({len(mismatched)}): {_abbreviate(mismatched)}")
+        raise ValueError("\n  ".join(parts))
+    module.load_state_dict(dict(state_dict), strict=True, assign=True)
+    return module
+
+
+def _abbreviate(items: list[str], limit: int = 20) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def check_nothing_on_meta(module: torch.nn.Module, source: str | Path) -> None:
+    """Raise if any parameter or buffer was left unmaterialised after loading."""
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{source}: these tensors were not loaded and are still on the meta device: {left}")
+
+
+def write_checkpoint(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], config: Mapping, extra_metadata: Mapping[str, str] = ()
+) -> Path:
+    """Write tensors with the model config as JSON in the ``config`` metadata entry (the official layout).
+
+    The file is written to a temporary name and renamed, so a crash never leaves a half-written checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"config": json.dumps(config), **dict(extra_metadata)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
