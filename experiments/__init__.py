@@ -1,0 +1,1 @@
+"""Presets and research scripts. Presets are Python functions returning a TrainConfig (see presets.py)."""

@@ -1,0 +1,147 @@
+"""Process groups and the parallelisation of the transformer, applied in one fixed order.
+
+``parallelize`` runs: activation checkpointing per block -> optional ``torch.compile`` per block -> FSDP2
+``fully_shard`` per block, then the root. LoRA injection and freezing must already have happened (FSDP2 must see
+the final trainable set; pytorch/pytorch#186998). Replicated data parallel (the LoRA default) shards nothing and
+all-reduces the trainable gradients after backward.
+
+Activation checkpointing uses the composable ``torch.distributed._composable.checkpoint``, which keeps parameter
+names unchanged (``checkpoint_wrapper`` would insert ``._checkpoint_wrapped_module.`` into them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistInfo:
+    """Where this process sits: ``rank`` of ``world_size`` processes, running on ``device``."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Initialise the default process group from torchrun's environment (NCCL on CUDA, gloo on CPU).
+
+    A plain ``python train.py`` run (no torchrun variables) is a world of one with no process group.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def apply_ac(blocks: nn.ModuleList) -> None:
+    """Recompute each block in backward (non-reentrant, so no input needs ``requires_grad``)."""
+    from torch.distributed._composable import checkpoint
+
+    for block in blocks:
+        checkpoint(block)
+
+
+def apply_compile(blocks: nn.ModuleList) -> None:
+    """``torch.compile`` each block in place (``nn.Module.compile`` keeps parameter names)."""
+    for block in blocks:
+        block.compile(fullgraph=False)
+
+
+def apply_fsdp(
+    model: nn.Module, blocks: nn.ModuleList, *, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype
+) -> None:
+    """FSDP2: shard each block, then the root (which owns the embeddings, AdaLN and output heads)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mp_policy=policy)
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    fsdp: bool,
+    activation_checkpointing: bool,
+    compile: bool,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype,
+) -> nn.Module:
+    """Apply AC, compile and FSDP2 (in that order) to a model with a ``transformer_blocks`` ModuleList."""
+    blocks = model.transformer_blocks
+    if activation_checkpointing:
+        apply_ac(blocks)
+    if compile:
+        if not torch.cuda.is_available():
+            logger.warning("parallel.compile is ignored on CPU")
+        else:
+            apply_compile(blocks)
+    if fsdp:
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:0")
+        apply_fsdp(model, blocks, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    return model
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average tensors across processes in place (replicated data parallel), in one flat bucket."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Make replicated tensors identical on every process (e.g. freshly initialised LoRA adapters)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for t in tensors:
+        dist.broadcast(t, src=src)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small metrics tensor across processes (returns a new tensor)."""
+    out = values.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out

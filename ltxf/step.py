@@ -1,0 +1,178 @@
+"""The training step: ``train_step(state, micro_batches, ctx) -> (state, metrics)``.
+
+Gradients come from autograd (``loss.backward()``), not ``torch.func.grad``: only autograd composes with FSDP2
+hooks and activation checkpointing (style-anchors.md section B). Everything random is derived from
+(seed, step, rank, purpose), so a step is a pure function of the state and the batch: a resumed run repeats the
+uninterrupted one exactly.
+
+Shape legend: B batch, T tokens, C channels, S text tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from ltxf.config import TrainConfig
+from ltxf.models.text import TextContext
+from ltxf.optim import GradientTransformation, apply_updates, last_learning_rate
+from ltxf.parallel import DistInfo, all_reduce_mean_
+from ltxf.rng import make_generator
+from ltxf.state import TrainState
+from ltxf.strategies import prepare_text_to_video, prepare_video_to_video
+from ltxf.strategies.base import StepLosses, compute_losses
+
+# Loss is also reported per sigma bucket: [0, .25), [.25, .5), [.5, .75), [.75, 1].
+SIGMA_BUCKET_EDGES = (0.25, 0.5, 0.75)
+SIGMA_BUCKET_NAMES = ("0.00-0.25", "0.25-0.50", "0.50-0.75", "0.75-1.00")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a step produced a non-finite loss or gradient norm; the state was not updated."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepContext:
+    """What the step needs besides the state and the batch. ``transformer`` and ``text_processor`` hold the
+    frozen weights; the trainable ones are ``state.params`` (the same tensors)."""
+
+    transformer: nn.Module
+    text_processor: nn.Module
+    tx: GradientTransformation
+    cfg: TrainConfig
+    dist: DistInfo
+    fsdp: bool
+    compute_dtype: torch.dtype
+    text_params: tuple[str, ...] = ()
+    """Keys of ``state.params`` that belong to the text connectors (replicated even under FSDP)."""
+
+
+def text_context(ctx: StepContext, batch: dict[str, torch.Tensor]) -> TextContext:
+    """Run the text connectors on the cached Gemma features (under no_grad unless they are trained).
+
+    With learnable registers every text position is attended, so the mask is dropped (None lets SDPA pick a
+    fused kernel)."""
+    with torch.set_grad_enabled(bool(ctx.text_params)):
+        context = ctx.text_processor(
+            batch["video_prompt_embeds"].to(ctx.compute_dtype), batch["audio_prompt_embeds"].to(ctx.compute_dtype),
+            batch["prompt_attention_mask"],
+        )
+    if ctx.text_processor.video_connector.learnable_registers is not None:
+        context = context._replace(context_mask=None)
+    return context
+
+
+def loss_fn(
+    ctx: StepContext, batch: dict[str, torch.Tensor], generator: torch.Generator
+) -> tuple[torch.Tensor, StepLosses, torch.Tensor]:
+    """Mean loss of one micro-batch, its per-sample terms, and the sigmas [B] it was drawn at."""
+    cfg = ctx.cfg
+    context = text_context(ctx, batch)
+    prepare = prepare_video_to_video if cfg.strategy.name == "video_to_video" else prepare_text_to_video
+    inputs = prepare(batch, context, strategy=cfg.strategy, flow=cfg.flow, generator=generator,
+                     dtype=ctx.compute_dtype)
+    device_type = inputs.video.latent.device.type
+    autocast = ctx.compute_dtype != torch.float32 and not ctx.fsdp
+    with torch.autocast(device_type, dtype=ctx.compute_dtype, enabled=autocast):
+        video_pred, audio_pred = ctx.transformer(video=inputs.video, audio=inputs.audio)
+    losses = compute_losses(inputs, video_pred, audio_pred, cfg.strategy.audio_loss_weight)
+    return losses.total_B.mean(), losses, inputs.sigma_B
+
+
+def _bucket_index(sigma_B: torch.Tensor) -> torch.Tensor:
+    return torch.bucketize(sigma_B.float(), torch.tensor(SIGMA_BUCKET_EDGES, device=sigma_B.device), right=True)
+
+
+def train_step(
+    state: TrainState, micro_batches: list[dict[str, torch.Tensor]], ctx: StepContext
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """One optimizer step over ``micro_batches`` (gradient accumulation inside the step).
+
+    The input ``state`` is DONATED: its parameter and optimizer tensors are updated in place (they are the
+    model's own parameters) and it must not be used after the call; use the returned state. Metrics are
+    device tensors summed over this process's micro-batches (``*_sum`` / ``*_count``) so the caller can reduce
+    them across processes only when it logs.
+
+    Raises :class:`NonFiniteLossError` before touching the parameters if the loss or the gradient norm is not
+    finite (with ``nonfinite_loss='skip'`` the update is skipped instead and the step still advances).
+    """
+    step = int(state.step)
+    cfg = ctx.cfg
+    num_micro = len(micro_batches)
+    device = ctx.dist.device
+    loss_sum = torch.zeros((), device=device)
+    video_sum = torch.zeros((), device=device)
+    audio_sum = torch.zeros((), device=device)
+    bucket_sum = torch.zeros(len(SIGMA_BUCKET_NAMES), device=device)
+    bucket_count = torch.zeros(len(SIGMA_BUCKET_NAMES), device=device)
+    num_samples = 0
+    num_tokens = 0
+
+    for i, batch in enumerate(micro_batches):
+        generator = make_generator(cfg.seed, step, ctx.dist.rank, f"micro_batch_{i}")
+        if ctx.fsdp:
+            # Reduce-scatter gradients only once, after the last micro-batch.
+            ctx.transformer.set_requires_gradient_sync(i == num_micro - 1)
+        loss, losses, sigma_B = loss_fn(ctx, batch, generator)
+        (loss / num_micro).backward()
+        with torch.no_grad():
+            loss_sum += loss.detach()
+            video_sum += losses.video_B.detach().mean()
+            if losses.audio_B is not None:
+                audio_sum += losses.audio_B.detach().mean()
+            index_B = _bucket_index(sigma_B)
+            bucket_sum.index_add_(0, index_B, losses.total_B.detach().float())
+            bucket_count.index_add_(0, index_B, torch.ones_like(sigma_B, dtype=torch.float32))
+        num_samples += batch["video_latents"].shape[0]
+        num_tokens += math.prod(batch["video_latents"].shape[2:]) * batch["video_latents"].shape[0]
+
+    grads = {}
+    for key, param in state.params.items():
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        grads[key] = param.grad
+    replicated = [grads[k] for k in grads if not ctx.fsdp or k in ctx.text_params]
+    all_reduce_mean_(replicated)
+
+    # One host sync per step: the loss and the gradient norm must be finite before anything is updated in
+    # place (the optimizer moments included).
+    norm = torch.nn.utils.get_total_norm(list(grads.values()), foreach=True) if grads else torch.zeros(())
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    finite = bool(torch.isfinite(loss_sum) & torch.isfinite(norm))
+    opt_state = state.opt_state
+    if finite:
+        updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
+        apply_updates(state.params, updates)
+    _clear_grads(state)
+    if not finite and cfg.nonfinite_loss == "stop":
+        raise NonFiniteLossError(
+            f"step {step}: non-finite loss ({float(loss_sum) / num_micro}) or gradient norm ({float(norm)}); "
+            "the parameters were not updated"
+        )
+
+    metrics = {
+        "loss_sum": loss_sum / num_micro,
+        "video_loss_sum": video_sum / num_micro,
+        "audio_loss_sum": audio_sum / num_micro,
+        "sigma_bucket_loss_sum": bucket_sum,
+        "sigma_bucket_count": bucket_count,
+        "num_samples": torch.tensor(float(num_samples), device=device),
+        "num_tokens": torch.tensor(float(num_tokens), device=device),
+        "skipped": torch.tensor(0.0 if finite else 1.0, device=device),
+    }
+    metrics["grad_norm"] = norm.detach().float().to(device)
+    lr = last_learning_rate(opt_state)
+    if lr is not None:
+        metrics["lr"] = lr.detach().clone().float().to(device)
+    new_state = replace(state, opt_state=opt_state, step=state.step + 1)
+    return new_state, metrics
+
+
+def _clear_grads(state: TrainState) -> None:
+    for param in state.params.values():
+        param.grad = None

@@ -1,0 +1,94 @@
+"""Shared pieces of the training strategies: model inputs, targets, loss masks and per-sample losses.
+
+Shape legend: B batch, T tokens, C latent channels (128), S text tokens, D context width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ltxf.config import FlowConfig
+from ltxf.models.transformer import Modality
+from ltxf.timesteps import shifted_logit_normal_sigmas, uniform_sigmas
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInputs:
+    """What the transformer consumes plus what the loss needs.
+
+    ``video_loss_mask_BT`` is True on tokens that count in the loss (generated, not conditioning, not
+    reference); ``video_target_BTC`` covers only the generated part of the sequence (reference tokens, if any,
+    are the first ``num_reference_tokens`` of ``video.latent`` and have no target).
+    """
+
+    video: Modality
+    audio: Modality | None
+    video_target_BTC: torch.Tensor
+    video_loss_mask_BT: torch.Tensor
+    audio_target_BTC: torch.Tensor | None
+    sigma_B: torch.Tensor
+    num_reference_tokens: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepLosses:
+    """Per-sample loss terms of one micro-batch (each [B])."""
+
+    total_B: torch.Tensor
+    video_B: torch.Tensor
+    audio_B: torch.Tensor | None
+
+
+def sample_sigmas(flow: FlowConfig, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """Training sigmas [B] from the configured sampler; ``seq_len`` is the generated video token count."""
+    if flow.timestep_sampling == "uniform":
+        return uniform_sigmas(batch_size, generator=generator, min_value=flow.uniform_min, max_value=flow.uniform_max)
+    return shifted_logit_normal_sigmas(
+        batch_size, seq_len, generator=generator, std=flow.logit_std, eps=flow.eps, uniform_prob=flow.uniform_prob
+    )
+
+
+def first_frame_mask(
+    batch_size: int, tokens_per_frame: int, num_tokens: int, p: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Bool [B,T]: True on the first latent frame's tokens of the samples drawn (per sample, probability p) for
+    first-frame conditioning. Never conditions a single-frame clip (it would leave nothing to learn)."""
+    draws_B = torch.rand(batch_size, generator=generator) < p
+    if tokens_per_frame >= num_tokens:
+        draws_B = torch.zeros_like(draws_B)
+    frame0_T = torch.arange(num_tokens) < tokens_per_frame
+    return draws_B[:, None] & frame0_T[None, :]
+
+
+def noisy_tokens(
+    x0_BTC: torch.Tensor, noise_BTC: torch.Tensor, sigma_BT: torch.Tensor
+) -> torch.Tensor:
+    """Rectified-flow interpolation x_t = (1 - sigma) x0 + sigma * noise, with a per-token sigma."""
+    s = sigma_BT[..., None]
+    return (1 - s) * x0_BTC + s * noise_BTC
+
+
+def masked_mse_per_sample(pred_BTC: torch.Tensor, target_BTC: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample over the tokens where ``mask_BT`` is True (and all channels), [B].
+
+    Computed in fp32. A sample with no loss token contributes 0 (the clamp only guards the division).
+    """
+    err_BT = (pred_BTC.float() - target_BTC.float()).pow(2).mean(dim=-1)
+    mask = mask_BT.to(err_BT.dtype)
+    return (err_BT * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+
+def compute_losses(
+    inputs: ModelInputs, video_pred_BTC: torch.Tensor, audio_pred_BTC: torch.Tensor | None, audio_weight: float
+) -> StepLosses:
+    """Per-sample losses: masked video MSE on the generated tokens, plus the weighted audio MSE."""
+    video_pred_BTC = video_pred_BTC[:, inputs.num_reference_tokens :]
+    video_B = masked_mse_per_sample(video_pred_BTC, inputs.video_target_BTC, inputs.video_loss_mask_BT)
+    audio_B = None
+    total_B = video_B
+    if inputs.audio_target_BTC is not None and audio_pred_BTC is not None:
+        audio_B = (audio_pred_BTC.float() - inputs.audio_target_BTC.float()).pow(2).mean(dim=(1, 2))
+        total_B = video_B + audio_weight * audio_B
+    return StepLosses(total_B=total_B, video_B=video_B, audio_B=audio_B)

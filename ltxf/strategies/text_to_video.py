@@ -1,0 +1,94 @@
+"""Text-to-video, with optional joint audio and per-sample first-frame conditioning.
+
+Shape legend: B batch, C latent channels, F/H/W latent frames/height/width, T tokens, A audio tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ltxf.config import FlowConfig, StrategyConfig
+from ltxf.latents import audio_positions, patchify_audio, patchify_video, video_positions
+from ltxf.models.text import TextContext
+from ltxf.models.transformer import Modality
+from ltxf.strategies.base import ModelInputs, first_frame_mask, noisy_tokens, sample_sigmas
+
+
+def video_positions_for_batch(
+    batch_size: int, num_frames: int, height: int, width: int, fps_B: torch.Tensor, *, device: torch.device,
+    spatial_scale: float = 1.0,
+) -> torch.Tensor:
+    """Positions [B,3,T,2] (seconds, pixels, pixels) with each sample's own frame rate, in fp32."""
+    positions = video_positions(batch_size, num_frames, height, width, fps=1.0, device=device,
+                                spatial_scale=spatial_scale)
+    seconds = positions[:, :1] / fps_B.to(device=device, dtype=positions.dtype)[:, None, None, None]
+    return torch.cat([seconds, positions[:, 1:]], dim=1)
+
+
+def prepare_text_to_video(
+    batch: dict[str, torch.Tensor],
+    context: TextContext,
+    *,
+    strategy: StrategyConfig,
+    flow: FlowConfig,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+) -> ModelInputs:
+    """Noise a batch of video (and audio) latents and build the transformer inputs and targets.
+
+    Noise, sigmas and the first-frame draws come from ``generator`` (CPU), in that order, so the same
+    (seed, step, rank) always gives the same inputs.
+    """
+    latents_BCFHW = batch["video_latents"]
+    device = latents_BCFHW.device
+    batch_size, _, num_frames, height, width = latents_BCFHW.shape
+    x0_BTC = patchify_video(latents_BCFHW.float())
+    num_tokens = x0_BTC.shape[1]
+
+    noise_BTC = torch.randn(x0_BTC.shape, generator=generator).to(device)
+    sigma_B = sample_sigmas(flow, batch_size, num_tokens, generator).to(device)
+    cond_BT = first_frame_mask(batch_size, height * width, num_tokens, strategy.first_frame_conditioning_p,
+                               generator).to(device)
+
+    sigma_BT = torch.where(cond_BT, 0.0, sigma_B[:, None].expand(batch_size, num_tokens))
+    xt_BTC = noisy_tokens(x0_BTC, noise_BTC, sigma_BT)
+    video = Modality(
+        latent=xt_BTC.to(dtype),
+        sigma=sigma_B,
+        timesteps=sigma_BT,
+        positions=video_positions_for_batch(batch_size, num_frames, height, width, batch["fps"], device=device),
+        context=context.video_context.to(dtype),
+        context_mask=context.context_mask,
+    )
+
+    audio = None
+    audio_target = None
+    if strategy.with_audio:
+        if "audio_latents" not in batch:
+            raise ValueError("strategy.with_audio is set but the batch has no audio latents (audio_latents/)")
+        a0_BAC = patchify_audio(batch["audio_latents"].float())
+        audio_noise = torch.randn(a0_BAC.shape, generator=generator).to(device)
+        if strategy.independent_audio_sigma:
+            audio_sigma_B = sample_sigmas(flow, batch_size, num_tokens, generator).to(device)
+        else:
+            audio_sigma_B = sigma_B
+        num_audio = a0_BAC.shape[1]
+        audio_sigma_BA = audio_sigma_B[:, None].expand(batch_size, num_audio)
+        audio = Modality(
+            latent=noisy_tokens(a0_BAC, audio_noise, audio_sigma_BA).to(dtype),
+            sigma=audio_sigma_B,
+            timesteps=audio_sigma_BA,
+            positions=audio_positions(batch_size, num_audio, device=device),
+            context=context.audio_context.to(dtype),
+            context_mask=context.context_mask,
+        )
+        audio_target = audio_noise - a0_BAC
+
+    return ModelInputs(
+        video=video,
+        audio=audio,
+        video_target_BTC=noise_BTC - x0_BTC,
+        video_loss_mask_BT=~cond_BT,
+        audio_target_BTC=audio_target,
+        sigma_B=sigma_B,
+    )
