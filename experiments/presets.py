@@ -92,7 +92,7 @@ def demo() -> TrainConfig:
         strategy=StrategyConfig(name="text_to_video", first_frame_conditioning_p=0.5, with_audio=True),
         optim=OptimConfig(learning_rate=2e-3, steps=120, batch_size=4, scheduler="cosine", warmup_steps=10,
                           weight_decay=0.0),
-        data=DataConfig(num_workers=0),
+        data=DataConfig(num_workers=0, text_length=None),
         parallel=ParallelConfig(data_parallel="auto", activation_checkpointing=False),
         checkpoints=CheckpointConfig(interval=60, keep_last_n=2, export_dtype="float32"),
         log=LogConfig(every=10, console_every_s=5.0),

@@ -65,8 +65,8 @@ CRITICAL_CONFIG_FIELDS: tuple[str, ...] = (
     "model.train_connectors",
     "lora.rank",
     "lora.alpha",
-    "lora.target*",
-    "lora.*modules*",
+    "lora.target_modules",
+    "lora.exclude_audio",
     "optim.optimizer",
     "strategy.name",
 )
@@ -365,7 +365,7 @@ def _finalise(tmp: Path, final: Path, *, step: int, extra: dict, config: Mapping
     if final.exists():
         # A directory cannot be renamed over a non-empty one: move the old one aside first. cleanup_incomplete
         # puts it back if we crash between the two renames.
-        logger.warning("replacing existing checkpoint %s", final)
+        logger.info("replacing existing checkpoint %s", final)
         final.rename(old)
     tmp.rename(final)
     _fsync_dir(final.parent)

@@ -166,6 +166,10 @@ class DataConfig:
     skip_bad_samples: bool = False
     """Skip (and count) corrupt or missing sample files instead of stopping with an error."""
 
+    text_length: int | None = 1024
+    """Left-pad text features to this many tokens (the tokenizer length; trimmed conditions files from newer
+    preprocessors need it for batches above 1). None keeps them as stored."""
+
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")

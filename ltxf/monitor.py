@@ -399,7 +399,7 @@ class Monitor:
         if self.enabled:
             self._writer.add_text(tag, text, global_step=step)
 
-    def log_config(self, config: Mapping, step: int = 0, tag: str = "config") -> None:
+    def log_config(self, config: Mapping, step: int = 0, tag: str = "config_resolved") -> None:
         """The resolved config as an indented JSON code block."""
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
         self.log_text(tag, "\n".join("    " + line for line in text.splitlines()), step)

@@ -479,7 +479,7 @@ def denoise(
                                               has_audio=has_audio, device=device),
         ))
     groups = [passes] if batch_passes else [[p] for p in passes]
-    templates = [_group_template(group, video_state, audio_state, num_layers=num_layers) for group in groups]
+    group_inputs = [_group_inputs(group, video_state, audio_state, num_layers=num_layers) for group in groups]
     logger.debug("denoise: %d steps, passes %s, batched=%s", sigmas.numel() - 1, kinds, batch_passes)
 
     video_x = video_state.latent.float()
@@ -488,8 +488,8 @@ def denoise(
         sigma, sigma_next = sigmas[step], sigmas[step + 1]
         video_x0: dict[_PassKind, torch.Tensor] = {}
         audio_x0: dict[_PassKind, torch.Tensor | None] = {}
-        for group, template in zip(groups, templates, strict=True):
-            outputs = _run_group(model, template, video_x, audio_x, sigma, autocast_dtype=autocast_dtype)
+        for group, inputs in zip(groups, group_inputs, strict=True):
+            outputs = _run_group(model, inputs, video_x, audio_x, sigma, autocast_dtype=autocast_dtype)
             for p, (vx0, ax0) in zip(group, outputs, strict=True):
                 video_x0[p.kind] = vx0
                 audio_x0[p.kind] = ax0
@@ -511,50 +511,62 @@ def _reanchor(denoised_BTC: torch.Tensor, state: LatentState) -> torch.Tensor:
 
 
 @dataclass(frozen=True, kw_only=True)
-class _GroupTemplate:
-    """The step-independent model inputs of a group of passes, concatenated along the batch (N*B)."""
+class _StreamInputs:
+    """The step-independent inputs of one stream for a group of passes, concatenated along the batch (N*B)."""
 
+    denoise_mask_NBT: torch.Tensor
+    positions: torch.Tensor
+    context: torch.Tensor
+    attention_mask: torch.Tensor | None
+
+    def modality(self, x_BTC: torch.Tensor, sigma: torch.Tensor, num_passes: int) -> Modality:
+        return Modality(
+            latent=x_BTC if num_passes == 1 else torch.cat([x_BTC] * num_passes, dim=0),
+            sigma=sigma.expand(self.denoise_mask_NBT.shape[0]),
+            timesteps=sigma * self.denoise_mask_NBT,  # per token: conditioning tokens are seen as (partly) clean
+            positions=self.positions,
+            context=self.context,
+            attention_mask=self.attention_mask,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class _GroupInputs:
     num_passes: int
-    video: Modality  # latent, sigma and timesteps are replaced every step
-    audio: Modality | None
-    video_mask_NBT: torch.Tensor
-    audio_mask_NBT: torch.Tensor | None
+    video: _StreamInputs
+    audio: _StreamInputs | None
     perturbations: Perturbations
 
 
-def _group_template(group: list[_Pass], video_state: LatentState, audio_state: LatentState | None,
-                    *, num_layers: int) -> _GroupTemplate:
+def _group_inputs(group: list[_Pass], video_state: LatentState, audio_state: LatentState | None,
+                  *, num_layers: int) -> _GroupInputs:
     n = len(group)
 
     def rep(t: torch.Tensor | None) -> torch.Tensor | None:
         return t if t is None or n == 1 else torch.cat([t] * n, dim=0)
 
-    def template(state: LatentState, contexts: list[torch.Tensor]) -> Modality:
-        mask_NBT = rep(state.denoise_mask.float())
-        return Modality(
-            latent=rep(state.latent.float()),
-            sigma=torch.ones(mask_NBT.shape[0], device=mask_NBT.device),
-            timesteps=mask_NBT,
+    def stream(state: LatentState, contexts: list[torch.Tensor]) -> _StreamInputs:
+        return _StreamInputs(
+            denoise_mask_NBT=rep(state.denoise_mask.float()),
             positions=rep(state.positions),
             context=contexts[0] if n == 1 else torch.cat(contexts, dim=0),
             attention_mask=rep(state.attention_mask),
         )
 
-    video = template(video_state, [p.video_context for p in group])
-    audio = None if audio_state is None else template(audio_state, [p.audio_context for p in group])
-    batch_size = video_state.latent.shape[0]
     perturbations = group[0].perturbations if n == 1 else _cat_perturbations(
-        [p.perturbations for p in group], batch_size=batch_size, num_layers=num_layers,
+        [p.perturbations for p in group], batch_size=video_state.latent.shape[0], num_layers=num_layers,
         device=video_state.latent.device)
-    return _GroupTemplate(
-        num_passes=n, video=video, audio=audio, video_mask_NBT=video.timesteps,
-        audio_mask_NBT=None if audio is None else audio.timesteps, perturbations=perturbations,
+    return _GroupInputs(
+        num_passes=n,
+        video=stream(video_state, [p.video_context for p in group]),
+        audio=None if audio_state is None else stream(audio_state, [p.audio_context for p in group]),
+        perturbations=perturbations,
     )
 
 
 def _run_group(
     model: DenoiserModel,
-    template: _GroupTemplate,
+    inputs: _GroupInputs,
     video_x: torch.Tensor,
     audio_x: torch.Tensor | None,
     sigma: torch.Tensor,
@@ -562,24 +574,15 @@ def _run_group(
     autocast_dtype: torch.dtype | None,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     """One forward over a group of passes -> each pass's float32 clean estimates (video, audio or None)."""
-    n = template.num_passes
-
-    def inputs(modality: Modality, x: torch.Tensor, mask_NBT: torch.Tensor) -> Modality:
-        return dataclasses.replace(
-            modality,
-            latent=x if n == 1 else torch.cat([x] * n, dim=0),
-            sigma=sigma.expand(mask_NBT.shape[0]),
-            timesteps=sigma * mask_NBT,  # per-token sigma: conditioning tokens are seen as (partly) clean
-        )
-
-    video = inputs(template.video, video_x, template.video_mask_NBT)
-    audio = None if template.audio is None else inputs(template.audio, audio_x, template.audio_mask_NBT)
+    n = inputs.num_passes
+    video = inputs.video.modality(video_x, sigma, n)
+    audio = None if inputs.audio is None else inputs.audio.modality(audio_x, sigma, n)
     autocast = (
         torch.autocast(device_type=video_x.device.type, dtype=autocast_dtype)
         if autocast_dtype is not None else contextlib.nullcontext()
     )
     with autocast:
-        video_v, audio_v = model(video=video, audio=audio, perturbations=template.perturbations)
+        video_v, audio_v = model(video=video, audio=audio, perturbations=inputs.perturbations)
 
     # x0_hat = x_t - v * (sigma * mask), per token, in float32
     video_x0 = video.latent - video_v.float() * video.timesteps.unsqueeze(-1)

@@ -57,8 +57,10 @@ def text_context(ctx: StepContext, batch: dict[str, torch.Tensor]) -> TextContex
     With learnable registers every text position is attended, so the mask is dropped (None lets SDPA pick a
     fused kernel)."""
     with torch.set_grad_enabled(bool(ctx.text_params)):
+        audio_features = batch.get("audio_prompt_embeds")
         context = ctx.text_processor(
-            batch["video_prompt_embeds"].to(ctx.compute_dtype), batch["audio_prompt_embeds"].to(ctx.compute_dtype),
+            batch["video_prompt_embeds"].to(ctx.compute_dtype),
+            None if audio_features is None else audio_features.to(ctx.compute_dtype),
             batch["prompt_attention_mask"],
         )
     if ctx.text_processor.video_connector.learnable_registers is not None:

@@ -180,7 +180,7 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     logger.info("trainable parameters: %s (%d tensors)", f"{num_trainable:,}", len(params))
 
     dataset = PrecomputedDataset(cfg.data.root, sources=_data_sources(cfg), skip_bad_samples=cfg.data.skip_bad_samples,
-                                 text_length=None)
+                                 text_length=cfg.data.text_length)
     sampler = BucketBatchSampler(dataset.bucket_keys(), batch_size=cfg.optim.batch_size, seed=cfg.seed,
                                  rank=dist_info.rank, world_size=dist_info.world_size)
     loader = ResumableLoader(dataset, sampler, num_workers=cfg.data.num_workers,
@@ -324,7 +324,7 @@ def _reference_downscale_factor(cfg: TrainConfig) -> int | None:
         return None
     from ltxf.strategies.video_to_video import reference_downscale_factor
 
-    dataset = PrecomputedDataset(cfg.data.root, sources=_data_sources(cfg), text_length=None)
+    dataset = PrecomputedDataset(cfg.data.root, sources=_data_sources(cfg), text_length=cfg.data.text_length)
     factors = {reference_downscale_factor(info.video_shape, info.reference_shape) for info in dataset.samples}
     if len(factors) != 1:
         raise ValueError(f"the dataset mixes reference downscale factors {sorted(factors)}; use one per run")

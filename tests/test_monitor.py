@@ -4,6 +4,7 @@ ETA with an injected clock, and the preprocessing progress helper."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import wave
 
@@ -90,6 +91,7 @@ def test_image_audio_text_video_round_trip(tmp_path):
     monitor.log_audio("samples/audio", stereo, sample_rate, step=5)
 
     monitor.log_text("config", "lr: **1e-4**", step=0)
+    monitor.log_config({"optim": {"learning_rate": 1e-4, "betas": (0.9, 0.99)}, "output_dir": "runs/a"})
 
     # Each frame a different solid colour, so the GIF palette is exact.
     colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [10, 20, 30]], dtype=np.uint8)
@@ -113,6 +115,10 @@ def test_image_audio_text_video_round_trip(tmp_path):
 
     text_events = acc.Tensors("config/text_summary")
     assert text_events[0].tensor_proto.string_val[0].decode() == "lr: **1e-4**"
+    (config_event,) = acc.Tensors("config_resolved/text_summary")
+    config_text = config_event.tensor_proto.string_val[0].decode()
+    assert all(line.startswith("    ") for line in config_text.splitlines())  # a markdown code block
+    assert json.loads(config_text) == {"optim": {"betas": [0.9, 0.99], "learning_rate": 1e-4}, "output_dir": "runs/a"}
 
     (video_event,) = acc.Images("samples/video")
     gif = Image.open(io.BytesIO(video_event.encoded_image_string))

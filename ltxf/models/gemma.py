@@ -18,12 +18,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
 
 from ltxf.models.text import EmbeddingsProcessor
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,9 @@ class GemmaTextEncoder:
         max_length: every prompt is padded (and truncated) to this many tokens.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int = DEFAULT_MAX_LENGTH) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, max_length: int = DEFAULT_MAX_LENGTH
+    ) -> None:
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if tokenizer.pad_token is None:

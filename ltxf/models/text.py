@@ -341,8 +341,9 @@ def replace_padding_with_registers(
 ) -> torch.Tensor:
     """Move each sample's real tokens to the front (order kept) and fill the rest with registers.
 
-    Position ``i`` of the tail gets ``registers_RC[i % R]`` (the registers tiled along the sequence). Works for
-    any batch size and padding side, with no host synchronisation.
+    Position ``i`` of the tail gets ``registers_RC[i % R]`` (the registers tiled along the sequence). For left
+    padding this is exactly ltx-core's replacement; unlike it, this works for any batch size and padding side,
+    without a host synchronisation (no boolean-mask indexing).
     """
     batch, num_tokens, width = x_BSC.shape
     valid_BS = mask_BS.bool()

@@ -296,7 +296,7 @@ def test_config_reads_defaults_and_audio_fallbacks():
 # Loader
 
 
-def _write_checkpoint(path: Path, version: str, config: dict, reference, *, drop: str | None = None,
+def _write_checkpoint(path: Path, config: dict, reference, *, drop: str | None = None,
                       feature_extractor=None) -> Path:
     video = reference.video_connector.state_dict()
     if drop is not None:
@@ -316,7 +316,7 @@ def _write_checkpoint(path: Path, version: str, config: dict, reference, *, drop
 def test_loader_matches_reference(tmp_path, version):
     config = _text_config(version)
     reference = _reference_processor(version, config)
-    path = _write_checkpoint(tmp_path / "model.safetensors", version, config, reference)
+    path = _write_checkpoint(tmp_path / "model.safetensors", config, reference)
     processor = load_embeddings_processor(path, gemma_hidden_size=_gemma_width(version))
     assert processor.config.version == version and processor.config.gemma_num_hidden_states == GEMMA_LAYERS
     ep = _ref("embeddings_processor")
@@ -326,7 +326,8 @@ def test_loader_matches_reference(tmp_path, version):
     audio_features = torch.randn(1, S, processor.config.audio_connector.inner_dim)
     with torch.no_grad():
         got = processor(features, audio_features, mask)
-        expected = reference.create_embeddings(features, audio_features, ep.convert_to_additive_mask(mask, torch.float32))
+        additive = ep.convert_to_additive_mask(mask, torch.float32)
+        expected = reference.create_embeddings(features, audio_features, additive)
         for g, e in zip(got, expected, strict=True):
             torch.testing.assert_close(g, e, **TOL)
         got = processor.process_hidden_states(hidden, mask)
@@ -347,7 +348,7 @@ def test_loader_rejects_version_contradiction(tmp_path):
     v1_config = _text_config("ltx-2")
     v2_reference = _reference_processor("ltx-2.3", _text_config("ltx-2.3"))
     reference = _reference_processor("ltx-2", v1_config)
-    path = _write_checkpoint(tmp_path / "m.safetensors", "ltx-2", v1_config, reference,
+    path = _write_checkpoint(tmp_path / "m.safetensors", v1_config, reference,
                              feature_extractor=v2_reference.feature_extractor)
     with pytest.raises(ValueError, match=r"config says ltx-2 .*video_aggregate_embed.*ltx-2\.3"):
         load_embeddings_processor(path, gemma_hidden_size=_gemma_width("ltx-2.3"))
@@ -358,33 +359,33 @@ def test_loader_rejects_bad_shapes_and_missing_keys(tmp_path):
     reference = _reference_processor("ltx-2", config)
 
     wrong_out = torch.nn.Linear(_gemma_width("ltx-2") * GEMMA_LAYERS, 20, bias=False)
-    path = _write_checkpoint(tmp_path / "a.safetensors", "ltx-2", config, reference,
+    path = _write_checkpoint(tmp_path / "a.safetensors", config, reference,
                              feature_extractor={"aggregate_embed.weight": wrong_out.weight.detach()})
     with pytest.raises(ValueError, match=r"text_embedding_projection\.aggregate_embed\.weight has shape \(20, 72\)"):
         load_embeddings_processor(path, gemma_hidden_size=24)
 
-    path = _write_checkpoint(tmp_path / "b.safetensors", "ltx-2", config, reference)
+    path = _write_checkpoint(tmp_path / "b.safetensors", config, reference)
     with pytest.raises(ValueError, match="72 input features, which is not a multiple of the Gemma hidden size 50"):
         load_embeddings_processor(path, gemma_hidden_size=50)
     with pytest.raises(ValueError, match="gemma_num_hidden_states=49"):
         load_embeddings_processor(path, gemma_hidden_size=24, gemma_num_hidden_states=49)
 
     dropped = "transformer_1d_blocks.1.ff.net.2.bias"
-    path = _write_checkpoint(tmp_path / "c.safetensors", "ltx-2", config, reference, drop=dropped)
+    path = _write_checkpoint(tmp_path / "c.safetensors", config, reference, drop=dropped)
     with pytest.raises(ValueError, match=rf"(?s)video_embeddings_connector\.\*.*missing keys \(1\): {dropped}"):
         load_embeddings_processor(path, gemma_hidden_size=24)
 
-    path = _write_checkpoint(tmp_path / "d.safetensors", "ltx-2", dict(config, connector_num_layers=3), reference)
+    path = _write_checkpoint(tmp_path / "d.safetensors", dict(config, connector_num_layers=3), reference)
     with pytest.raises(ValueError, match=r"video connector 3 layers .* have 2"):
         load_embeddings_processor(path, gemma_hidden_size=24)
 
     # The config's register count must agree with the weights (ltx-core would silently build 128).
-    path = _write_checkpoint(tmp_path / "e.safetensors", "ltx-2", dict(config, connector_num_learnable_registers=8),
+    path = _write_checkpoint(tmp_path / "e.safetensors", dict(config, connector_num_learnable_registers=8),
                              reference)
     with pytest.raises(ValueError, match=r"learnable_registers: checkpoint \(128, 24\) vs model \(8, 24\)"):
         load_embeddings_processor(path, gemma_hidden_size=24)
 
-    path = _write_checkpoint(tmp_path / "f.safetensors", "ltx-2", dict(config, caption_proj_before_connector=True),
+    path = _write_checkpoint(tmp_path / "f.safetensors", dict(config, caption_proj_before_connector=True),
                              reference)
     with pytest.raises(ValueError, match="partial LTX-2.3"):
         load_embeddings_processor(path, gemma_hidden_size=24)
