@@ -327,7 +327,7 @@ def save_checkpoint(
             tmp.mkdir()
         except OSError as exc:
             error = f"{type(exc).__name__}: {exc}"
-    _broadcast_error(error)
+    _broadcast_error(error)  # also a barrier: no rank writes before the leftovers are gone
 
     _dcp_call(dcp.save, state, checkpoint_id=tmp)
     _barrier()
@@ -339,9 +339,8 @@ def save_checkpoint(
             _prune(run_dir, keep_last_n=keep_last_n, keep=final)
         except OSError as exc:
             error = f"{type(exc).__name__}: {exc}"
+    # The broadcast also keeps every rank here until rank 0 has renamed the checkpoint into place.
     _broadcast_error(error)
-    # Nobody may look for the checkpoint before rank 0 has renamed it.
-    _barrier()
     logger.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - started)
     return final
 

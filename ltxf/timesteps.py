@@ -44,7 +44,7 @@ _Z_005 = 2.5758  # minus the 0.5th percentile of N(0, 1): the lower stretch poin
 
 
 def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x))
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 def _check_batch(batch_size: int) -> None:
@@ -99,10 +99,15 @@ def shifted_logit_normal_sigmas(
     fallback_B = (1.0 - eps) * torch.rand(batch_size, generator=generator, device=device) + eps
     choice_B = torch.rand(batch_size, generator=generator, device=device)
 
-    p_hi = _sigmoid(mu + _Z_999 * std)
-    p_lo = _sigmoid(mu - _Z_005 * std)
-    z_B = (torch.sigmoid(normal_B) - p_lo) / (p_hi - p_lo)
-    z_B = torch.where(z_B < eps, 2.0 * eps - z_B, z_B).clamp(0.0, 1.0)
+    # z = (sigmoid(n) - p_lo) / (p_hi - p_lo), evaluated through the complements 1 - sigmoid(x) = sigmoid(-x)
+    # in float64: the same value, but long sequences (mu above ~17) neither collapse to sigma = 1 in float32
+    # nor divide 0 by 0.
+    q_lo = _sigmoid(-(mu - _Z_005 * std))  # 1 - p_lo
+    q_hi = _sigmoid(-(mu + _Z_999 * std))  # 1 - p_hi
+    if not q_lo - q_hi > 0:
+        raise ValueError(f"shifted_logit_normal: seq_len {seq_len} gives a shift of {mu:.1f}, beyond float64 range")
+    z_B = (q_lo - torch.sigmoid(-normal_B.double())) / (q_lo - q_hi)
+    z_B = torch.where(z_B < eps, 2.0 * eps - z_B, z_B).clamp(0.0, 1.0).float()
     return torch.where(choice_B > uniform_prob, z_B, fallback_B)
 
 

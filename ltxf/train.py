@@ -187,6 +187,9 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                              pin_memory=device.type == "cuda")
 
     start_step = 0
+    if not cfg.checkpoints.resume and run_checkpoint.latest_checkpoint(output_dir) is not None:
+        raise ValueError(f"{output_dir} already holds checkpoints and checkpoints.resume is False: choose another "
+                         "output_dir or remove its checkpoints/ folder")
     if cfg.checkpoints.resume:
         restored = run_checkpoint.resume_checkpoint(output_dir, state_to_dict(state), config=config_dict)
         if restored is not None:

@@ -11,6 +11,7 @@ import torch
 from ltxf.sampling import (
     GuidanceConfig,
     LatentState,
+    append_reference_video,
     condition_video_frame,
     denoise,
     euler_step,
@@ -201,8 +202,14 @@ def _contexts(version: str, batch_size: int, generator: torch.Generator):
     return draw(video_dim), draw(audio_dim), draw(video_dim), draw(audio_dim)
 
 
-def _reference_states(batch_size: int, frame: torch.Tensor | None, with_audio: bool, seed: int):
-    """ltx-core video/audio LatentStates, optionally first-frame conditioned, noised with GaussianNoiser."""
+REFERENCE_SCALE = 2
+REFERENCE_CROSS_ATTENTION = 0.5
+
+
+def _reference_states(batch_size: int, frame: torch.Tensor | None, with_audio: bool, seed: int,
+                      reference: torch.Tensor | None = None):
+    """ltx-core video/audio LatentStates, optionally first-frame conditioned and/or with IC-LoRA reference tokens
+    (attention-masked), noised with GaussianNoiser."""
     ltx = _ltx()
     frames, height, width = GRID
     video_tools = ltx["tools"].VideoLatentTools(
@@ -211,6 +218,11 @@ def _reference_states(batch_size: int, frame: torch.Tensor | None, with_audio: b
     video = video_tools.create_initial_state(torch.device("cpu"), torch.float32)
     if frame is not None:
         item = ltx["conditioning"].VideoConditionByLatentIndex(latent=frame, strength=1.0, latent_idx=0)
+        video = item.apply_to(video, video_tools)
+    if reference is not None:
+        item = ltx["conditioning"].ConditioningItemAttentionStrengthWrapper(
+            ltx["conditioning"].VideoConditionByReferenceLatent(latent=reference, downscale_factor=REFERENCE_SCALE),
+            attention_mask=REFERENCE_CROSS_ATTENTION)
         video = item.apply_to(video, video_tools)
     video = ltx["components.noisers"].GaussianNoiser(torch.Generator().manual_seed(seed))(video)
     audio = None
@@ -223,7 +235,8 @@ def _reference_states(batch_size: int, frame: torch.Tensor | None, with_audio: b
     return video, audio
 
 
-def _ltxf_states(batch_size: int, frame: torch.Tensor | None, with_audio: bool, seed: int):
+def _ltxf_states(batch_size: int, frame: torch.Tensor | None, with_audio: bool, seed: int,
+                 reference: torch.Tensor | None = None):
     from ltxf.latents import audio_positions, video_positions
 
     frames, height, width = GRID
@@ -231,6 +244,14 @@ def _ltxf_states(batch_size: int, frame: torch.Tensor | None, with_audio: bool, 
     video = latent_state(torch.zeros(batch_size, num_tokens, 128), video_positions(batch_size, *GRID, FPS))
     if frame is not None:
         video = condition_video_frame(video, frame, strength=1.0)
+    if reference is not None:
+        video = append_reference_video(video, reference, FPS, spatial_scale=REFERENCE_SCALE)
+        # generated and reference tokens see each other with weight 0.5, themselves fully
+        total = video.num_tokens
+        mask = torch.full((batch_size, total, total), REFERENCE_CROSS_ATTENTION)
+        mask[:, :num_tokens, :num_tokens] = 1.0
+        mask[:, num_tokens:, num_tokens:] = 1.0
+        video = dataclasses.replace(video, attention_mask=mask)
     video = noise_state(video, torch.randn(video.latent.shape, generator=torch.Generator().manual_seed(seed)))
     audio = None
     if with_audio:
@@ -270,7 +291,7 @@ def _reference_loop(model, video, audio, *, sigmas, contexts, guidance: Guidance
 
         def run(cv, ca, perturbations, video=video, audio=audio, sigma=sigma):
             v = Modality(latent=video.latent, sigma=sigma.expand(batch_size), timesteps=video.denoise_mask * sigma,
-                         positions=video.positions, context=cv)
+                         positions=video.positions, context=cv, attention_mask=video.attention_mask)
             a = None if audio is None else Modality(
                 latent=audio.latent, sigma=sigma.expand(batch_size), timesteps=audio.denoise_mask * sigma,
                 positions=audio.positions, context=ca)
@@ -298,12 +319,14 @@ def _reference_loop(model, video, audio, *, sigmas, contexts, guidance: Guidance
 
 
 LOOP_CASES = {
-    # name: (batch, first-frame conditioned, audio, guidance)
-    "t2v_av_cfg_stg": (2, False, True, GuidanceConfig(cfg_scale=4.0, stg_scale=1.0, stg_blocks=(1,))),
-    "i2v_av_stg_v": (2, True, True, GuidanceConfig(cfg_scale=3.0, stg_scale=1.5, stg_blocks=(0,), stg_mode="stg_v")),
-    "i2v_av_rescale_modality": (1, True, True, GuidanceConfig(cfg_scale=3.0, stg_scale=1.0, stg_blocks=None,
-                                                              guidance_rescale=0.7, modality_scale=3.0)),
-    "i2v_video_only": (1, True, False, GuidanceConfig(cfg_scale=4.0, stg_scale=1.0, stg_blocks=(1,))),
+    # name: (batch, first-frame conditioned, audio, IC-LoRA reference, guidance)
+    "t2v_av_cfg_stg": (2, False, True, False, GuidanceConfig(cfg_scale=4.0, stg_scale=1.0, stg_blocks=(1,))),
+    "i2v_av_stg_v": (2, True, True, False,
+                     GuidanceConfig(cfg_scale=3.0, stg_scale=1.5, stg_blocks=(0,), stg_mode="stg_v")),
+    "i2v_av_rescale_modality": (1, True, True, False, GuidanceConfig(
+        cfg_scale=3.0, stg_scale=1.0, stg_blocks=None, guidance_rescale=0.7, modality_scale=3.0)),
+    "i2v_video_only": (1, True, False, False, GuidanceConfig(cfg_scale=4.0, stg_scale=1.0, stg_blocks=(1,))),
+    "ic_lora_av_masked": (2, False, True, True, GuidanceConfig(cfg_scale=4.0, stg_scale=1.0, stg_blocks=(1,))),
 }
 
 
@@ -312,17 +335,20 @@ def test_denoise_loop_matches_reference(tiny_models, case):
     from ltxf.latents import patchify_video
 
     version, reference, ours = tiny_models
-    batch_size, first_frame, with_audio, guidance = LOOP_CASES[case]
+    batch_size, first_frame, with_audio, with_reference, guidance = LOOP_CASES[case]
     generator = torch.Generator().manual_seed(7)
     contexts = _contexts(version, batch_size, generator)
     frame = torch.randn(batch_size, 128, 1, GRID[1], GRID[2], generator=generator) if first_frame else None
+    ref_latents = torch.randn(batch_size, 128, 2, 1, 2, generator=generator) if with_reference else None
     num_tokens = GRID[0] * GRID[1] * GRID[2]
     ref_sigmas = schedulers.LTX2Scheduler().execute(steps=4, latent=torch.empty(1, 128, *GRID))
     sigmas = ltx2_sigma_schedule(4, num_tokens)
 
-    ref_video, ref_audio = _reference_states(batch_size, frame, with_audio, seed=3)
-    video, audio = _ltxf_states(batch_size, frame, with_audio, seed=3)
-    assert torch.equal(video.latent, ref_video.latent) and torch.equal(video.positions, ref_video.positions)
+    ref_video, ref_audio = _reference_states(batch_size, frame, with_audio, seed=3, reference=ref_latents)
+    video, audio = _ltxf_states(batch_size, frame, with_audio, seed=3, reference=ref_latents)
+    for name in ("latent", "clean_latent", "positions", "attention_mask"):
+        a, b = getattr(video, name), getattr(ref_video, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
     assert torch.equal(video.denoise_mask, ref_video.denoise_mask[..., 0])
 
     with torch.no_grad():
@@ -344,6 +370,8 @@ def test_denoise_loop_matches_reference(tiny_models, case):
             assert out_a is None
     if first_frame:  # conditioned tokens never move
         assert torch.equal(results[True][0][:, : GRID[1] * GRID[2]], patchify_video(frame))
+    if with_reference:
+        assert torch.equal(results[True][0][:, num_tokens:], patchify_video(ref_latents))
     # the loop does real work: the sample moved away from the noise
     assert (results[True][0] - video.latent).abs().max() > 0.1
 

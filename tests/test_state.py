@@ -108,8 +108,12 @@ def test_dcp_round_trip_is_bit_exact(tmp_path: Path, kind: str):
         assert any(t.dtype == torch.uint8 for t in pytree.leaves(state.opt_state))
     dcp.save(state_to_dict(state), checkpoint_id=tmp_path)
 
-    other = make(1)  # different init everywhere, fresh optimizer state
+    other = make(1)  # different adapters, fresh optimizer state
+    # a resume loads the frozen base from the pretrained checkpoint; only trainables come from DCP
+    base = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    assert not other.load_state_dict(base, strict=False).unexpected_keys
     fresh = init_state(lora_parameters(other), tx)
+    assert not any(torch.equal(fresh.params[k], state.params[k]) for k in state.params if k.endswith("lora_A.weight"))
     before = pytree.leaves(fresh)
     dcp.load(state_to_dict(fresh), checkpoint_id=tmp_path)
     after = pytree.leaves(fresh)
