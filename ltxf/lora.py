@@ -270,7 +270,8 @@ def load_lora_weights(model: nn.Module, tensors: dict[str, Tensor], *, strength:
 def merge_lora(model: nn.Module) -> list[str]:
     """Fold each adapter into its base weight (``W += scaling * B @ A``, computed in fp32) and put back a
     plain ``nn.Linear`` holding the same weight/bias Parameters, so the model has the base state-dict keys
-    only (for export or inference). Returns the sorted names of the merged modules."""
+    only (for export or inference). Run it on an unsharded model. Returns the sorted names of the merged
+    modules."""
     merged = []
     for name, module in _lora_modules(model):
         delta = module.scaling * (module.lora_B.weight.float() @ module.lora_A.weight.float())

@@ -413,15 +413,14 @@ def scale_by_adam_8bit(
     def update(updates: Updates, state: ScaleByAdam8bitState, params: Params | None = None):
         _check_keys("scale_by_adam_8bit", updates, state.mu)
         full = [k for k in state.mu if k not in state.mu_absmax]
+        # fp32 moments of low-precision params: run the foreach math on fp32 copies of those gradients
+        work = [updates[k] if updates[k].dtype == torch.float32 else updates[k].float() for k in full]
         _adam_moments_and_direction_(
-            [updates[k] for k in full],
-            [state.mu[k] for k in full],
-            [state.nu[k] for k in full],
-            [state.count[k] for k in full],
-            b1,
-            b2,
-            eps,
+            work, [state.mu[k] for k in full], [state.nu[k] for k in full], [state.count[k] for k in full], b1, b2, eps
         )
+        for k, w in zip(full, work, strict=True):
+            if w is not updates[k]:
+                updates[k].copy_(w)
         for k in state.mu_absmax:
             state.count[k].add_(1)
             count = int(state.count[k])

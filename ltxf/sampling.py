@@ -93,7 +93,7 @@ class LatentState:
         return self.latent.shape[1]
 
 
-def latent_state(
+def init_latent_state(
     clean_latent_BTC: torch.Tensor, positions: torch.Tensor, *, denoise_mask_BT: torch.Tensor | None = None
 ) -> LatentState:
     """A state whose sample is ``clean_latent_BTC`` (zeros for pure generation) and whose mask is all ones unless

@@ -156,6 +156,22 @@ def test_dropout_applies_to_adapter_input_only():
     torch.testing.assert_close(layer(x), expected_eval)
 
 
+def test_fp32_adapters_on_bf16_base():
+    model = nn.Sequential(nn.Linear(8, 6, dtype=torch.bfloat16))
+    inject_lora(model, LoraConfig(rank=2, target_modules=("0",)), dtype=torch.float32)
+    layer = model[0]
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    adapter = layer.scaling * (x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    expected = nn.functional.linear(x, layer.weight, layer.bias) + adapter.to(torch.bfloat16)
+    assert torch.equal(out, expected)
+    out.float().sum().backward()
+    assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.weight.grad is None
+
+
 def test_training_changes_only_adapters():
     model = _model()
     inject_lora(model, LoraConfig(rank=4))

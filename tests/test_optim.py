@@ -170,6 +170,23 @@ def test_adamw_8bit_tracks_fp32_adamw():
         assert (p8[k] - p32[k]).norm() < 0.03 * moved, k
 
 
+@pytest.mark.parametrize("kind", ["adamw", "adamw_8bit"])
+def test_bf16_params(kind):
+    """Low-precision parameters: moments in the param dtype (adamw, as torch) or uint8/fp32 (8-bit);
+    the parameters stay bf16 and follow the fp32-parameter run to bf16 precision."""
+    make = {"adamw": optim.adamw, "adamw_8bit": optim.adamw_8bit}[kind]
+    grads = _grads(3)
+    p32 = _params()
+    p16 = {k: torch.nn.Parameter(p.detach().to(torch.bfloat16)) for k, p in p32.items()}
+    _run_ours(make(1e-2), p32, grads)
+    state = _run_ours(make(1e-2), p16, [{k: g.to(torch.bfloat16) for k, g in step.items()} for step in grads])
+    moment_dtypes = {t.dtype for t in state[0].mu.values()}
+    assert moment_dtypes == ({torch.bfloat16} if kind == "adamw" else {torch.uint8, torch.float32})
+    for k in p16:
+        assert p16[k].dtype == torch.bfloat16
+        torch.testing.assert_close(p16[k].float(), p32[k], rtol=2e-2, atol=2e-2)
+
+
 # -------------------------------------------------------------------------------------------------- schedules
 
 

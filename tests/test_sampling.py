@@ -16,7 +16,7 @@ from ltxf.sampling import (
     denoise,
     euler_step,
     guide,
-    latent_state,
+    init_latent_state,
     ltx2_sigma_schedule,
     noise_state,
 )
@@ -135,7 +135,7 @@ def test_latent_state_helpers():
     from ltxf.latents import patchify_video, video_positions
 
     clean = torch.zeros(2, 2 * 3 * 4, 128)
-    state = latent_state(clean, video_positions(2, 2, 3, 4, 25.0))
+    state = init_latent_state(clean, video_positions(2, 2, 3, 4, 25.0))
     frame = torch.randn(2, 128, 1, 3, 4)
     cond = condition_video_frame(state, frame, strength=1.0)
     assert torch.equal(cond.clean_latent[:, :12], patchify_video(frame))
@@ -241,7 +241,7 @@ def _ltxf_states(batch_size: int, frame: torch.Tensor | None, with_audio: bool, 
 
     frames, height, width = GRID
     num_tokens = frames * height * width
-    video = latent_state(torch.zeros(batch_size, num_tokens, 128), video_positions(batch_size, *GRID, FPS))
+    video = init_latent_state(torch.zeros(batch_size, num_tokens, 128), video_positions(batch_size, *GRID, FPS))
     if frame is not None:
         video = condition_video_frame(video, frame, strength=1.0)
     if reference is not None:
@@ -255,7 +255,7 @@ def _ltxf_states(batch_size: int, frame: torch.Tensor | None, with_audio: bool, 
     video = noise_state(video, torch.randn(video.latent.shape, generator=torch.Generator().manual_seed(seed)))
     audio = None
     if with_audio:
-        audio = latent_state(torch.zeros(batch_size, AUDIO_FRAMES, 128), audio_positions(batch_size, AUDIO_FRAMES))
+        audio = init_latent_state(torch.zeros(batch_size, AUDIO_FRAMES, 128), audio_positions(batch_size, AUDIO_FRAMES))
         audio = noise_state(audio, torch.randn(audio.latent.shape, generator=torch.Generator().manual_seed(seed + 1)))
     return video, audio
 

@@ -136,6 +136,14 @@ class GeneratorConfig:
 # Anti-aliased activations (BigVGAN v2)
 
 
+def _derived_buffer(make) -> torch.Tensor:
+    """Build a small derived tensor on CPU (cheap there; under a ``meta`` device context torch would route the
+    window functions through slow reference decompositions) and place it on the current default device."""
+    with torch.device("cpu"):
+        value = make()
+    return value.to(torch.get_default_device())
+
+
 def kaiser_sinc_lowpass(cutoff: float, half_width: float, kernel_size: int) -> torch.Tensor:
     """Kaiser-windowed sinc low-pass filter, shape (1, 1, K), normalised to unit DC gain.
 
@@ -170,7 +178,8 @@ class KaiserUpsample(nn.Module):
         super().__init__()
         self.ratio = ratio
         self.kernel_size = kernel_size
-        self.register_buffer("filter", kaiser_sinc_lowpass(0.5 / ratio, 0.6 / ratio, kernel_size))
+        taps = _derived_buffer(lambda: kaiser_sinc_lowpass(0.5 / ratio, 0.6 / ratio, kernel_size))
+        self.register_buffer("filter", taps)
 
     def forward(self, x_BCS: torch.Tensor) -> torch.Tensor:
         r, k = self.ratio, self.kernel_size
@@ -193,7 +202,7 @@ class KaiserLowpass(nn.Module):
         super().__init__()
         self.stride = stride
         self.kernel_size = kernel_size
-        self.register_buffer("filter", kaiser_sinc_lowpass(cutoff, half_width, kernel_size))
+        self.register_buffer("filter", _derived_buffer(lambda: kaiser_sinc_lowpass(cutoff, half_width, kernel_size)))
 
     def forward(self, x_BCS: torch.Tensor) -> torch.Tensor:
         k = self.kernel_size

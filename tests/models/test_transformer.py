@@ -64,7 +64,8 @@ def _inputs(version: str, *, seed: int = 0, first_frame_clean: bool = False, lef
     g = torch.Generator().manual_seed(seed)
     vtools = ref_tools.VideoLatentTools(ref_patch.VideoLatentPatchifier(patch_size=1),
                                         ref_types.VideoLatentShape(B, 128, F_, H, W), fps=25.0)
-    atools = ref_tools.AudioLatentTools(ref_patch.AudioPatchifier(patch_size=1), ref_types.AudioLatentShape(B, 8, A, 16))
+    atools = ref_tools.AudioLatentTools(ref_patch.AudioPatchifier(patch_size=1),
+                                        ref_types.AudioLatentShape(B, 8, A, 16))
     vpos = vtools.create_initial_state(torch.device("cpu"), torch.float32).positions
     apos = atools.create_initial_state(torch.device("cpu"), torch.float32).positions
     sigma = torch.tensor([0.83, 0.27])  # batch of 2 with different sigmas
@@ -201,7 +202,8 @@ def test_gradients_match_reference(models):
     for name, grad in ref_param_grads.items():
         # Parameter gradients are sums over tokens and batch, so compare them relative to their scale.
         scale = max(1.0, grad.abs().max().item())
-        torch.testing.assert_close(our_param_grads[name], grad, atol=ATOL * scale, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(our_param_grads[name], grad, atol=ATOL * scale, rtol=0,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ------------------------------------------------------------------------------------------------------------
