@@ -68,14 +68,22 @@ def text_context(ctx: StepContext, batch: dict[str, torch.Tensor]) -> TextContex
     return context
 
 
+def sample_generators(ctx: StepContext, step: int, micro_batch: int, batch_size: int) -> list[torch.Generator]:
+    """One generator per sample, keyed by the sample's index in the global batch of this step (micro-batch
+    major, then rank, then position), so 1 process with batch 2B draws what 2 processes with batch B draw."""
+    world, rank = ctx.dist.world_size, ctx.dist.rank
+    first = micro_batch * world * batch_size + rank * batch_size
+    return [make_generator(ctx.cfg.seed, step, first + j, "sample") for j in range(batch_size)]
+
+
 def loss_fn(
-    ctx: StepContext, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ctx: StepContext, batch: dict[str, torch.Tensor], generators: list[torch.Generator]
 ) -> tuple[torch.Tensor, StepLosses, torch.Tensor]:
     """Mean loss of one micro-batch, its per-sample terms, and the sigmas [B] it was drawn at."""
     cfg = ctx.cfg
     context = text_context(ctx, batch)
     prepare = prepare_video_to_video if cfg.strategy.name == "video_to_video" else prepare_text_to_video
-    inputs = prepare(batch, context, strategy=cfg.strategy, flow=cfg.flow, generator=generator,
+    inputs = prepare(batch, context, strategy=cfg.strategy, flow=cfg.flow, generators=generators,
                      dtype=ctx.compute_dtype)
     device_type = inputs.video.latent.device.type
     autocast = ctx.compute_dtype != torch.float32 and not ctx.fsdp
@@ -115,11 +123,11 @@ def train_step(
     num_tokens = 0
 
     for i, batch in enumerate(micro_batches):
-        generator = make_generator(cfg.seed, step, ctx.dist.rank, f"micro_batch_{i}")
+        generators = sample_generators(ctx, step, i, batch["video_latents"].shape[0])
         if ctx.fsdp:
             # Reduce-scatter gradients only once, after the last micro-batch.
             ctx.transformer.set_requires_gradient_sync(i == num_micro - 1)
-        loss, losses, sigma_B = loss_fn(ctx, batch, generator)
+        loss, losses, sigma_B = loss_fn(ctx, batch, generators)
         (loss / num_micro).backward()
         with torch.no_grad():
             loss_sum += loss.detach()

@@ -22,7 +22,7 @@ Shape legend:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -457,7 +457,7 @@ class AudioDecoder(nn.Module):
 # Loading and convenience entry points
 
 
-def _select_component(prefix: str):
+def _select_component(prefix: str) -> Callable[[str], str | None]:
     def select(key: str) -> str | None:
         if key.startswith(prefix):
             return key[len(prefix) :]
@@ -468,7 +468,9 @@ def _select_component(prefix: str):
     return select
 
 
-def _load(cls: type[nn.Module], prefix: str, path: str | Path, dtype: torch.dtype, device) -> nn.Module:
+def _load(
+    cls: type[nn.Module], prefix: str, path: str | Path, dtype: torch.dtype, device: torch.device | str
+) -> nn.Module:
     path = Path(path)
     config = AudioVAEConfig.from_checkpoint(config_section(read_config(path), "audio_vae", path), path)
     with torch.device("meta"):

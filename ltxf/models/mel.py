@@ -12,12 +12,14 @@ rolloff 0.99 of the lower Nyquist frequency), so the features match what the mod
 Shape legend:
     B  batch
     C  audio channels (1 = mono, 2 = stereo)
+    N  batch * channels, flattened
     S  waveform samples
     F  STFT frequency bins (n_fft // 2 + 1)
     T  mel frames
     M  mel bins
     P  filter phases (output samples per resampling period)
     K  filter taps
+    J  resampling periods
 """
 
 from __future__ import annotations
@@ -216,7 +218,9 @@ def mel_to_hz_slaney(mel: torch.Tensor) -> torch.Tensor:
     return torch.where(mel >= _SLANEY_BREAK_MEL, logarithmic, linear)
 
 
-def mel_filterbank(config: MelConfig, *, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+def mel_filterbank(
+    config: MelConfig, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Triangular Slaney mel filters with Slaney area normalisation, shape (M, F).
 
     The M + 2 band edges are equally spaced in mel between ``f_min`` and ``f_max``; filter m rises linearly from

@@ -82,6 +82,11 @@ _ENCODER_KINDS = (
 )  # fmt: skip
 _DECODER_KINDS = ("res_x", "res_x_y", "compress_time", "compress_space", "compress_all")
 _BLOCK_PARAMS = ("num_layers", "multiplier", "residual", "inject_noise")
+# Config keys read as they are (the rest: the block lists, dims and spatial_padding_mode, are translated).
+_SCALAR_KEYS = (
+    "in_channels", "out_channels", "latent_channels", "patch_size", "norm_layer", "latent_log_var",
+    "decoder_base_channels", "causal_decoder", "timestep_conditioning",
+)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -196,14 +201,7 @@ class VideoVAEConfig:
             if dims != 3:
                 raise ValueError(f"dims={dims!r} is not supported; the LTX-2 video VAE is 3-D (dims=3)")
             padding = vae.get("spatial_padding_mode")
-            kwargs = {
-                key: vae[key]
-                for key in (
-                    "in_channels", "out_channels", "latent_channels", "patch_size", "norm_layer", "latent_log_var",
-                    "decoder_base_channels", "causal_decoder", "timestep_conditioning",
-                )  # fmt: skip
-                if key in vae
-            }
+            kwargs = {key: vae[key] for key in _SCALAR_KEYS if key in vae}
             return cls(
                 encoder_blocks=_parse_blocks(vae["encoder_blocks"], "encoder_blocks"),
                 decoder_blocks=_parse_blocks(vae["decoder_blocks"], "decoder_blocks"),
@@ -326,9 +324,7 @@ def check_video_shape(shape: Sequence[int], cfg: VideoVAEConfig) -> None:
 def check_latent_shape(shape: Sequence[int], cfg: VideoVAEConfig) -> None:
     """Raise a ``ValueError`` unless ``shape`` is (B, latent_channels, F, H, W)."""
     if len(shape) != 5 or shape[1] != cfg.latent_channels:
-        raise ValueError(
-            f"expected a latent of shape (B, {cfg.latent_channels}, F, H, W), got shape {tuple(shape)}"
-        )
+        raise ValueError(f"expected a latent of shape (B, {cfg.latent_channels}, F, H, W), got shape {tuple(shape)}")
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -409,8 +405,7 @@ class VideoEncoder(nn.Module):
         param = next(self.parameters())
         latent_shape = (video_BCFHW.shape[0], self.config.latent_channels, *(plan.out_length for plan in plans))
         out = torch.zeros(latent_shape, dtype=param.dtype, device=param.device)
-        _accumulate_tiles(self, video_BCFHW, plans, out, param)
-        return out
+        return apply_tiles(self, video_BCFHW, plans, out, device=param.device, dtype=param.dtype)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -557,8 +552,7 @@ class VideoDecoder(nn.Module):
         def decode_tile(tile_BCFHW: torch.Tensor) -> torch.Tensor:
             return self._decode_noised(tile_BCFHW, timestep, generator)
 
-        _accumulate_tiles(decode_tile, noised, plans, out, param)
-        return out
+        return apply_tiles(decode_tile, noised, plans, out, device=param.device, dtype=param.dtype)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -713,18 +707,22 @@ def plan_encode_tiles(
     return tuple(plans)
 
 
-def _accumulate_tiles(
+def apply_tiles(
     fn: Callable[[torch.Tensor], torch.Tensor],
     x_BCFHW: torch.Tensor,
     plans: Sequence[AxisTiles],
     out_BCFHW: torch.Tensor,
-    param: torch.Tensor,
-) -> None:
-    # The masks of all tiles sum to one at every output position, so the weighted sum needs no weight buffer.
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Run ``fn`` on every tile of ``x`` (moved to ``device`` / ``dtype``) and add its mask-weighted result into
+    ``out`` (zeros on entry), in place; returns ``out``. One tile's result is alive at a time. The masks of all
+    tiles sum to one at every output position, so the weighted sum needs no weight buffer."""
     plan_f, plan_h, plan_w = plans
     for i, j, k in itertools.product(*(range(len(p.in_ranges)) for p in plans)):
         (f0, f1), (h0, h1), (w0, w1) = plan_f.in_ranges[i], plan_h.in_ranges[j], plan_w.in_ranges[k]
-        tile = x_BCFHW[:, :, f0:f1, h0:h1, w0:w1].to(device=param.device, dtype=param.dtype)
+        tile = x_BCFHW[:, :, f0:f1, h0:h1, w0:w1].to(device=device, dtype=dtype)
         y = fn(tile)
         mask_FHW = (
             plan_f.masks[i][:, None, None] * plan_h.masks[j][None, :, None] * plan_w.masks[k][None, None, :]
@@ -732,6 +730,7 @@ def _accumulate_tiles(
         (g0, g1), (y0, y1), (x0, x1) = plan_f.out_ranges[i], plan_h.out_ranges[j], plan_w.out_ranges[k]
         out_BCFHW[:, :, g0:g1, y0:y1, x0:x1] += (y * mask_FHW).to(out_BCFHW)
         del y, tile
+    return out_BCFHW
 
 
 # -------------------------------------------------------------------------------------------------------------

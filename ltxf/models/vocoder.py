@@ -14,6 +14,7 @@ STFT bases) load from the checkpoint; the skip resampler's filter is computed he
 Shape legend:
     B  batch
     C  channels (2 = stereo at the ends, feature channels inside a generator)
+    N  batch * stereo channels, flattened
     T  mel frames
     M  mel bins
     S  waveform samples
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -136,7 +137,7 @@ class GeneratorConfig:
 # Anti-aliased activations (BigVGAN v2)
 
 
-def _derived_buffer(make) -> torch.Tensor:
+def _derived_buffer(make: Callable[[], torch.Tensor]) -> torch.Tensor:
     """Build a small derived tensor on CPU (cheap there; under a ``meta`` device context torch would route the
     window functions through slow reference decompositions) and place it on the current default device."""
     with torch.device("cpu"):

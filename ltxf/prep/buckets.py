@@ -18,14 +18,12 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 SPATIAL_MULTIPLE = 32
 TEMPORAL_MULTIPLE = 8
-CropMode = Literal["center", "random"]
 # Frames are resized a chunk at a time so a long 1080p clip never needs a full float copy at source size.
 _RESIZE_CHUNK = 16
 
@@ -134,33 +132,34 @@ def cover_size(width: int, height: int, bucket: Bucket) -> tuple[int, int]:
     return bucket.width, max(bucket.height, int(height * bucket.width / width))
 
 
-def crop_offsets(
-    size: tuple[int, int], bucket: Bucket, mode: CropMode, generator: torch.Generator | None = None
-) -> tuple[int, int]:
-    """``(top, left)`` of the bucket-sized crop inside a ``(width, height)`` frame."""
+def crop_offsets(size: tuple[int, int], bucket: Bucket, anchor: tuple[float, float] | None = None) -> tuple[int, int]:
+    """``(top, left)`` of the bucket-sized crop inside a ``(width, height)`` frame.
+
+    ``anchor`` None centres the crop (``extra // 2``, as the official tools); ``(u, v)`` in ``[0, 1)`` places it at
+    ``floor(u * (extra_h + 1))``, ``floor(v * (extra_w + 1))``, which is uniform over every offset when ``u, v`` are
+    uniform. One anchor places a target and its (differently sized) reference at the same relative position.
+    """
     width, height = size
     extra_h, extra_w = height - bucket.height, width - bucket.width
-    if mode == "center":
+    if anchor is None:
         return extra_h // 2, extra_w // 2
-    if mode == "random":
-        top = int(torch.randint(0, extra_h + 1, (1,), generator=generator))
-        left = int(torch.randint(0, extra_w + 1, (1,), generator=generator))
-        return top, left
-    raise ValueError(f"crop mode must be 'center' or 'random', got {mode!r}")
+    u, v = anchor
+    if not (0.0 <= u < 1.0 and 0.0 <= v < 1.0):
+        raise ValueError(f"crop anchor must be in [0, 1), got {anchor}")
+    return int(u * (extra_h + 1)), int(v * (extra_w + 1))
 
 
 def fit_to_bucket(
     frames: torch.Tensor,
     bucket: Bucket,
     *,
-    mode: CropMode = "center",
-    generator: torch.Generator | None = None,
+    anchor: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """uint8 frames ``[F, H, W, 3]`` -> float32 ``[3, bucket F, bucket H, bucket W]`` in ``[-1, 1]``.
 
     Keeps the first ``bucket.num_frames`` frames (raises ``ValueError`` if there are fewer), resizes them bicubically
-    with antialiasing to cover the bucket, crops (``center`` or ``random``; one offset for the whole clip) and
-    normalises. Runs on the frames' device.
+    with antialiasing to cover the bucket, crops (centred, or at ``anchor``: see :func:`crop_offsets`; one offset
+    for the whole clip) and normalises. Runs on the frames' device.
     """
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [F, H, W, 3], got shape {tuple(frames.shape)}")
@@ -168,7 +167,7 @@ def fit_to_bucket(
     if num_frames < bucket.num_frames:
         raise ValueError(f"the clip has {num_frames} frames, bucket {bucket} needs {bucket.num_frames}")
     new_width, new_height = cover_size(width, height, bucket)
-    top, left = crop_offsets((new_width, new_height), bucket, mode, generator)
+    top, left = crop_offsets((new_width, new_height), bucket, anchor)
     chunks = []
     for start in range(0, bucket.num_frames, _RESIZE_CHUNK):
         chunk = frames[start : min(start + _RESIZE_CHUNK, bucket.num_frames)]

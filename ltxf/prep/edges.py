@@ -19,9 +19,11 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+import tyro
 
 from ltxf import media
 from ltxf.monitor import Progress
@@ -219,3 +221,36 @@ def compute_references(
     logger.info("edge references: %d written, %d already there, %d failed; dataset written to %s",
                 len(summary.written), len(summary.existing), len(summary.failed), output)
     return summary
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComputeReferenceConfig:
+    """Make Canny edge-map reference videos for IC-LoRA training and add them to a dataset file."""
+
+    dataset_file: Annotated[Path, tyro.conf.Positional]
+    """Dataset file (.json, .jsonl or .csv) listing the media; it gets a reference column."""
+    media_column: str = DEFAULT_MEDIA_COLUMN
+    """Column holding the media paths (relative to the dataset file)."""
+    reference_column: str = DEFAULT_REFERENCE_COLUMN
+    """Column the reference paths are written to."""
+    output: Path | None = None
+    """Write the updated dataset here (same folder) instead of rewriting DATASET_FILE in place."""
+    override: bool = False
+    """Recompute references that already exist."""
+    batch_size: int = 100
+    """Frames processed at once."""
+    low_threshold: float = 100.0
+    """Hysteresis low threshold (L1 Sobel magnitude, 0-255 grey levels)."""
+    high_threshold: float = 200.0
+    """Hysteresis high threshold."""
+    blur_sigma: float = 1.0
+    """Gaussian blur before the gradients (0 = none)."""
+
+
+def compute_reference(config: ComputeReferenceConfig) -> ReferenceSummary:
+    """:func:`compute_references` with a :class:`ComputeReferenceConfig`."""
+    return compute_references(
+        config.dataset_file, media_column=config.media_column, reference_column=config.reference_column,
+        output=config.output, override=config.override, batch_size=config.batch_size,
+        low_threshold=config.low_threshold, high_threshold=config.high_threshold, blur_sigma=config.blur_sigma,
+    )

@@ -28,11 +28,12 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import av
 import torch
 import torch.nn.functional as F
+import tyro
 
 from ltxf import media
 
@@ -73,7 +74,9 @@ def iter_video_frames(
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             for index, frame in enumerate(container.decode(stream)):
-                if (stop_frame is not None and index >= stop_frame) or (last_wanted is not None and index > last_wanted):
+                if stop_frame is not None and index >= stop_frame:
+                    break
+                if last_wanted is not None and index > last_wanted:
                     break
                 if wanted is not None and index not in wanted:
                     continue
@@ -399,7 +402,8 @@ def split_video(
     stop = max((end for _, end in scenes), default=0)
     for index, frame in iter_video_frames(path, stop_frame=stop):
         while current is not None and index >= scenes[current][1]:
-            written.append(_write_scene(path, output_dir, current, scenes[current], frames, fps, audio, num_images, crf))
+            written.append(_write_scene(path, output_dir, current, scenes[current], frames, fps, audio, num_images,
+                                        crf))
             frames = []
             current = next(pending, None)
         if current is None:
@@ -470,3 +474,78 @@ def write_report(path: str | Path, scenes: Sequence[WrittenScene], fps: float) -
 def filter_short_scenes(scenes: Sequence[tuple[int, int]], min_frames: int) -> list[tuple[int, int]]:
     """Scenes at least ``min_frames`` long."""
     return [s for s in scenes if s[1] - s[0] >= min_frames]
+
+
+# -------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitScenesConfig:
+    """Split a long video into one clip per scene (scene cuts found in torch; see ltxf.prep.scenes)."""
+
+    video_path: Annotated[Path, tyro.conf.Positional]
+    """The video to split."""
+    output_dir: Annotated[Path, tyro.conf.Positional]
+    """Where the scene clips (<stem>-Scene-NNN.mp4) go."""
+    detector: Detector = "content"
+    """content: HSV change; adaptive: HSV change relative to its neighbours; histogram: luma histogram change;
+    threshold: fades through black."""
+    threshold: float | None = None
+    """Detector threshold; default: content 27, adaptive 3.0 (ratio), histogram 0.05, threshold 12 (intensity)."""
+    max_scenes: int | None = None
+    """Write at most this many scenes (the first ones, after filtering)."""
+    min_scene_length: int = 15
+    """Minimum scene length in frames: a cut closer than this to the previous one is ignored."""
+    filter_shorter_than: str | None = None
+    """Drop scenes shorter than this: frames ('48'), seconds ('2.5s') or a timecode ('HH:MM:SS[.nnn]')."""
+    duration: str | None = None
+    """Only analyse and split the start of the video, up to this duration (same formats)."""
+    save_images: int = 0
+    """Write this many preview PNGs per scene, and scene_report.html."""
+    stats_file: Path | None = None
+    """Write the per-frame detector scores to this CSV file."""
+    luma_only: bool = False
+    """content/adaptive: compare brightness only."""
+    adaptive_window: int = 2
+    """adaptive: frames on each side whose mean score a frame is compared to."""
+    min_content_val: float = 15.0
+    """adaptive: the content score a cut also needs."""
+    fade_bias: float = 0.0
+    """threshold: where in a fade the cut goes, -1 (fade-out) .. 1 (fade-in)."""
+    downscale: int = 0
+    """Analyse frames at 1/downscale size; 0 = automatic (width near 256)."""
+    frame_skip: int = 0
+    """Analyse every (frame_skip + 1)-th frame only."""
+    crf: int = 18
+    """H.264 quality of the written scenes (lower is better)."""
+
+
+def split_scenes(config: SplitScenesConfig) -> list[WrittenScene]:
+    """Detect the scenes of ``config.video_path`` and write them (see the module docstring)."""
+    detector = DetectorConfig(
+        detector=config.detector, threshold=config.threshold, min_scene_length=config.min_scene_length,
+        luma_only=config.luma_only, adaptive_window=config.adaptive_window, min_content_val=config.min_content_val,
+        fade_bias=config.fade_bias, downscale=config.downscale, frame_skip=config.frame_skip,
+    )
+    info = media.probe_video(config.video_path)
+    max_frames = parse_duration(config.duration, info.fps) if config.duration else None
+    detection = detect_scenes(config.video_path, detector, max_frames=max_frames)
+    logger.info("%s: %d cut(s), %d scene(s) in %d frames", config.video_path, len(detection.cuts),
+                len(detection.scenes), detection.num_frames)
+    if config.stats_file is not None:
+        write_stats(config.stats_file, detection, config.detector)
+    scenes = detection.scenes
+    if config.filter_shorter_than:
+        minimum = parse_duration(config.filter_shorter_than, detection.fps)
+        kept = filter_short_scenes(scenes, minimum)
+        logger.info("dropped %d scene(s) shorter than %s (%d frames)", len(scenes) - len(kept),
+                    config.filter_shorter_than, minimum)
+        scenes = kept
+    if config.max_scenes is not None:
+        scenes = scenes[: config.max_scenes]
+    written = split_video(config.video_path, config.output_dir, scenes, fps=detection.fps,
+                          num_images=config.save_images, crf=config.crf)
+    if config.save_images:
+        write_report(Path(config.output_dir) / "scene_report.html", written, detection.fps)
+    return written

@@ -1,8 +1,9 @@
 """Training strategies: how a batch of precomputed latents becomes model inputs, targets and a loss.
 
-A strategy is a pair of pure functions, ``prepare_inputs(batch, context, generator) -> ModelInputs`` and
-``compute_losses(inputs, video_pred, audio_pred) -> per-sample losses``. All randomness comes from the explicit
-generator, so a step is reproducible from (seed, step, rank) alone.
+A strategy is a pure function ``prepare_*(batch, context, generators=...) -> ModelInputs``; the loss is
+``compute_losses(inputs, video_pred, audio_pred)`` (per sample). All randomness comes from one explicit generator per
+sample, derived from (seed, step, index of the sample in the global batch), so a step is reproducible and does not
+depend on how the global batch is split across processes.
 """
 
 from ltxf.strategies.base import ModelInputs, StepLosses, compute_losses, masked_mse_per_sample

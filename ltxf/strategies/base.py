@@ -41,21 +41,31 @@ class StepLosses:
     audio_B: torch.Tensor | None
 
 
-def sample_sigmas(flow: FlowConfig, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    """Training sigmas [B] from the configured sampler; ``seq_len`` is the generated video token count."""
-    if flow.timestep_sampling == "uniform":
-        return uniform_sigmas(batch_size, generator=generator, min_value=flow.uniform_min, max_value=flow.uniform_max)
-    return shifted_logit_normal_sigmas(
-        batch_size, seq_len, generator=generator, std=flow.logit_std, eps=flow.eps, uniform_prob=flow.uniform_prob
-    )
+def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise [B, *shape]: sample b drawn from its own generator, so a sample's noise does not
+    depend on which process or micro-batch it landed in."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+def sample_sigmas(flow: FlowConfig, seq_len: int, generators: list[torch.Generator]) -> torch.Tensor:
+    """Training sigmas [B] from the configured sampler (one draw per sample generator); ``seq_len`` is the
+    generated video token count."""
+    sigmas = []
+    for g in generators:
+        if flow.timestep_sampling == "uniform":
+            sigmas.append(uniform_sigmas(1, generator=g, min_value=flow.uniform_min, max_value=flow.uniform_max))
+        else:
+            sigmas.append(shifted_logit_normal_sigmas(1, seq_len, generator=g, std=flow.logit_std, eps=flow.eps,
+                                                      uniform_prob=flow.uniform_prob))
+    return torch.cat(sigmas).float()
 
 
 def first_frame_mask(
-    batch_size: int, tokens_per_frame: int, num_tokens: int, p: float, generator: torch.Generator
+    tokens_per_frame: int, num_tokens: int, p: float, generators: list[torch.Generator]
 ) -> torch.Tensor:
     """Bool [B,T]: True on the first latent frame's tokens of the samples drawn (per sample, probability p) for
     first-frame conditioning. Never conditions a single-frame clip (it would leave nothing to learn)."""
-    draws_B = torch.rand(batch_size, generator=generator) < p
+    draws_B = torch.cat([torch.rand(1, generator=g) < p for g in generators])
     if tokens_per_frame >= num_tokens:
         draws_B = torch.zeros_like(draws_B)
     frame0_T = torch.arange(num_tokens) < tokens_per_frame

@@ -11,7 +11,13 @@ from ltxf.config import FlowConfig, StrategyConfig
 from ltxf.latents import audio_positions, patchify_audio, patchify_video, video_positions
 from ltxf.models.text import TextContext
 from ltxf.models.transformer import Modality
-from ltxf.strategies.base import ModelInputs, first_frame_mask, noisy_tokens, sample_sigmas
+from ltxf.strategies.base import (
+    ModelInputs,
+    first_frame_mask,
+    noisy_tokens,
+    per_sample_noise,
+    sample_sigmas,
+)
 
 
 def video_positions_for_batch(
@@ -31,13 +37,13 @@ def prepare_text_to_video(
     *,
     strategy: StrategyConfig,
     flow: FlowConfig,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     dtype: torch.dtype,
 ) -> ModelInputs:
     """Noise a batch of video (and audio) latents and build the transformer inputs and targets.
 
-    Noise, sigmas and the first-frame draws come from ``generator`` (CPU), in that order, so the same
-    (seed, step, rank) always gives the same inputs.
+    Each sample draws its noise, sigma and first-frame decision from its own generator (CPU), in that order,
+    so a sample's inputs depend only on (seed, step, its index in the global batch).
     """
     latents_BCFHW = batch["video_latents"]
     device = latents_BCFHW.device
@@ -45,10 +51,10 @@ def prepare_text_to_video(
     x0_BTC = patchify_video(latents_BCFHW.float())
     num_tokens = x0_BTC.shape[1]
 
-    noise_BTC = torch.randn(x0_BTC.shape, generator=generator).to(device)
-    sigma_B = sample_sigmas(flow, batch_size, num_tokens, generator).to(device)
-    cond_BT = first_frame_mask(batch_size, height * width, num_tokens, strategy.first_frame_conditioning_p,
-                               generator).to(device)
+    noise_BTC = per_sample_noise(tuple(x0_BTC.shape[1:]), generators).to(device)
+    sigma_B = sample_sigmas(flow, num_tokens, generators).to(device)
+    cond_BT = first_frame_mask(height * width, num_tokens, strategy.first_frame_conditioning_p,
+                               generators).to(device)
 
     sigma_BT = torch.where(cond_BT, 0.0, sigma_B[:, None].expand(batch_size, num_tokens))
     xt_BTC = noisy_tokens(x0_BTC, noise_BTC, sigma_BT)
@@ -67,9 +73,9 @@ def prepare_text_to_video(
         if "audio_latents" not in batch:
             raise ValueError("strategy.with_audio is set but the batch has no audio latents (audio_latents/)")
         a0_BAC = patchify_audio(batch["audio_latents"].float())
-        audio_noise = torch.randn(a0_BAC.shape, generator=generator).to(device)
+        audio_noise = per_sample_noise(tuple(a0_BAC.shape[1:]), generators).to(device)
         if strategy.independent_audio_sigma:
-            audio_sigma_B = sample_sigmas(flow, batch_size, num_tokens, generator).to(device)
+            audio_sigma_B = sample_sigmas(flow, num_tokens, generators).to(device)
         else:
             audio_sigma_B = sigma_B
         num_audio = a0_BAC.shape[1]

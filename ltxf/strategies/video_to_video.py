@@ -14,7 +14,13 @@ from ltxf.config import FlowConfig, StrategyConfig
 from ltxf.latents import patchify_video
 from ltxf.models.text import TextContext
 from ltxf.models.transformer import Modality
-from ltxf.strategies.base import ModelInputs, first_frame_mask, noisy_tokens, sample_sigmas
+from ltxf.strategies.base import (
+    ModelInputs,
+    first_frame_mask,
+    noisy_tokens,
+    per_sample_noise,
+    sample_sigmas,
+)
 from ltxf.strategies.text_to_video import video_positions_for_batch
 
 
@@ -36,7 +42,7 @@ def prepare_video_to_video(
     *,
     strategy: StrategyConfig,
     flow: FlowConfig,
-    generator: torch.Generator,
+    generators: list[torch.Generator],
     dtype: torch.dtype,
 ) -> ModelInputs:
     """Build IC-LoRA inputs: [reference | target] tokens; sigma is sampled from the target token count only."""
@@ -53,10 +59,10 @@ def prepare_video_to_video(
     ref_BRC = patchify_video(reference_BCFHW.float())
     num_tokens, num_ref = x0_BTC.shape[1], ref_BRC.shape[1]
 
-    noise_BTC = torch.randn(x0_BTC.shape, generator=generator).to(device)
-    sigma_B = sample_sigmas(flow, batch_size, num_tokens, generator).to(device)
-    cond_BT = first_frame_mask(batch_size, height * width, num_tokens, strategy.first_frame_conditioning_p,
-                               generator).to(device)
+    noise_BTC = per_sample_noise(tuple(x0_BTC.shape[1:]), generators).to(device)
+    sigma_B = sample_sigmas(flow, num_tokens, generators).to(device)
+    cond_BT = first_frame_mask(height * width, num_tokens, strategy.first_frame_conditioning_p,
+                               generators).to(device)
 
     sigma_BT = torch.where(cond_BT, 0.0, sigma_B[:, None].expand(batch_size, num_tokens))
     xt_BTC = noisy_tokens(x0_BTC, noise_BTC, sigma_BT)

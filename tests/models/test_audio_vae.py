@@ -22,6 +22,7 @@ from ltxf.models.audio_vae import (
 from ltxf.models.checkpoint import read_config
 from ltxf.models.mel import log_mel_spectrogram
 from tests.ltx_reference import import_ltx_core, random_init_, write_official_checkpoint
+from tests.models.test_mel import REAL_AUDIO_VAE_CONFIG
 
 # Shipped latent layout (8 channels x 16 bins = the 128 statistics; the reference sizes the statistics by `ch`, so
 # ch must be 128 here) but one ResNet block per level and a narrow middle: (1, 1, 2).
@@ -281,3 +282,17 @@ def test_input_shape_errors(narrow_modules):
         encoder(torch.randn(1, 1, 9, 64))
     with pytest.raises(ValueError, match=r"\(batch, 2, frames, 16\)"):
         decoder(torch.randn(1, 4, 3, 16))
+
+
+def test_published_config_builds_with_the_reference_layout():
+    configurator = import_ltx_core("ltx_core.model.audio_vae.model_configurator")
+    config = AudioVAEConfig.from_checkpoint(REAL_AUDIO_VAE_CONFIG)
+    assert config.latent_mel_bins == 16 and config.num_latent_frames(485) == 122
+    for ours_cls, ref_cls, millions in ((AudioEncoder, configurator.AudioEncoderConfigurator, 21.3),
+                                        (AudioDecoder, configurator.AudioDecoderConfigurator, 31.9)):
+        with torch.device("meta"):
+            ours = ours_cls(config)
+            ref = ref_cls.from_config({"audio_vae": REAL_AUDIO_VAE_CONFIG})
+        assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+        # Figures from the architecture notes (21.3 M / 31.9 M parameters).
+        assert round(sum(p.numel() for p in ours.parameters()) / 1e6, 1) == millions

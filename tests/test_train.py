@@ -1,0 +1,161 @@
+"""End-to-end training runs on the demo's tiny model: outputs, TensorBoard, exports, exact resume after a kill,
+Ctrl-C, non-finite loss and activation checkpointing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from experiments.presets import demo
+from ltxf.checkpoint import latest_checkpoint, load_lora_file
+from ltxf.config import TrainConfig
+from ltxf.demo import build_demo_assets
+from ltxf.step import NonFiniteLossError
+from ltxf.train import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_demo(output_dir: Path, *, steps: int = 4, **optim) -> TrainConfig:
+    cfg = demo()
+    return replace(
+        cfg,
+        output_dir=output_dir,
+        optim=replace(cfg.optim, steps=steps, warmup_steps=0, batch_size=2, **optim),
+        log=replace(cfg.log, every=1),
+        checkpoints=replace(cfg.checkpoints, interval=2),
+    )
+
+
+def scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_demo_run_writes_checkpoints_tensorboard_and_lora(tmp_path):
+    result = main(small_demo(tmp_path / "run"))
+    run = result.output_dir
+    assert result.final_step == 4 and len(result.losses) == 4
+    assert (run / "config.json").is_file()
+    assert latest_checkpoint(run).name == "step_00000004"
+    losses = scalars(run, "loss/train")
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert [losses[s] for s in sorted(losses)] == pytest.approx(list(result.losses), rel=1e-6)
+    for tag in ("loss/video", "loss/audio", "lr", "grad/global_norm", "throughput/samples_per_s",
+                "throughput/tokens_per_s", "time/step_s"):
+        assert scalars(run, tag), tag
+    assert any(t.startswith("loss/sigma_") for t in EventAccumulator(str(run / "tensorboard")).Reload().Tags()["scalars"])
+
+    lora = load_lora_file(result.export_path)
+    assert lora.metadata["lora_rank"] == "8"
+    with safe_open(str(result.export_path), "pt") as f:
+        keys = list(f.keys())
+    assert all(k.startswith("diffusion_model.transformer_blocks.") for k in keys)
+    assert any(k.endswith(".attn1.to_q.lora_A.weight") for k in keys)
+    assert any(k.endswith(".audio_attn1.to_q.alpha") for k in keys)
+
+
+def test_activation_checkpointing_gives_identical_losses(tmp_path):
+    on = main(replace(small_demo(tmp_path / "on", steps=3),
+                      parallel=replace(demo().parallel, activation_checkpointing=True)))
+    off = main(replace(small_demo(tmp_path / "off", steps=3),
+                       parallel=replace(demo().parallel, activation_checkpointing=False)))
+    assert on.losses == off.losses
+    a, b = load_lora_file(on.export_path), load_lora_file(off.export_path)
+    for key in a.tensors:
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+
+
+def _run_cli(output_dir: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "demo", "--output_dir", str(output_dir), "--optim.steps", "6",
+         "--optim.warmup_steps", "0", "--optim.batch_size", "2", "--log.every", "1", "--checkpoints.interval", "2",
+         *extra],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.05)
+
+
+def test_killed_run_resumes_to_the_same_losses_and_weights(tmp_path):
+    """SIGKILL a real training process after its step-2 checkpoint, resume, and compare with an uninterrupted
+    run: the per-step losses after the resume point and the final LoRA weights are identical (CPU)."""
+    reference = main(small_demo(tmp_path / "reference", steps=6))
+
+    killed_dir = tmp_path / "killed"
+    proc = _run_cli(killed_dir)
+    _wait_for(killed_dir / "checkpoints" / "step_00000002" / "metadata.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    resume_from = latest_checkpoint(killed_dir)
+    assert resume_from is not None
+
+    resumed = main(small_demo(killed_dir, steps=6))
+    start = int(resume_from.name.split("_")[1])
+    assert resumed.final_step == 6
+    assert resumed.losses == reference.losses[start:]
+    a, b = load_lora_file(reference.export_path), load_lora_file(resumed.export_path)
+    assert a.tensors.keys() == b.tensors.keys()
+    for key in a.tensors:
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
+    run = tmp_path / "run"
+    proc = _run_cli(run, "--checkpoints.interval", "100", "--optim.steps", "1000")
+    _wait_for(run / "tensorboard", proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = latest_checkpoint(run)
+    assert saved is not None and 0 < int(saved.name.split("_")[1]) < 1000, out
+    assert "interrupt received" in out
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    first = main(small_demo(run, steps=2))
+    assert latest_checkpoint(run).name == "step_00000002"
+    # Poison every latent file (still valid files): the next step's loss is NaN.
+    for path in (run / "demo_assets" / "dataset" / "latents").glob("*.pt"):
+        data = torch.load(path, weights_only=True)
+        data["latents"] = torch.full_like(data["latents"], float("nan"))
+        torch.save(data, path)
+    with pytest.raises(NonFiniteLossError, match="non-finite"):
+        main(small_demo(run, steps=4))
+    assert latest_checkpoint(run).name == "step_00000002"
+    assert first.final_step == 2
+
+
+def test_demo_assets_are_official_layout(tmp_path):
+    from ltxf.data import PrecomputedDataset
+    from ltxf.models.checkpoint import detect_version, read_config
+
+    checkpoint, dataset = build_demo_assets(tmp_path, seed=0)
+    assert detect_version(read_config(checkpoint)) == "ltx-2.3"
+    data = PrecomputedDataset(dataset, sources=["latents", "conditions", "audio_latents"], text_length=None)
+    sample = data[0]
+    assert sample["video_latents"].dtype == torch.bfloat16 and sample["video_latents"].shape[0] == 128
+    assert sample["audio_latents"].shape[0] == 8 and sample["audio_latents"].shape[2] == 16

@@ -1,0 +1,43 @@
+r"""Preprocess a dataset (captions + videos, optionally audio and IC-LoRA references) into the official
+``.precomputed/`` layout that ``train.py`` reads.
+
+    python tools/process_dataset.py data/dataset.json --resolution-buckets "768x512x49" \
+        --model-path ltx-2.safetensors --text-encoder-path gemma-3-12b-it [--with-audio] [--decode]
+    torchrun --nproc_per_node 8 tools/process_dataset.py ...   # samples split across processes
+
+Exit code: 0 when at least one sample has its outputs, 1 when none does, 2 on a usage error (bad bucket string,
+malformed dataset file, missing model).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ltxf.prep.process import ProcessDatasetConfig, exit_code, process_dataset  # noqa: E402
+
+logger = logging.getLogger("tools.process_dataset")
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Parse the command line, run, and return the exit code."""
+    # tyro reports invalid flags and values (ValueError from a config's checks) and exits with code 2.
+    config = tyro.cli(ProcessDatasetConfig, args=args, description=__doc__)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return exit_code(process_dataset(config))
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

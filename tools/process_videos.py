@@ -1,0 +1,42 @@
+r"""Encode the media of a dataset file into video latents (plus audio latents with ``--with-audio``, and IC-LoRA
+reference latents with ``--reference-column``), in the official layout.
+
+    python tools/process_videos.py data/dataset.csv --resolution-buckets "768x512x49" \
+        --output-dir data/.precomputed/latents --model-path ltx-2.safetensors \
+        [--with-audio --audio-output-dir data/.precomputed/audio_latents]
+
+Exit code: 0 when at least one sample has its latents, 1 when none does, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ltxf.prep.process import ProcessVideosConfig, exit_code, process_videos  # noqa: E402
+
+logger = logging.getLogger("tools.process_videos")
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Parse the command line, run, and return the exit code."""
+    # tyro reports invalid flags and values (ValueError from a config's checks) and exits with code 2.
+    config = tyro.cli(ProcessVideosConfig, args=args, description=__doc__)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return exit_code(process_videos(config))
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
