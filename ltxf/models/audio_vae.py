@@ -150,6 +150,11 @@ class AudioVAEConfig:
         if not isinstance(dd, Mapping):
             raise ValueError(f"{path}: audio_vae.model.params.ddconfig must be an object, got {type(dd).__name__}")
         causality = dd.get("causality_axis", "height")
+        if dd.get("resamp_with_conv", True) is not True:
+            raise ValueError(
+                f"{path}: audio_vae ddconfig resamp_with_conv = {dd['resamp_with_conv']!r} is not supported (every "
+                "checkpoint resamples with convolutions; ltx-core's decoder always does)"
+            )
         try:
             return cls(
                 ch=int(dd.get("ch", 128)),

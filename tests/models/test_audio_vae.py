@@ -267,6 +267,8 @@ def test_missing_and_unexpected_keys_are_errors(tmp_path: Path):
         (dict(causality_axis="depth"), "causality_axis"),
         (dict(double_z=False), "double_z"),
         (dict(ch_mult="abc"), "invalid audio_vae config"),
+        (dict(resamp_with_conv=False), "resamp_with_conv = False"),
+        (dict(attn_type="linear"), "attn_type"),
     ],
 )
 def test_bad_configs_raise(ddconfig, match):

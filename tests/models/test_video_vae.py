@@ -27,6 +27,7 @@ from ltxf.models.video_vae import (
     VideoDecoder,
     VideoEncoder,
     VideoVAEConfig,
+    apply_tiles,
     decode_video,
     encode_video,
     load_video_vae_decoder,
@@ -259,7 +260,7 @@ def test_missing_vae_section_or_tensors_raise(tmp_path: Path) -> None:
 
     wider = reference_modules({**TINY_19B, "decoder_base_channels": 16})
     mismatch = write_vae_checkpoint(tmp_path / "mismatch.safetensors", TINY_19B, *wider)
-    with pytest.raises(ValueError, match=r"mismatch\.safetensors.*shape mismatches.*conv_in\.conv\.weight"):
+    with pytest.raises(ValueError, match=r"(?s)mismatch\.safetensors.*shape mismatches.*conv_in\.conv\.weight"):
         load_video_vae_decoder(mismatch)
 
 
@@ -273,7 +274,7 @@ def test_missing_vae_section_or_tensors_raise(tmp_path: Path) -> None:
         ({"encoder_blocks": None}, r"missing required keys \['encoder_blocks'\]"),
         ({"decoder_blocks": [["res_x", {}]]}, r"decoder_blocks\[0\] \(res_x\): missing 'num_layers'"),
         ({"decoder_blocks": [["compress_all_res", {}]]}, r"decoder_blocks\[0\]: unknown block 'compress_all_res'"),
-        ({"decoder_blocks": [["attn_res_x", {"num_layers": 1}]]}, r"'attn_res_x' is not supported"),
+        ({"decoder_blocks": [["attn_res_x", {"num_layers": 1}]]}, r"decoder_blocks\[0\]: 'attn_res_x' is not"),
         ({"norm_layer": "layer_norm"}, r"norm_layer must be one of"),
         ({"latent_log_var": "none"}, r"latent_log_var must be one of"),
         ({"dims": 2}, r"dims=2 is not supported"),
@@ -358,13 +359,15 @@ def blend_of_tile_indices(plan: AxisTiles) -> torch.Tensor:
 
 def test_blending_is_continuous() -> None:
     """Along every axis the masks sum to one, and blending tiles that return the constants 0, 1, 2, ... rises
-    monotonically from 0 to n - 1 in steps of at most 1 / (overlap + 1) (a hard seam would step by 1)."""
+    monotonically from 0 to n - 1 in steps of at most 1 / (L + 1) for a blend region of L output cells (a hard
+    seam would step by 1). The bound on the step holds where at most two tiles meet, as in these tilings."""
     cfg = VideoVAEConfig.from_checkpoint_config(TINY_23)
-    tiling = dict(tile_size_px=128, tile_overlap_px=64, tile_frames=32, tile_overlap_frames=16)
+    tiling = dict(tile_size_px=128, tile_overlap_px=32, tile_frames=32, tile_overlap_frames=8)
     decode = plan_decode_tiles((20, 11, 7), cfg, **tiling)
     encode = plan_encode_tiles((8 * 19 + 1, 32 * 11, 32 * 7), cfg, **tiling)
-    # Minimum blend length per axis in output units: decode frames / pixels, encode latent cells.
-    min_blend = {"decode": (16 + 1, 64, 64), "encode": (16 // 8, 2, 2)}
+    # Minimum blend length per axis in output units: decode frames (overlap + the shared causal frame) and pixels;
+    # encode latent cells (in time, less the zero-weight first latent of a tile).
+    min_blend = {"decode": (8 + 1, 32, 32), "encode": (8 // 8, 1, 1)}
     for kind, plans in (("decode", decode), ("encode", encode)):
         for axis, plan in enumerate(plans):
             assert len(plan.in_ranges) >= 2, (kind, axis)
@@ -487,44 +490,80 @@ MEMORY_SCRIPT = textwrap.dedent(
     from tests.ltx_reference import random_init_
 
     torch.set_num_threads(1)
-    cfg, tiled = json.loads(sys.argv[1]), sys.argv[2] == "tiled"
+    cfg, tiling = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     decoder = random_init_(VideoDecoder(VideoVAEConfig.from_checkpoint_config(cfg))).eval()
-    latent = torch.randn(1, 16, 5, 12, 12, generator=torch.Generator().manual_seed(0))
+    latent = torch.randn(2, 16, 5, 8, 8, generator=torch.Generator().manual_seed(0))
+    decode_video(decoder, latent[:, :, :2, :2, :2])  # one-off allocations (thread pools, kernels) before measuring
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if tiled:
-        tiling = dict(tile_size_px=128, tile_overlap_px=32, tile_frames=16, tile_overlap_frames=8)
-        video = decoder.tiled_decode(latent, **tiling)
-    else:
-        video = decode_video(decoder, latent)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_kib": after - before, "shape": list(video.shape), "output_kib": video.nbytes // 1024}))
+    video = decoder.tiled_decode(latent, **tiling) if tiling else decode_video(decoder, latent)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    print(json.dumps({"peak_mib": peak / 1024, "output_mib": video.nbytes / 2**20, "shape": list(video.shape)}))
     """
 )
 
 
 def test_tiled_decode_bounds_peak_memory() -> None:
-    """Peak resident memory added by decoding a (1, 16, 5, 12, 12) latent to a 33x384x384 clip, each in a fresh
-    process (ru_maxrss is a per-process high-water mark). The tiled decode holds the output plus one tile's
-    activations; the untiled one holds several full-size activations at once."""
+    """Peak resident memory added by decoding a (2, 16, 5, 8, 8) latent to 2 x 33 x 256 x 256 frames (50 MiB),
+    untiled and in 128-pixel / 17-frame tiles, each in a fresh process (ru_maxrss is a per-process high-water
+    mark). Both must hold the returned video; beyond it, the untiled decode holds several full-size activations
+    at once, the tiled one only one tile's. Measured: untiled ~130 MiB, tiled ~65-80 MiB, i.e. working memory
+    (peak - output) ~80 MiB vs ~15-30 MiB. Batch 2 keeps both on the same (mkldnn) CPU conv path: PyTorch
+    sends small batch-1 3-D convs to slow_conv3d, whose im2col buffers would distort the comparison."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    results = {}
-    for mode in ("untiled", "tiled"):
-        proc = subprocess.run(
-            [sys.executable, "-c", MEMORY_SCRIPT, json.dumps(TINY_23), mode],
-            capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300, check=False,
+    tiled = dict(tile_size_px=128, tile_overlap_px=32, tile_frames=16, tile_overlap_frames=8)
+    tilings = {"untiled": {}, "tiled": tiled}
+    procs = {
+        mode: subprocess.Popen(
+            [sys.executable, "-c", MEMORY_SCRIPT, json.dumps(TINY_23), json.dumps(tiling)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT,
         )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        for mode, tiling in tilings.items()
+    }
+    results = {}
+    for mode, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+        results[mode] = json.loads(stdout.strip().splitlines()[-1])
     untiled, tiled = results["untiled"], results["tiled"]
-    assert untiled["shape"] == tiled["shape"] == [1, 3, 33, 384, 384]
-    print(f"peak RSS increase: untiled {untiled['peak_kib'] / 1024:.0f} MiB, tiled {tiled['peak_kib'] / 1024:.0f} "
-          f"MiB, output {tiled['output_kib'] / 1024:.0f} MiB")  # fmt: skip
-    assert tiled["peak_kib"] < 0.6 * untiled["peak_kib"]
+    assert untiled["shape"] == tiled["shape"] == [2, 3, 33, 256, 256]
+    output = tiled["output_mib"]
+    print(
+        f"peak RSS increase: untiled {untiled['peak_mib']:.0f} MiB, tiled {tiled['peak_mib']:.0f} MiB "
+        f"(output {output:.0f} MiB)"
+    )
+    assert tiled["peak_mib"] < 0.8 * untiled["peak_mib"]
+    assert tiled["peak_mib"] - output < 0.6 * (untiled["peak_mib"] - output)
+
+
+def test_tiling_composes_exactly_across_all_axes() -> None:
+    """The tile bookkeeping on all three axes at once, with maps that have no receptive field beyond a cell:
+    then every tile computes exactly what the whole input gives, so tiling must reproduce it to rounding. The
+    decode map spreads latent cell j over the video frames 8j - 7 .. 8j (frame 0 for j = 0) and 32 x 32 pixels;
+    the encode map samples frame 8j and one pixel per cell."""
+    cfg = VideoVAEConfig.from_checkpoint_config(TINY_23)
+    tiling = dict(tile_size_px=64, tile_overlap_px=32, tile_frames=16, tile_overlap_frames=8)
+
+    def spread(z: torch.Tensor) -> torch.Tensor:
+        return z.repeat_interleave(8, dim=2)[:, :, 7:].repeat_interleave(32, dim=3).repeat_interleave(32, dim=4)
+
+    latent = torch.randn(2, 3, 6, 5, 7, generator=gen(0))
+    plans = plan_decode_tiles(latent.shape[2:], cfg, **tiling)
+    assert [len(p.in_ranges) for p in plans] == [4, 4, 6]
+    out = apply_tiles(spread, latent, plans, torch.zeros(2, 3, 41, 160, 224))
+    torch.testing.assert_close(out, spread(latent), atol=1e-6, rtol=1e-6)
+
+    def sample(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, ::8, ::32, ::32]
+
+    video = random_video((2, 3, 41, 160, 224))
+    plans = plan_encode_tiles(video.shape[2:], cfg, **tiling)
+    out = apply_tiles(sample, video, plans, torch.zeros(2, 3, 6, 5, 7))
+    torch.testing.assert_close(out, sample(video), atol=1e-6, rtol=1e-6)
 
 
 def test_tiled_decode_on_all_axes() -> None:
-    """Tiling all three axes at once (3 x 4 x 4 tiles here) fills the whole output with finite values close to the
-    untiled decode; a tile as large as the input reproduces the untiled decode exactly."""
+    """The decoder tiled on all three axes at once fills the whole output (with tiles far smaller than the
+    receptive field, so not the untiled values); a tile as large as the input reproduces the untiled decode."""
     _, decoder = ours(TINY_23)
     latent = torch.randn(2, 16, 5, 4, 5, generator=gen(2))
     untiled = decode_video(decoder, latent)
@@ -532,8 +571,6 @@ def test_tiled_decode_on_all_axes() -> None:
     assert [len(p.in_ranges) for p in plan_decode_tiles((5, 4, 5), decoder.config, **tiling)] == [3, 3, 4]
     tiled = decoder.tiled_decode(latent, **tiling)
     assert tiled.shape == untiled.shape == (2, 3, 33, 128, 160)
-    assert torch.isfinite(tiled).all()
-    # The tiles are smaller than the receptive field, so they differ from the full decode, but not wildly.
-    assert (tiled - untiled).abs().mean() < 0.5 * untiled.abs().mean()
+    assert torch.isfinite(tiled).all() and (tiled != 0).all()
     single = decoder.tiled_decode(latent, tile_size_px=160, tile_overlap_px=32, tile_frames=32, tile_overlap_frames=8)
     assert torch.equal(single, untiled)
