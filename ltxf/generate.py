@@ -29,7 +29,6 @@ D context width, Z audio latent channels, M audio latent mel bins, N audio sampl
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 from collections.abc import Sequence
@@ -44,7 +43,6 @@ from ltxf.checkpoint import LoraFile
 from ltxf.latents import (
     audio_latent_length,
     audio_positions,
-    patchify_video,
     unpatchify_audio,
     unpatchify_video,
     video_latent_size,
@@ -300,7 +298,11 @@ def _as_batch1(features: PromptFeatures, name: str) -> PromptFeatures:
 def _text_contexts(
     models: GenerationModels, features: PromptFeatures, *, with_audio: bool, dtype: torch.dtype, name: str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Connectors on cached features -> (video context [1, S, D], audio context [1, S, Da] or None)."""
+    """Connectors on cached features -> (video context [1, S, D], audio context [1, S, Da] or None).
+
+    The contexts go to the transformer unmasked: with learnable registers (every official checkpoint) the
+    connectors leave no padding; without them the padded positions are zeros.
+    """
     video, audio, mask = _as_batch1(features, name)
     processor = models.text_processor
     weight = next(processor.parameters())
@@ -311,9 +313,6 @@ def _text_contexts(
         audio.to(device=weight.device, dtype=weight.dtype) if with_audio else None,
         mask.to(weight.device),
     )
-    if processor.video_connector.learnable_registers is None:
-        logger.warning("the text connectors have no learnable registers: padded prompt tokens are zeroed but not "
-                       "masked in the transformer's cross-attention")
     video_context = context.video_context.to(dtype)
     audio_context = context.audio_context.to(dtype) if with_audio else None
     return video_context, audio_context
@@ -324,12 +323,10 @@ def _prompt_features(models: GenerationModels, request: GenerationRequest, *, ne
     if cached is not None:
         return cached
     text = request.negative_prompt if negative else request.prompt
-    if text is None:
-        raise ValueError("GenerationRequest: the prompt is given as features, so negative_prompt_features are needed "
-                         "too when CFG is on (guidance.cfg_scale != 1)")
     if models.text_encoder is None:
-        raise ValueError("the prompt is given as text but GenerationModels.text_encoder is None; load Gemma or pass "
-                         "prompt_features (see encode_prompts)")
+        what = "negative_prompt_features (CFG is on: guidance.cfg_scale != 1)" if negative else "prompt_features"
+        raise ValueError(f"GenerationModels.text_encoder is None, so the {'negative ' if negative else ''}prompt "
+                         f"cannot be encoded from text; pass {what} (see encode_prompts)")
     return models.text_encoder.encode_text([text], models.text_processor)
 
 
@@ -684,13 +681,9 @@ __all__ = [
     "encode_prompts",
     "free_memory",
     "generate",
-    "patchify_video",
     "prepare_conditioning",
     "resize_cover_crop",
     "sample",
     "save_clip",
     "side_by_side",
 ]
-
-# Re-exported for callers that build conditioning by hand.
-_ = dataclasses

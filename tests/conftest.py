@@ -3,6 +3,10 @@ import logging
 import pytest
 import torch
 
+# Tiny CPU ops: one intra-op thread avoids OpenMP spin-waiting against the other test processes (torchrun
+# workers, DataLoader workers) on a 2-core machine, which made some tests 10-100x slower.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _deterministic_cpu():

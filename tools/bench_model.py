@@ -190,6 +190,8 @@ def _sync(device: torch.device) -> None:
 
 def worker(spec: dict) -> dict:
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     config = TransformerConfig(**{**spec["config"], "positional_embedding_max_pos": tuple(
         spec["config"]["positional_embedding_max_pos"]), "audio_positional_embedding_max_pos": tuple(
         spec["config"]["audio_positional_embedding_max_pos"])})
@@ -291,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-layers", type=int, default=None, help="override the preset's block count")
     parser.add_argument("--frames", type=int, default=None, help="override the preset's latent frames")
     parser.add_argument("--impl", choices=["both", "ltxf", "reference"], default="both")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads per worker (default: torch's choice); 1 is steadier on a busy host")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     parser.add_argument("--measure-load", action="store_true",
                         help="also measure peak host memory of load_transformer (same dtype and float32 from bf16)")
@@ -333,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
             "config": dataclasses.asdict(config), "checkpoint": str(ckpt), "batch": preset.batch, "frames": frames,
             "height": preset.height, "width": preset.width, "audio_tokens": preset.audio_tokens,
             "text_tokens": preset.text_tokens, "dtype": dtype, "device": device, "steps": args.steps,
-            "warmup": args.warmup, "seed": 0,
+            "warmup": args.warmup, "seed": 0, "threads": args.threads,
         }
         impls = ["reference", "ltxf"] if args.impl == "both" else [args.impl]
         results: dict[str, list[dict]] = {impl: [] for impl in impls}
@@ -347,10 +351,12 @@ def main(argv: list[str] | None = None) -> None:
 
         logger.info("")
         logger.info("preset=%s version=%s dtype=%s device=%s: %d blocks, video %dx%d, audio %dx%d, %.1fM params; "
-                    "B=%d, %d video tokens (first frame clean), %d audio tokens, %d text tokens; %d rounds x %d steps",
+                    "B=%d, %d video tokens (first frame clean), %d audio tokens, %d text tokens; %d rounds x %d steps; "
+                    "%s CPU threads",
                     args.preset, args.version, dtype, device, config.num_layers, config.num_heads, config.head_dim,
                     config.audio_num_heads, config.audio_head_dim, num_params / 1e6, preset.batch, num_video,
-                    preset.audio_tokens, preset.text_tokens, args.rounds, args.steps)
+                    preset.audio_tokens, preset.text_tokens, args.rounds, args.steps,
+                    args.threads or torch.get_num_threads())
         memory_method = ("torch.cuda.max_memory_allocated over the steps minus the allocation before them"
                          if device.startswith("cuda") else
                          "peak RSS (VmHWM) growth during the steps over the RSS before them, fresh process per run")

@@ -149,11 +149,11 @@ def apply_rope(x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_t
     batch, num_tokens, dim = x_BTD.shape
     if rope_type == "split":
         num_heads, half = cos.shape[-2], cos.shape[-1]
-        x_BTH2d = x_BTD.reshape(batch, num_tokens, num_heads, 2, half)
-        cos_BTH1d, sin_BTH1d = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        x1, x2 = x_BTH2d.unbind(-2)
-        rotated_BTH2d = torch.stack((-x2, x1), dim=-2)
-        return (x_BTH2d * cos_BTH1d + rotated_BTH2d * sin_BTH1d).view(batch, num_tokens, dim)
+        # Half-width products only (no broadcast over the halves axis): measurably faster on CPU.
+        x1_BTHd, x2_BTHd = x_BTD.reshape(batch, num_tokens, num_heads, 2, half).unbind(-2)
+        out1 = x1_BTHd * cos - x2_BTHd * sin
+        out2 = x2_BTHd * cos + x1_BTHd * sin
+        return torch.stack((out1, out2), dim=-2).view(batch, num_tokens, dim)
     if rope_type == "interleaved":
         x_BTd2 = x_BTD.reshape(batch, num_tokens, dim // 2, 2)
         a, b = x_BTd2.unbind(-1)

@@ -586,16 +586,16 @@ class AVTransformerBlock(nn.Module):
             new_vx = vx
             if run_a2v:
                 out = self.audio_to_video_attn(
-                    torch.addcmul(v_table[1], vx_norm, 1 + v_table[0]),
-                    torch.addcmul(a_table[1], ax_norm, 1 + a_table[0]),
+                    vx_norm * (1 + v_table[0]) + v_table[1],
+                    ax_norm * (1 + a_table[0]) + a_table[1],
                     rope=(video.cross_rope_cos, video.cross_rope_sin),
                     k_rope=(audio.cross_rope_cos, audio.cross_rope_sin),
                 )
                 new_vx = _gated_residual(vx, out, v_table[4], skips.a2v)
             if run_v2a:
                 out = self.video_to_audio_attn(
-                    torch.addcmul(a_table[3], ax_norm, 1 + a_table[2]),
-                    torch.addcmul(v_table[3], vx_norm, 1 + v_table[2]),
+                    ax_norm * (1 + a_table[2]) + a_table[3],
+                    vx_norm * (1 + v_table[2]) + v_table[3],
                     rope=(audio.cross_rope_cos, audio.cross_rope_sin),
                     k_rope=(video.cross_rope_cos, video.cross_rope_sin),
                 )
@@ -627,27 +627,27 @@ class AVTransformerBlock(nn.Module):
     ) -> torch.Tensor:
         shift, scale1, gate = self._modulation(table_MD, stream, slice(0, 3))
         out = self_attn(
-            torch.addcmul(shift, _rms(x_BTD, self.norm_eps), scale1),
+            _rms(x_BTD, self.norm_eps) * scale1 + shift,
             mask=stream.self_attention_mask,
             rope=(stream.rope_cos, stream.rope_sin),
             value_passthrough_B=skip_B,
         )
-        x_BTD = torch.addcmul(x_BTD, out, gate)
+        x_BTD = x_BTD + out * gate
 
         if prompt_table_2D is None:
             return x_BTD + text_attn(_rms(x_BTD, self.norm_eps), stream.context, mask=stream.context_mask)
         shift, scale1, gate = self._modulation(table_MD, stream, slice(6, 9))
         kv_shift, kv_scale = (prompt_table_2D.to(stream.prompt_modulation.dtype)
                               + stream.prompt_modulation).unbind(2)
-        context_BSD = torch.addcmul(kv_shift, stream.context, 1 + kv_scale)
-        out = text_attn(torch.addcmul(shift, _rms(x_BTD, self.norm_eps), scale1), context_BSD,
+        context_BSD = stream.context * (1 + kv_scale) + kv_shift
+        out = text_attn(_rms(x_BTD, self.norm_eps) * scale1 + shift, context_BSD,
                         mask=stream.context_mask)
-        return torch.addcmul(x_BTD, out, gate)
+        return x_BTD + out * gate
 
     def _feed_forward(self, x_BTD: torch.Tensor, stream: StreamInputs, ff: FeedForward, table_MD: torch.Tensor
                       ) -> torch.Tensor:
         shift, scale1, gate = self._modulation(table_MD, stream, slice(3, 6))
-        return torch.addcmul(x_BTD, ff(torch.addcmul(shift, _rms(x_BTD, self.norm_eps), scale1)), gate)
+        return x_BTD + ff(_rms(x_BTD, self.norm_eps) * scale1 + shift) * gate
 
 
 def _cross_rows(table_5D: torch.Tensor, stream: StreamInputs) -> list[torch.Tensor]:
@@ -853,7 +853,7 @@ class AVTransformer(nn.Module):
         table_2D = getattr(self, f"{pre}scale_shift_table").to(embedded_BKD.dtype)
         shift, scale = _per_token(table_2D + embedded_BKD[:, :, None], token_index_BT)
         x_BTD = F.layer_norm(x_BTD, (x_BTD.shape[-1],), eps=self.config.norm_eps)
-        return getattr(self, f"{pre}proj_out")(torch.addcmul(shift, x_BTD, 1 + scale))
+        return getattr(self, f"{pre}proj_out")(x_BTD * (1 + scale) + shift)
 
     # ---- forward ------------------------------------------------------------------------------------------
 

@@ -410,6 +410,8 @@ class SincUpsample(nn.Module):
 
 @dataclass(frozen=True, kw_only=True)
 class BWEConfig:
+    """LTX-2.3 vocoder: the main generator, the BWE generator and the BWE mel/resampling parameters."""
+
     vocoder: GeneratorConfig
     bwe_generator: GeneratorConfig
     input_sample_rate: int

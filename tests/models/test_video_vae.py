@@ -484,19 +484,25 @@ def test_tiled_encode_equals_untiled_outside_tile_edge_reach(axis: int) -> None:
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, resource, sys
+    import json, sys
     import torch
     from ltxf.models.video_vae import VideoDecoder, VideoVAEConfig, decode_video
     from tests.ltx_reference import random_init_
+
+    def peak_rss_kib():
+        # VmHWM belongs to this process's address space; ru_maxrss would include the parent's peak (it survives
+        # fork + exec on Linux).
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
     torch.set_num_threads(1)
     cfg, tiling = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     decoder = random_init_(VideoDecoder(VideoVAEConfig.from_checkpoint_config(cfg))).eval()
     latent = torch.randn(2, 16, 5, 8, 8, generator=torch.Generator().manual_seed(0))
     decode_video(decoder, latent[:, :, :2, :2, :2])  # one-off allocations (thread pools, kernels) before measuring
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_rss_kib()
     video = decoder.tiled_decode(latent, **tiling) if tiling else decode_video(decoder, latent)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    peak = peak_rss_kib() - before
     print(json.dumps({"peak_mib": peak / 1024, "output_mib": video.nbytes / 2**20, "shape": list(video.shape)}))
     """
 )
@@ -504,8 +510,8 @@ MEMORY_SCRIPT = textwrap.dedent(
 
 def test_tiled_decode_bounds_peak_memory() -> None:
     """Peak resident memory added by decoding a (2, 16, 5, 8, 8) latent to 2 x 33 x 256 x 256 frames (50 MiB),
-    untiled and in 128-pixel / 17-frame tiles, each in a fresh process (ru_maxrss is a per-process high-water
-    mark). Both must hold the returned video; beyond it, the untiled decode holds several full-size activations
+    untiled and in 128-pixel / 17-frame tiles, each in a fresh process (VmHWM, the peak resident set of that
+    process). Both must hold the returned video; beyond it, the untiled decode holds several full-size activations
     at once, the tiled one only one tile's. Measured: untiled ~130 MiB, tiled ~65-80 MiB, i.e. working memory
     (peak - output) ~80 MiB vs ~15-30 MiB. Batch 2 keeps both on the same (mkldnn) CPU conv path: PyTorch
     sends small batch-1 3-D convs to slow_conv3d, whose im2col buffers would distort the comparison."""
