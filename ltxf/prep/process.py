@@ -447,6 +447,21 @@ def encode_media(
     return summary
 
 
+def media_problem(entry: DatasetEntry, buckets: Sequence[Bucket]) -> str | None:
+    """Why a sample cannot be processed, judged from the file headers (None when it looks fine): the media or the
+    reference cannot be opened, or the clip has fewer frames than every bucket."""
+    try:
+        info = media.probe_video(entry.media_path)
+        if choose_bucket(buckets, width=info.width, height=info.height, num_frames=info.num_frames) is None:
+            return (f"{entry.media_path}: has {info.num_frames} frame(s), fewer than every bucket "
+                    f"({format_buckets(buckets)}) needs")
+        if entry.reference_path is not None:
+            media.probe_video(entry.reference_path)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def check_reference_factor(factor: int, buckets: Sequence[Bucket], has_reference: bool) -> int:
     """Validate ``reference_downscale_factor`` as the official scripts do; returns the factor to use."""
     if factor < 1:
@@ -819,13 +834,25 @@ def process_dataset(config: ProcessDatasetConfig) -> PrepSummary:
     logger.info("rank %d/%d: %d of %d samples -> %s", rank, world, len(mine), len(entries), out)
     device = resolve_device(config.device)
 
-    captions = process_captions_for(mine, config, out / "conditions", device)
+    # Unreadable media and clips shorter than every bucket are dropped before any model runs, so they cost no text
+    # encoding and leave no orphan conditions file.
+    precheck = PrepSummary(stage="media check")
+    readable = []
+    for entry in mine:
+        problem = media_problem(entry, buckets)
+        if problem is None:
+            readable.append(entry)
+        else:
+            logger.warning("skipping %s: %s", entry.rel_path.as_posix(), problem)
+            precheck.skipped.append((entry.rel_path.as_posix(), problem))
+
+    captions = process_captions_for(readable, config, out / "conditions", device)
     video_encoder, audio_encoder = load_media_encoders(
         config.model_path, device=device, dtype=resolve_dtype(config.vae_dtype, device), with_audio=config.with_audio
     )
     try:
         videos = encode_media(
-            mine, buckets=buckets, latents_dir=out / "latents", video_encoder=video_encoder,
+            readable, buckets=buckets, latents_dir=out / "latents", video_encoder=video_encoder,
             audio_encoder=audio_encoder, audio_dir=out / "audio_latents" if config.with_audio else None,
             reference_dir=out / "reference_latents" if config.reference_column else None,
             reference_downscale_factor=factor, reshape_mode=config.reshape_mode, seed=config.seed,
@@ -838,7 +865,7 @@ def process_dataset(config: ProcessDatasetConfig) -> PrepSummary:
     videos.log()
     usable = set(captions.processed + captions.existing) & set(videos.processed + videos.existing)
     written = set(captions.processed + videos.processed)
-    reasons = dict(captions.skipped) | dict(videos.skipped)
+    reasons = dict(precheck.skipped) | dict(captions.skipped) | dict(videos.skipped)
     names = [e.rel_path.as_posix() for e in mine]
     summary = PrepSummary(
         stage="process_dataset",

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ltxf.config import FlowConfig
+from ltxf.latents import patchify_video
 from ltxf.models.transformer import Modality
 from ltxf.timesteps import shifted_logit_normal_sigmas, uniform_sigmas
 
@@ -78,6 +79,36 @@ def noisy_tokens(
     """Rectified-flow interpolation x_t = (1 - sigma) x0 + sigma * noise, with a per-token sigma."""
     s = sigma_BT[..., None]
     return (1 - s) * x0_BTC + s * noise_BTC
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoisedVideo:
+    """The generated video part of a batch after noising: clean tokens, noise, sigmas and the first-frame
+    conditioning mask (True = clean conditioning token, timestep 0, no loss)."""
+
+    x0_BTC: torch.Tensor
+    noise_BTC: torch.Tensor
+    sigma_B: torch.Tensor
+    sigma_BT: torch.Tensor
+    cond_BT: torch.Tensor
+    xt_BTC: torch.Tensor
+
+
+def noise_video(
+    latents_BCFHW: torch.Tensor, *, first_frame_p: float, flow: FlowConfig, generators: list[torch.Generator]
+) -> NoisedVideo:
+    """Patchify and noise video latents. Each sample draws its noise, sigma and first-frame decision from its
+    own generator, in that order (sigma from the generated token count)."""
+    device = latents_BCFHW.device
+    batch_size, _, _, height, width = latents_BCFHW.shape
+    x0_BTC = patchify_video(latents_BCFHW.float())
+    num_tokens = x0_BTC.shape[1]
+    noise_BTC = per_sample_noise(tuple(x0_BTC.shape[1:]), generators).to(device)
+    sigma_B = sample_sigmas(flow, num_tokens, generators).to(device)
+    cond_BT = first_frame_mask(height * width, num_tokens, first_frame_p, generators).to(device)
+    sigma_BT = torch.where(cond_BT, 0.0, sigma_B[:, None].expand(batch_size, num_tokens))
+    return NoisedVideo(x0_BTC=x0_BTC, noise_BTC=noise_BTC, sigma_B=sigma_B, sigma_BT=sigma_BT, cond_BT=cond_BT,
+                       xt_BTC=noisy_tokens(x0_BTC, noise_BTC, sigma_BT))
 
 
 def masked_mse_per_sample(pred_BTC: torch.Tensor, target_BTC: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:

@@ -8,16 +8,10 @@ from __future__ import annotations
 import torch
 
 from ltxf.config import FlowConfig, StrategyConfig
-from ltxf.latents import audio_positions, patchify_audio, patchify_video, video_positions
+from ltxf.latents import audio_positions, patchify_audio, video_positions
 from ltxf.models.text import TextContext
 from ltxf.models.transformer import Modality
-from ltxf.strategies.base import (
-    ModelInputs,
-    first_frame_mask,
-    noisy_tokens,
-    per_sample_noise,
-    sample_sigmas,
-)
+from ltxf.strategies.base import ModelInputs, noise_video, noisy_tokens, per_sample_noise, sample_sigmas
 
 
 def video_positions_for_batch(
@@ -48,20 +42,12 @@ def prepare_text_to_video(
     latents_BCFHW = batch["video_latents"]
     device = latents_BCFHW.device
     batch_size, _, num_frames, height, width = latents_BCFHW.shape
-    x0_BTC = patchify_video(latents_BCFHW.float())
-    num_tokens = x0_BTC.shape[1]
-
-    noise_BTC = per_sample_noise(tuple(x0_BTC.shape[1:]), generators).to(device)
-    sigma_B = sample_sigmas(flow, num_tokens, generators).to(device)
-    cond_BT = first_frame_mask(height * width, num_tokens, strategy.first_frame_conditioning_p,
-                               generators).to(device)
-
-    sigma_BT = torch.where(cond_BT, 0.0, sigma_B[:, None].expand(batch_size, num_tokens))
-    xt_BTC = noisy_tokens(x0_BTC, noise_BTC, sigma_BT)
+    noised = noise_video(latents_BCFHW, first_frame_p=strategy.first_frame_conditioning_p, flow=flow,
+                         generators=generators)
     video = Modality(
-        latent=xt_BTC.to(dtype),
-        sigma=sigma_B,
-        timesteps=sigma_BT,
+        latent=noised.xt_BTC.to(dtype),
+        sigma=noised.sigma_B,
+        timesteps=noised.sigma_BT,
         positions=video_positions_for_batch(batch_size, num_frames, height, width, batch["fps"], device=device),
         context=context.video_context.to(dtype),
         context_mask=context.context_mask,
@@ -75,9 +61,9 @@ def prepare_text_to_video(
         a0_BAC = patchify_audio(batch["audio_latents"].float())
         audio_noise = per_sample_noise(tuple(a0_BAC.shape[1:]), generators).to(device)
         if strategy.independent_audio_sigma:
-            audio_sigma_B = sample_sigmas(flow, num_tokens, generators).to(device)
+            audio_sigma_B = sample_sigmas(flow, noised.x0_BTC.shape[1], generators).to(device)
         else:
-            audio_sigma_B = sigma_B
+            audio_sigma_B = noised.sigma_B
         num_audio = a0_BAC.shape[1]
         audio_sigma_BA = audio_sigma_B[:, None].expand(batch_size, num_audio)
         audio = Modality(
@@ -93,8 +79,8 @@ def prepare_text_to_video(
     return ModelInputs(
         video=video,
         audio=audio,
-        video_target_BTC=noise_BTC - x0_BTC,
-        video_loss_mask_BT=~cond_BT,
+        video_target_BTC=noised.noise_BTC - noised.x0_BTC,
+        video_loss_mask_BT=~noised.cond_BT,
         audio_target_BTC=audio_target,
-        sigma_B=sigma_B,
+        sigma_B=noised.sigma_B,
     )

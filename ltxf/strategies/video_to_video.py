@@ -14,13 +14,7 @@ from ltxf.config import FlowConfig, StrategyConfig
 from ltxf.latents import patchify_video
 from ltxf.models.text import TextContext
 from ltxf.models.transformer import Modality
-from ltxf.strategies.base import (
-    ModelInputs,
-    first_frame_mask,
-    noisy_tokens,
-    per_sample_noise,
-    sample_sigmas,
-)
+from ltxf.strategies.base import ModelInputs, noise_video
 from ltxf.strategies.text_to_video import video_positions_for_batch
 
 
@@ -55,17 +49,10 @@ def prepare_video_to_video(
     _, _, ref_frames, ref_height, ref_width = reference_BCFHW.shape
     factor = reference_downscale_factor(target_BCFHW.shape, reference_BCFHW.shape)
 
-    x0_BTC = patchify_video(target_BCFHW.float())
+    noised = noise_video(target_BCFHW, first_frame_p=strategy.first_frame_conditioning_p, flow=flow,
+                         generators=generators)
     ref_BRC = patchify_video(reference_BCFHW.float())
-    num_tokens, num_ref = x0_BTC.shape[1], ref_BRC.shape[1]
-
-    noise_BTC = per_sample_noise(tuple(x0_BTC.shape[1:]), generators).to(device)
-    sigma_B = sample_sigmas(flow, num_tokens, generators).to(device)
-    cond_BT = first_frame_mask(height * width, num_tokens, strategy.first_frame_conditioning_p,
-                               generators).to(device)
-
-    sigma_BT = torch.where(cond_BT, 0.0, sigma_B[:, None].expand(batch_size, num_tokens))
-    xt_BTC = noisy_tokens(x0_BTC, noise_BTC, sigma_BT)
+    num_ref = ref_BRC.shape[1]
     fps_B = batch["fps"]
     positions = torch.cat(
         [
@@ -76,9 +63,9 @@ def prepare_video_to_video(
         dim=2,
     )
     video = Modality(
-        latent=torch.cat([ref_BRC, xt_BTC], dim=1).to(dtype),
-        sigma=sigma_B,
-        timesteps=torch.cat([torch.zeros(batch_size, num_ref, device=device), sigma_BT], dim=1),
+        latent=torch.cat([ref_BRC, noised.xt_BTC], dim=1).to(dtype),
+        sigma=noised.sigma_B,
+        timesteps=torch.cat([torch.zeros(batch_size, num_ref, device=device), noised.sigma_BT], dim=1),
         positions=positions,
         context=context.video_context.to(dtype),
         context_mask=context.context_mask,
@@ -86,9 +73,9 @@ def prepare_video_to_video(
     return ModelInputs(
         video=video,
         audio=None,
-        video_target_BTC=noise_BTC - x0_BTC,
-        video_loss_mask_BT=~cond_BT,
+        video_target_BTC=noised.noise_BTC - noised.x0_BTC,
+        video_loss_mask_BT=~noised.cond_BT,
         audio_target_BTC=None,
-        sigma_B=sigma_B,
+        sigma_B=noised.sigma_B,
         num_reference_tokens=num_ref,
     )

@@ -1,0 +1,530 @@
+"""Validation samples during training: configuration and the :class:`Validator` the training loop calls.
+
+How the loop uses it::
+
+    validator = Validator.build(cfg.validation, checkpoint=cfg.model.checkpoint, device=device,
+                                dtype=compute_dtype) if cfg.validation.enabled else None
+    ...
+    if validator is not None and validator.should_run(step):      # step 0 (unless skipped), then every interval
+        if cfg.validation.offload_optimizer and not fsdp:
+            state = dataclasses.replace(state, opt_state=move_tree(state.opt_state, "cpu"))
+        validator.run(step, transformer, text_processor=text_processor, output_dir=output_dir, monitor=monitor,
+                      rank=dist_info.rank, world_size=dist_info.world_size)
+        if cfg.validation.offload_optimizer and not fsdp:
+            state = dataclasses.replace(state, opt_state=move_tree(state.opt_state, device))
+        monitor.restart_timer()
+
+:meth:`Validator.build` does everything that does not depend on the trained weights, once: it embeds the
+prompts and the negative prompt with Gemma and the checkpoint's feature extractor and frees both (or reads
+precomputed features from ``prompt_features_path``), encodes the first-frame images and IC-LoRA references with
+the video VAE encoder and frees it, and loads the video VAE decoder (and, with audio, the audio VAE decoder and
+the vocoder). :meth:`Validator.run` then only runs the connectors, the transformer and the decoders.
+
+Under several processes the prompts are dealt round-robin (rank ``r`` samples prompts ``r, r + N, ...``).
+Every rank runs the same number of denoising loops, padding with a throw-away run of its first prompt (or of
+prompt 0) when it has fewer, because an FSDP-sharded transformer needs every rank in every forward. The clips
+are gathered to rank 0 (``gather_object`` of CPU tensors), which writes ``samples/step_{step:06d}_{i+1}.mp4``
+(``.png`` for one frame) and logs the frames and audio to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ltxf import pytree
+from ltxf.generate import (
+    DEFAULT_NEGATIVE_PROMPT,
+    Conditioning,
+    GeneratedClip,
+    GenerationModels,
+    GenerationRequest,
+    check_reference_downscale_factor,
+    clip_suffix,
+    decode,
+    describe_clip,
+    encode_prompts,
+    free_memory,
+    prepare_conditioning,
+    sample,
+    save_clip,
+)
+from ltxf.models.gemma import PromptFeatures
+from ltxf.sampling import GuidanceConfig
+
+logger = logging.getLogger(__name__)
+
+PROMPT_FEATURES_FORMAT = "ltxf-prompt-features-1"
+_FEATURE_KEYS = ("video_prompt_embeds", "audio_prompt_embeds", "prompt_attention_mask")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationConfig:
+    """Validation sampling during training (one clip per prompt, the same seed for every prompt)."""
+
+    prompts: tuple[str, ...] = ()
+    """Prompts to sample; empty disables validation."""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    """Negative prompt for classifier-free guidance."""
+    images: tuple[Path, ...] | None = None
+    """First-frame images (image-to-video), one per prompt."""
+    reference_videos: tuple[Path, ...] | None = None
+    """IC-LoRA reference videos, one per prompt."""
+    reference_downscale_factor: int = 1
+    """References are used at 1/n of the output size, positions scaled by n (the IC-LoRA's training ratio)."""
+    video_dims: tuple[int, int, int] = (512, 288, 49)
+    """(width, height, frames): width and height multiples of 32, frames 8k + 1."""
+    frame_rate: float = 25.0
+    seed: int = 42
+    """Seed of the initial noise, the same for every prompt."""
+    inference_steps: int = 30
+    interval: int | None = 100
+    """Sample every N optimizer steps (and at step 0 unless skip_initial_validation); None disables."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale; 1 disables CFG (and its negative-prompt pass)."""
+    stg_scale: float = 1.0
+    """Spatio-temporal guidance scale; 0 disables STG (and its perturbed pass)."""
+    stg_blocks: tuple[int, ...] | None = (29,)
+    """Transformer blocks whose self-attention the STG pass skips; None means every block."""
+    stg_mode: Literal["stg_av", "stg_v"] = "stg_av"
+    """stg_av skips video and audio self-attention in stg_blocks; stg_v only video."""
+    guidance_rescale: float = 0.0
+    """Std-rescaling of the guided prediction toward the conditional one (0 disables)."""
+    generate_audio: bool = True
+    """Generate an audio track jointly (loads the audio VAE decoder and the vocoder)."""
+    skip_initial_validation: bool = False
+    """Do not sample at step 0."""
+    include_reference_in_output: bool = False
+    """IC-LoRA: show the reference (resized to the output height) to the left of each sample."""
+    text_encoder_path: Path | None = None
+    """Gemma 3 model directory, used once at start to embed the prompts, then freed."""
+    text_encoder_8bit: bool = False
+    """Load Gemma in 8-bit (bitsandbytes, CUDA only) for the one-off prompt embedding."""
+    prompt_features_path: Path | None = None
+    """Precomputed prompt features instead of Gemma: a .pt written by ltxf.validation.save_prompt_features."""
+    offload_optimizer: bool = False
+    """Move the optimizer state to the CPU while sampling (the training loop does it; not under FSDP)."""
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "images", "reference_videos", "video_dims", "stg_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"validation.{name} must be a sequence, got the string {value!r}")
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        for name in ("images", "reference_videos"):
+            paths = getattr(self, name)
+            if paths is None:
+                continue
+            if len(paths) != len(self.prompts):
+                raise ValueError(f"validation.{name} has {len(paths)} entries but validation.prompts has "
+                                 f"{len(self.prompts)}; give one per prompt")
+            object.__setattr__(self, name, tuple(Path(p) for p in paths))
+        if len(self.video_dims) != 3:
+            raise ValueError(f"validation.video_dims must be (width, height, frames), got {self.video_dims}")
+        width, height, num_frames = self.video_dims
+        for side, value in (("width", width), ("height", height)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 32 or value % 32:
+                raise ValueError(f"validation.video_dims: {side} must be a positive multiple of 32, got {value!r}")
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 8:
+            raise ValueError(f"validation.video_dims: frames must be 8k + 1 (1, 9, ..., 49, 97, 121), got "
+                             f"{num_frames!r}")
+        check_reference_downscale_factor(self.reference_downscale_factor, width, height,
+                                         "validation.reference_downscale_factor")
+        if not self.frame_rate > 0:
+            raise ValueError(f"validation.frame_rate must be > 0, got {self.frame_rate}")
+        if isinstance(self.inference_steps, bool) or not isinstance(self.inference_steps, int) \
+                or self.inference_steps < 1:
+            raise ValueError(f"validation.inference_steps must be an integer >= 1, got {self.inference_steps!r}")
+        if self.interval is not None and (isinstance(self.interval, bool) or not isinstance(self.interval, int)
+                                          or self.interval < 1):
+            raise ValueError(f"validation.interval must be an integer >= 1 or None, got {self.interval!r}")
+        if not self.guidance_scale >= 1.0:
+            raise ValueError(f"validation.guidance_scale must be >= 1 (1 disables CFG), got {self.guidance_scale}")
+        if not self.stg_scale >= 0.0:
+            raise ValueError(f"validation.stg_scale must be >= 0 (0 disables STG), got {self.stg_scale}")
+        if self.stg_mode not in ("stg_av", "stg_v"):
+            raise ValueError(f"validation.stg_mode must be 'stg_av' or 'stg_v', got {self.stg_mode!r}")
+        if self.stg_blocks is not None and any(isinstance(b, bool) or not isinstance(b, int) or b < 0
+                                               for b in self.stg_blocks):
+            raise ValueError(f"validation.stg_blocks must be non-negative block indices or None, got "
+                             f"{self.stg_blocks}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"validation.guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
+        if self.include_reference_in_output and self.reference_videos is None:
+            raise ValueError("validation.include_reference_in_output needs validation.reference_videos")
+        if self.prompts and self.text_encoder_path is None and self.prompt_features_path is None:
+            raise ValueError("validation.text_encoder_path (a Gemma 3 directory) is required to embed "
+                             "validation.prompts, unless validation.prompt_features_path gives precomputed features")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any sampling happens (prompts given and an interval set)."""
+        return bool(self.prompts) and self.interval is not None
+
+    @property
+    def guidance(self) -> GuidanceConfig:
+        return GuidanceConfig(cfg_scale=self.guidance_scale, stg_scale=self.stg_scale, stg_blocks=self.stg_blocks,
+                              stg_mode=self.stg_mode, guidance_rescale=self.guidance_rescale)
+
+    def should_run(self, step: int) -> bool:
+        """Step 0 unless ``skip_initial_validation``, then every ``interval`` steps; never when disabled."""
+        if not self.enabled:
+            return False
+        if step == 0:
+            return not self.skip_initial_validation
+        return step % self.interval == 0
+
+    def check_paths(self) -> None:
+        """Every input file exists (checked at run start, so configs can be built without the files)."""
+        for name in ("images", "reference_videos"):
+            for i, path in enumerate(getattr(self, name) or ()):
+                if not Path(path).is_file():
+                    raise ValueError(f"validation.{name}[{i}]: file not found: {path}")
+        if self.prompt_features_path is not None:
+            if not Path(self.prompt_features_path).is_file():
+                raise ValueError(f"validation.prompt_features_path: file not found: {self.prompt_features_path}")
+        elif self.text_encoder_path is not None and not Path(self.text_encoder_path).is_dir():
+            raise ValueError(f"validation.text_encoder_path: Gemma directory not found: {self.text_encoder_path}")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Precomputed prompt features
+
+
+def _feature_dict(features: PromptFeatures | dict, where: str) -> dict[str, torch.Tensor]:
+    values = features._asdict() if isinstance(features, PromptFeatures) else dict(features)
+    out = {}
+    for key in _FEATURE_KEYS:
+        tensor = values.get(key)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{where}: missing tensor '{key}' (expected keys {_FEATURE_KEYS})")
+        if tensor.ndim == (2 if key == "prompt_attention_mask" else 3):
+            if tensor.shape[0] != 1:
+                raise ValueError(f"{where}: '{key}' holds a batch of {tensor.shape[0]}; give one prompt per entry")
+            tensor = tensor[0]
+        out[key] = tensor.detach().cpu()
+    mask, video, audio = out["prompt_attention_mask"], out["video_prompt_embeds"], out["audio_prompt_embeds"]
+    if mask.ndim != 1 or video.ndim != 2 or audio.ndim != 2 or video.shape[0] != mask.shape[0] \
+            or audio.shape[0] != mask.shape[0]:
+        raise ValueError(f"{where}: expected video/audio embeds [S, C] and a mask [S], got "
+                         f"{tuple(video.shape)}, {tuple(audio.shape)}, {tuple(mask.shape)}")
+    return out
+
+
+def save_prompt_features(
+    path: str | Path,
+    prompts: Sequence[PromptFeatures | dict],
+    *,
+    negative: PromptFeatures | dict | None = None,
+    texts: Sequence[str] | None = None,
+) -> Path:
+    """Write precomputed prompt features for ``validation.prompt_features_path``.
+
+    Each entry holds ``video_prompt_embeds`` ``[S, Cv]``, ``audio_prompt_embeds`` ``[S, Ca]`` and
+    ``prompt_attention_mask`` ``[S]`` (the keys of a dataset's ``conditions/*.pt`` file, so those can be passed
+    directly); ``negative`` is the negative prompt's (needed when CFG is on). ``texts`` are stored for reference.
+    """
+    path = Path(path)
+    payload: dict[str, Any] = {
+        "format": PROMPT_FEATURES_FORMAT,
+        "prompts": [_feature_dict(p, f"prompt {i}") for i, p in enumerate(prompts)],
+        "negative": None if negative is None else _feature_dict(negative, "negative"),
+        "texts": list(texts) if texts is not None else None,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return path
+
+
+def load_prompt_features(path: str | Path) -> tuple[list[PromptFeatures], PromptFeatures | None]:
+    """Read a file written by :func:`save_prompt_features`: per-prompt features and the negative's (or None),
+    each with batch 1."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several unrelated types for a bad file
+        raise ValueError(f"{path}: not a readable prompt-features file ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != PROMPT_FEATURES_FORMAT:
+        raise ValueError(f"{path}: not a prompt-features file (expected a dict with format "
+                         f"'{PROMPT_FEATURES_FORMAT}', written by ltxf.validation.save_prompt_features)")
+
+    def as_features(entry: dict, where: str) -> PromptFeatures:
+        d = _feature_dict(entry, f"{path} [{where}]")
+        return PromptFeatures(*(d[k][None] for k in _FEATURE_KEYS))
+
+    prompts = [as_features(e, f"prompt {i}") for i, e in enumerate(payload.get("prompts") or [])]
+    negative = payload.get("negative")
+    return prompts, None if negative is None else as_features(negative, "negative")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Distribution helpers
+
+
+def assign_prompts(num_prompts: int, rank: int, world_size: int) -> list[int | None]:
+    """The prompt indices rank ``rank`` samples, round-robin, padded with None (a throw-away run) to
+    ``ceil(num_prompts / world_size)`` so every rank runs the same number of denoising loops."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    mine: list[int | None] = list(range(rank, num_prompts, world_size))
+    return mine + [None] * (math.ceil(num_prompts / world_size) - len(mine))
+
+
+def move_tree(tree: Any, device: torch.device | str) -> Any:
+    """A copy of the pytree ``tree`` (e.g. ``TrainState.opt_state``) with every tensor moved to ``device``.
+
+    For the ``offload_optimizer`` option: the loop swaps its optimizer state for ``move_tree(opt_state, "cpu")``
+    before :meth:`Validator.run` and moves it back after. Sharded (DTensor) leaves are refused: under FSDP the
+    state is already split across ranks.
+    """
+    from torch.distributed.tensor import DTensor
+
+    def move(leaf: Any) -> Any:
+        if isinstance(leaf, DTensor):
+            raise ValueError("move_tree: the optimizer state is sharded (DTensor, FSDP); offloading it is not "
+                             "supported, turn validation.offload_optimizer off")
+        return leaf.to(device) if isinstance(leaf, torch.Tensor) else leaf
+
+    return pytree.map(move, tree)
+
+
+def _clip_to_cpu(clip: GeneratedClip) -> GeneratedClip:
+    return dataclasses.replace(
+        clip, frames=clip.frames.cpu(), audio=None if clip.audio is None else clip.audio.cpu())
+
+
+# -------------------------------------------------------------------------------------------------------------
+# The validator
+
+
+class Validator:
+    """Samples the validation prompts with the model being trained. Build it with :meth:`build`."""
+
+    def __init__(
+        self,
+        config: ValidationConfig,
+        *,
+        requests: Sequence[GenerationRequest],
+        conditionings: Sequence[Conditioning],
+        video_decoder: nn.Module,
+        audio_decoder: nn.Module | None = None,
+        vocoder: nn.Module | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        if len(requests) != len(conditionings):
+            raise ValueError(f"{len(requests)} requests but {len(conditionings)} conditionings")
+        self.config = config
+        self.requests = list(requests)
+        self.conditionings = list(conditionings)
+        self.video_decoder = video_decoder
+        self.audio_decoder = audio_decoder
+        self.vocoder = vocoder
+        self.autocast_dtype = autocast_dtype
+
+    @classmethod
+    def build(
+        cls,
+        config: ValidationConfig,
+        *,
+        checkpoint: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> Validator:
+        """Prepare everything that does not change during training (see the module docstring).
+
+        ``dtype`` is the weights' dtype for Gemma, the feature extractor and the video VAE, and the autocast dtype
+        of sampling (none for float32); the audio decoder and the vocoder stay in float32.
+        """
+        from ltxf.models.audio_vae import load_audio_vae_decoder
+        from ltxf.models.checkpoint import config_section, read_config
+        from ltxf.models.transformer import TransformerConfig
+        from ltxf.models.video_vae import load_video_vae_decoder, load_video_vae_encoder
+        from ltxf.models.vocoder import load_vocoder
+
+        if not config.prompts:
+            raise ValueError("validation.prompts is empty: there is nothing to validate")
+        config.check_paths()
+        checkpoint = Path(checkpoint)
+        transformer_config = TransformerConfig.from_checkpoint_config(
+            config_section(read_config(checkpoint), "transformer", checkpoint), path=checkpoint)
+        guidance = config.guidance
+        if guidance.uses_stg and guidance.stg_blocks is not None:
+            bad = [b for b in guidance.stg_blocks if b >= transformer_config.num_layers]
+            if bad:
+                raise ValueError(f"validation.stg_blocks {bad} are out of range for the {transformer_config.num_layers}"
+                                 f"-block transformer of {checkpoint}")
+
+        features, negative = cls._prompt_features(config, checkpoint, device=device, dtype=dtype)
+        width, height, num_frames = config.video_dims
+        requests = [
+            GenerationRequest(
+                prompt_features=features[i], negative_prompt_features=negative, width=width, height=height,
+                num_frames=num_frames, frame_rate=config.frame_rate, num_inference_steps=config.inference_steps,
+                seed=config.seed, guidance=guidance,
+                condition_image=config.images[i] if config.images else None,
+                reference_video=config.reference_videos[i] if config.reference_videos else None,
+                reference_downscale_factor=config.reference_downscale_factor,
+                include_reference_in_output=config.include_reference_in_output,
+                generate_audio=config.generate_audio,
+            )
+            for i in range(len(config.prompts))
+        ]
+        conditionings = [Conditioning() for _ in requests]
+        if config.images or config.reference_videos:
+            encoder = load_video_vae_encoder(checkpoint, dtype=dtype, device=device)
+            conditionings = [_conditioning_to_cpu(prepare_conditioning(encoder, r)) for r in requests]
+            del encoder
+            free_memory()
+        video_decoder = load_video_vae_decoder(checkpoint, dtype=dtype, device=device)
+        audio_decoder = vocoder = None
+        if config.generate_audio:
+            try:
+                audio_decoder = load_audio_vae_decoder(checkpoint, dtype=torch.float32, device=device)
+                vocoder = load_vocoder(checkpoint, dtype=torch.float32, device=device)
+            except ValueError as exc:
+                raise ValueError(f"{exc}\n(validation.generate_audio is on and needs the audio VAE and the vocoder "
+                                 "from the checkpoint; set validation.generate_audio=False to sample video only)"
+                                 ) from exc
+        logger.info("validation ready: %d prompts at %dx%dx%d, %d steps, every %s steps", len(requests), width,
+                    height, num_frames, config.inference_steps, config.interval)
+        return cls(config, requests=requests, conditionings=conditionings, video_decoder=video_decoder,
+                   audio_decoder=audio_decoder, vocoder=vocoder,
+                   autocast_dtype=None if dtype == torch.float32 else dtype)
+
+    @staticmethod
+    def _prompt_features(
+        config: ValidationConfig, checkpoint: Path, *, device: torch.device | str, dtype: torch.dtype
+    ) -> tuple[list[PromptFeatures], PromptFeatures | None]:
+        uses_cfg = config.guidance.uses_cfg
+        if config.prompt_features_path is not None:
+            features, negative = load_prompt_features(config.prompt_features_path)
+            if len(features) != len(config.prompts):
+                raise ValueError(f"validation.prompt_features_path {config.prompt_features_path} holds "
+                                 f"{len(features)} prompts but validation.prompts has {len(config.prompts)}")
+            if uses_cfg and negative is None:
+                raise ValueError(f"validation.prompt_features_path {config.prompt_features_path} has no negative "
+                                 "prompt features, which CFG needs (validation.guidance_scale != 1)")
+            return features, negative
+        texts = list(config.prompts) + ([config.negative_prompt] if uses_cfg else [])
+        encoded = encode_prompts(config.text_encoder_path, checkpoint, texts, device=device, dtype=dtype,
+                                 load_in_8bit=config.text_encoder_8bit)
+        return encoded[: len(config.prompts)], encoded[-1] if uses_cfg else None
+
+    def should_run(self, step: int) -> bool:
+        return self.config.should_run(step)
+
+    def _models(self, transformer: nn.Module, text_processor: nn.Module) -> GenerationModels:
+        return GenerationModels(transformer=transformer, text_processor=text_processor,
+                                video_decoder=self.video_decoder, audio_decoder=self.audio_decoder,
+                                vocoder=self.vocoder, autocast_dtype=self.autocast_dtype)
+
+    def run(
+        self,
+        step: int,
+        transformer: nn.Module,
+        *,
+        text_processor: nn.Module,
+        output_dir: str | Path,
+        monitor: Any | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> list[Path]:
+        """Sample every prompt with the current weights; rank 0 writes and logs them. Collective when
+        ``world_size > 1`` (every rank must call it). Returns the written paths (empty on other ranks).
+
+        ``text_processor`` is the training run's connector module (trained or not). The transformer and the
+        connectors are switched to eval mode and restored; everything runs without gradients, one prompt at a
+        time per rank.
+        """
+        if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"Validator.run: world_size={world_size} but no torch.distributed process group")
+        free_memory()
+        models = self._models(transformer, text_processor)
+        modes = (transformer.training, text_processor.training)
+        transformer.eval()
+        text_processor.eval()
+        results: list[tuple[int, GeneratedClip]] = []
+        try:
+            with torch.no_grad():
+                assigned = assign_prompts(len(self.requests), rank, world_size)
+                for index in assigned:
+                    if index is None:  # the throw-away run that keeps FSDP ranks in step; nothing is decoded
+                        first = next((i for i in assigned if i is not None), 0)
+                        sample(models, self.requests[first], conditioning=self.conditionings[first])
+                        continue
+                    clip = generate(models, self.requests[index], conditioning=self.conditionings[index])
+                    results.append((index, _clip_to_cpu(clip)))
+        finally:
+            transformer.train(modes[0])
+            text_processor.train(modes[1])
+            free_memory()
+
+        if world_size > 1:
+            gathered: list[list[tuple[int, GeneratedClip]]] | None = [[] for _ in range(world_size)] \
+                if rank == 0 else None
+            dist.gather_object(results, gathered, dst=0)
+            if rank == 0:
+                results = [item for part in gathered for item in part]
+        if rank != 0:
+            return []
+        return self._write(step, sorted(results, key=lambda item: item[0]), Path(output_dir), monitor)
+
+    def _write(self, step: int, results: list[tuple[int, GeneratedClip]], output_dir: Path, monitor: Any | None
+               ) -> list[Path]:
+        paths = []
+        for index, clip in results:
+            path = output_dir / "samples" / f"step_{step:06d}_{index + 1}{clip_suffix(clip.num_frames)}"
+            save_clip(path, clip)
+            paths.append(path)
+            logger.info("validation sample %d (%s): %s -> %s", index + 1, self.config.prompts[index][:60],
+                        describe_clip(clip), path)
+            if monitor is not None:
+                tag = f"validation/sample_{index + 1}"
+                if clip.num_frames == 1:
+                    monitor.log_image(tag, clip.frames[0], step)
+                else:
+                    monitor.log_video(tag, clip.frames, clip.fps, step)
+                if clip.audio is not None:
+                    monitor.log_audio(f"{tag}_audio", clip.audio, clip.audio_sample_rate, step)
+        if monitor is not None:
+            monitor.flush()
+        return paths
+
+
+def generate(models: GenerationModels, request: GenerationRequest, *, conditioning: Conditioning) -> GeneratedClip:
+    """:func:`ltxf.generate.generate` with precomputed conditioning (sample, then decode)."""
+    return decode(models, sample(models, request, conditioning=conditioning), request)
+
+
+def _conditioning_to_cpu(conditioning: Conditioning) -> Conditioning:
+    def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().cpu()
+
+    return Conditioning(image_latents=cpu(conditioning.image_latents),
+                        reference_latents=cpu(conditioning.reference_latents),
+                        reference_frames=cpu(conditioning.reference_frames))
+
+
+__all__ = [
+    "PROMPT_FEATURES_FORMAT",
+    "ValidationConfig",
+    "Validator",
+    "assign_prompts",
+    "load_prompt_features",
+    "move_tree",
+    "save_prompt_features",
+]
