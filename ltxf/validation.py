@@ -50,10 +50,10 @@ from ltxf.generate import (
     GenerationRequest,
     check_reference_downscale_factor,
     clip_suffix,
-    decode,
     describe_clip,
     encode_prompts,
     free_memory,
+    generate,
     prepare_conditioning,
     sample,
     save_clip,
@@ -503,11 +503,6 @@ class Validator:
         if monitor is not None:
             monitor.flush()
         return paths
-
-
-def generate(models: GenerationModels, request: GenerationRequest, *, conditioning: Conditioning) -> GeneratedClip:
-    """:func:`ltxf.generate.generate` with precomputed conditioning (sample, then decode)."""
-    return decode(models, sample(models, request, conditioning=conditioning), request)
 
 
 def _conditioning_to_cpu(conditioning: Conditioning) -> Conditioning:

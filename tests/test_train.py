@@ -159,3 +159,30 @@ def test_demo_assets_are_official_layout(tmp_path):
     sample = data[0]
     assert sample["video_latents"].dtype == torch.bfloat16 and sample["video_latents"].shape[0] == 128
     assert sample["audio_latents"].shape[0] == 8 and sample["audio_latents"].shape[2] == 16
+
+
+def test_ic_lora_run_writes_reference_downscale_factor(tmp_path):
+    """IC-LoRA (video_to_video) trains on references at half resolution; the factor lands in the LoRA file."""
+    from ltxf.config import DataConfig, ModelConfig, StrategyConfig
+    from ltxf.data import write_precomputed_sample
+    from ltxf.demo import build_demo_checkpoint
+
+    checkpoint = build_demo_checkpoint(tmp_path / "model.safetensors", seed=0)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(4):
+        mask = torch.ones(16, dtype=torch.int64)
+        write_precomputed_sample(
+            tmp_path / "data", f"clip_{i}.mp4", latents=torch.randn(128, 2, 4, 6, generator=generator), fps=24.0,
+            video_prompt_embeds=torch.randn(16, 64, generator=generator),
+            audio_prompt_embeds=torch.randn(16, 32, generator=generator), prompt_attention_mask=mask,
+            reference_latents=torch.randn(128, 2, 2, 3, generator=generator),
+        )
+    cfg = small_demo(tmp_path / "run", steps=2)
+    cfg = replace(cfg, demo_model=False, model=replace(cfg.model, checkpoint=checkpoint),
+                  data=DataConfig(root=tmp_path / "data", num_workers=0, text_length=None),
+                  strategy=StrategyConfig(name="video_to_video", first_frame_conditioning_p=0.5))
+    result = main(cfg)
+    lora = load_lora_file(result.export_path)
+    assert lora.metadata["reference_downscale_factor"] == "2"
+    assert lora.metadata["ltxf_strategy"] == "video_to_video"
+    assert all(torch.isfinite(torch.tensor(result.losses)))
