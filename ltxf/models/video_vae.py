@@ -319,12 +319,23 @@ def check_video_shape(shape: Sequence[int], cfg: VideoVAEConfig) -> None:
                 f"video {name} {size} is not a multiple of {s}; the nearest valid {name}s are "
                 f"{_nearest_multiples(size, s)}"
             )
+    _check_reflect_padding(cfg.encoder_padding_mode, h // s, w // s, "video", s)
 
 
 def check_latent_shape(shape: Sequence[int], cfg: VideoVAEConfig) -> None:
-    """Raise a ``ValueError`` unless ``shape`` is (B, latent_channels, F, H, W)."""
+    """Raise a ``ValueError`` unless ``shape`` is a decoder input (B, latent_channels, F, H, W)."""
     if len(shape) != 5 or shape[1] != cfg.latent_channels:
         raise ValueError(f"expected a latent of shape (B, {cfg.latent_channels}, F, H, W), got shape {tuple(shape)}")
+    _check_reflect_padding(cfg.decoder_padding_mode, shape[3], shape[4], "latent", 1)
+
+
+def _check_reflect_padding(mode: PaddingMode, cells_h: int, cells_w: int, what: str, unit: int) -> None:
+    # A reflect pad of 1 needs 2 values to reflect; the smallest feature map is the latent.
+    if mode == "reflect" and min(cells_h, cells_w) < 2:
+        raise ValueError(
+            f"{what} height and width must be at least {2 * unit} (2 latent cells) with reflect spatial padding, "
+            f"got {cells_h * unit} x {cells_w * unit}"
+        )
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -532,8 +543,9 @@ class VideoDecoder(nn.Module):
 
         ``None`` sizes leave that axis untiled. The input noise of a timestep-conditioned decoder is drawn once
         for the whole latent (exactly as :meth:`forward` draws it), so tiling changes only what the tile edges
-        change. Each tile runs on the decoder's device; the video is assembled on the latent's device, so a CPU
-        latent with a GPU decoder keeps the full video off the GPU. Runs under ``torch.inference_mode``.
+        change; blocks with ``inject_noise`` still draw their spatial noise per tile. Each tile runs on the
+        decoder's device; the video is assembled on the latent's device, so a CPU latent with a GPU decoder keeps
+        the full video off the GPU. Runs under ``torch.inference_mode``.
         """
         check_latent_shape(latent_BCFHW.shape, self.config)
         plans = plan_decode_tiles(
@@ -642,7 +654,7 @@ def _latent_tiles(
         if tile_size_px is None:
             tiles.append([(0, length)])
         else:
-            size = _check_tile_units("tile_size_px", tile_size_px, s, s)
+            size = _check_tile_units("tile_size_px", tile_size_px, s, 2 * s)
             overlap = _check_tile_units("tile_overlap_px", tile_overlap_px, s, 0)
             tiles.append(split_axis(length, size, overlap))
     return tiles
@@ -666,9 +678,10 @@ def plan_decode_tiles(
 ) -> tuple[AxisTiles, AxisTiles, AxisTiles]:
     """Tiles for :meth:`VideoDecoder.tiled_decode` of a latent with (frames, height, width) = ``latent_FHW``.
 
-    Spatial tiles are ``tile_size_px`` pixels (a multiple of 32) overlapping by at least ``tile_overlap_px`` (a
-    multiple of 32). Temporal tiles span ``tile_frames + 1`` video frames (``tile_frames`` a multiple of 8) and
-    overlap by at least ``tile_overlap_frames + 1`` frames. Blending is linear over each overlap, in pixels.
+    Spatial tiles are ``tile_size_px`` pixels (a multiple of 32, at least 64) overlapping by at least
+    ``tile_overlap_px`` (a multiple of 32). Temporal tiles span ``tile_frames + 1`` video frames (``tile_frames`` a
+    multiple of 8) and overlap by at least ``tile_overlap_frames + 1`` frames. Blending is linear over each overlap,
+    in pixels. Receptive fields are much larger than one latent cell, so overlaps of 2+ cells hide the seams.
     """
     t, s = cfg.time_factor, cfg.space_factor
     tiles = _latent_tiles(latent_FHW, cfg, tile_size_px, tile_overlap_px, tile_frames, tile_overlap_frames)

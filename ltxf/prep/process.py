@@ -893,7 +893,6 @@ def process_dataset(config: ProcessDatasetConfig) -> PrepSummary:
                              world_size=world).log()
             del decoder
             _free_memory()
-    summary.log()
     return summary
 
 
@@ -922,7 +921,8 @@ def process_captions_for(
 
 
 def exit_code(summary: PrepSummary) -> int:
-    """0 when at least one sample has its outputs (written now or before), 1 otherwise."""
+    """Log the summary; 0 when at least one sample has its outputs (written now or before), 1 otherwise."""
+    summary.log()
     if summary.num_usable == 0:
         logger.error("%s: nothing was produced (%d sample(s) skipped)", summary.stage, len(summary.skipped))
         return 1

@@ -1,0 +1,239 @@
+"""Generate a video (with audio) from an LTX-2 / LTX-2.3 checkpoint, optionally with a trained LoRA.
+
+Modes: text-to-video; image-to-video (``--condition-image``); IC-LoRA video-to-video (``--reference-video``, with
+the LoRA trained for it); and both conditions together. Examples::
+
+    python tools/inference.py --checkpoint ltx-2.3.safetensors --text-encoder-path gemma-3-12b-it \\
+        --prompt "a red fox runs through fresh snow" --output fox.mp4
+    python tools/inference.py ... --lora-path outputs/run/exports/lora_weights_step_002000.safetensors \\
+        --reference-video depth.mp4 --include-reference-in-output --output v2v.mp4
+
+The prompt is embedded first and Gemma is freed before the transformer is loaded, so the two never share memory.
+The LoRA is fused into the weights (``W + strength * scale * B @ A``, the scale read from the file). The output is
+an H.264 MP4 with a stereo AAC track at the vocoder's rate, or a PNG when ``--num-frames 1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ltxf.checkpoint import load_lora_file  # noqa: E402
+from ltxf.generate import (  # noqa: E402
+    DEFAULT_NEGATIVE_PROMPT,
+    GeneratedClip,
+    GenerationModels,
+    GenerationRequest,
+    apply_lora,
+    describe_clip,
+    encode_prompts,
+    free_memory,
+    generate,
+    save_clip,
+)
+from ltxf.media import write_audio  # noqa: E402
+from ltxf.sampling import GuidanceConfig  # noqa: E402
+
+logger = logging.getLogger("ltxf.tools.inference")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True, kw_only=True)
+class InferenceArgs:
+    """Generate one clip with an LTX-2 / LTX-2.3 model."""
+
+    checkpoint: Path
+    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) with the transformer, text side, VAEs and vocoder."""
+    text_encoder_path: Path
+    """Gemma 3 model directory (e.g. gemma-3-12b-it) used to embed the prompts; freed before sampling."""
+    prompt: str
+    """What to generate."""
+    output: Path
+    """Output file: .mp4 (video + audio) or .png (with --num-frames 1)."""
+    lora_path: Path | None = None
+    """LoRA to fuse into the transformer (ltxf export, ComfyUI or PEFT layout); its alpha is read from the file."""
+    lora_strength: float = 1.0
+    """Multiplier of the LoRA delta (0 disables it)."""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    """Negative prompt for classifier-free guidance."""
+    height: int = 544
+    """Output height in pixels, a multiple of 32."""
+    width: int = 960
+    """Output width in pixels, a multiple of 32."""
+    num_frames: int = 97
+    """Number of frames, 8k + 1 (1, 9, ..., 97, 121)."""
+    frame_rate: float = 25.0
+    """Frames per second of the output (also sets the audio length and the temporal positions)."""
+    num_inference_steps: int = 30
+    """Denoising steps."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale; 1 disables CFG."""
+    stg_scale: float = 1.0
+    """Spatio-temporal guidance scale; 0 disables STG."""
+    stg_blocks: tuple[int, ...] | None = (29,)
+    """Transformer blocks whose self-attention the STG pass skips (None: every block)."""
+    stg_mode: Literal["stg_av", "stg_v"] = "stg_av"
+    """stg_av skips video and audio self-attention in the STG blocks; stg_v only video."""
+    guidance_rescale: float = 0.0
+    """Rescale the guided prediction's std toward the conditional one (0 disables; 0.7 is common)."""
+    seed: int = 42
+    """Seed of the initial noise: the same seed gives the same clip."""
+    condition_image: Path | None = None
+    """Image for the first frame (image-to-video); resized to cover the output and center-cropped."""
+    reference_video: Path | None = None
+    """IC-LoRA reference video (video-to-video); read up to --num-frames frames."""
+    reference_downscale_factor: int | None = None
+    """Use the reference at 1/n of the output size (default: the LoRA's reference_downscale_factor, else 1)."""
+    include_reference_in_output: bool = False
+    """Show the reference to the left of the output (needs --reference-video)."""
+    skip_audio: bool = False
+    """Generate video only (no audio VAE or vocoder is loaded)."""
+    audio_output: Path | None = None
+    """Also write the audio track as a 16-bit .wav file."""
+    device: str = "cuda"
+    """Device to run on (cuda, cuda:1, cpu)."""
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    """Weights and compute dtype of Gemma, the transformer and the video VAE (audio decoding stays float32)."""
+    text_encoder_8bit: bool = False
+    """Load Gemma in 8-bit (bitsandbytes, CUDA only) to save memory while embedding the prompt."""
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class InferenceResult:
+    output: Path
+    clip: GeneratedClip
+    request: GenerationRequest
+    audio_output: Path | None = None
+
+
+def check_args(args: InferenceArgs) -> None:
+    """Fail before loading anything: missing files and incompatible options are ``ValueError`` naming the flag."""
+    if not args.checkpoint.is_file():
+        raise ValueError(f"--checkpoint: file not found: {args.checkpoint}")
+    if not args.text_encoder_path.is_dir():
+        raise ValueError(f"--text-encoder-path: Gemma model directory not found: {args.text_encoder_path}")
+    for flag, path in (("--lora-path", args.lora_path), ("--condition-image", args.condition_image),
+                       ("--reference-video", args.reference_video)):
+        if path is not None and not path.is_file():
+            raise ValueError(f"{flag}: file not found: {path}")
+    suffix = args.output.suffix.lower()
+    if suffix not in (".mp4", ".png"):
+        raise ValueError(f"--output must end in .mp4 or .png, got {args.output}")
+    if suffix == ".png" and args.num_frames != 1:
+        raise ValueError(f"--output {args.output} is a .png, which holds one frame: use --num-frames 1 or .mp4")
+    if args.audio_output is not None:
+        if args.skip_audio:
+            raise ValueError("--audio-output cannot be combined with --skip-audio")
+        if args.audio_output.suffix.lower() != ".wav":
+            raise ValueError(f"--audio-output must end in .wav, got {args.audio_output}")
+    if args.include_reference_in_output and args.reference_video is None:
+        raise ValueError("--include-reference-in-output needs --reference-video")
+
+
+def _reference_factor(args: InferenceArgs, metadata: dict[str, str]) -> int:
+    if args.reference_downscale_factor is not None:
+        return args.reference_downscale_factor
+    value = metadata.get("reference_downscale_factor")
+    if value is None:
+        return 1
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--lora-path {args.lora_path}: metadata reference_downscale_factor={value!r} is not an "
+                         "integer; pass --reference-downscale-factor") from None
+
+
+def run(args: InferenceArgs) -> InferenceResult:
+    """Embed the prompts, load the models, generate and write the outputs."""
+    from ltxf.models.audio_vae import load_audio_vae_decoder
+    from ltxf.models.text import load_embeddings_processor
+    from ltxf.models.transformer import load_transformer
+    from ltxf.models.video_vae import load_video_vae_decoder, load_video_vae_encoder
+    from ltxf.models.vocoder import load_vocoder
+
+    check_args(args)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    dtype = DTYPES[args.dtype]
+    lora = load_lora_file(args.lora_path) if args.lora_path is not None else None
+    guidance = GuidanceConfig(cfg_scale=args.guidance_scale, stg_scale=args.stg_scale, stg_blocks=args.stg_blocks,
+                              stg_mode=args.stg_mode, guidance_rescale=args.guidance_rescale)
+    # Built before anything is loaded, so bad sizes fail at once.
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        num_frames=args.num_frames, frame_rate=args.frame_rate, num_inference_steps=args.num_inference_steps,
+        seed=args.seed, guidance=guidance, condition_image=args.condition_image, reference_video=args.reference_video,
+        reference_downscale_factor=_reference_factor(args, lora.metadata if lora else {}),
+        include_reference_in_output=args.include_reference_in_output, generate_audio=not args.skip_audio,
+    )
+
+    texts = [args.prompt] + ([args.negative_prompt] if guidance.uses_cfg else [])
+    features = encode_prompts(args.text_encoder_path, args.checkpoint, texts, device=device, dtype=dtype,
+                              load_in_8bit=args.text_encoder_8bit)
+    request = dataclasses.replace(request, prompt=None, prompt_features=features[0],
+                                  negative_prompt_features=features[1] if guidance.uses_cfg else None)
+
+    transformer = load_transformer(args.checkpoint, dtype=dtype, device=device)
+    if lora is not None:
+        apply_lora(transformer, lora, strength=args.lora_strength)
+    if guidance.uses_stg and guidance.stg_blocks is not None:
+        bad = [b for b in guidance.stg_blocks if b >= transformer.config.num_layers]
+        if bad:
+            raise ValueError(f"--stg-blocks {bad} out of range: the transformer has {transformer.config.num_layers} "
+                             "blocks")
+    needs_encoder = args.condition_image is not None or args.reference_video is not None
+    models = GenerationModels(
+        transformer=transformer,
+        text_processor=load_embeddings_processor(args.checkpoint, dtype=dtype, device=device,
+                                                 with_feature_extractor=False),
+        video_encoder=load_video_vae_encoder(args.checkpoint, dtype=dtype, device=device) if needs_encoder else None,
+        video_decoder=load_video_vae_decoder(args.checkpoint, dtype=dtype, device=device),
+        audio_decoder=None if args.skip_audio else load_audio_vae_decoder(args.checkpoint, device=device),
+        vocoder=None if args.skip_audio else load_vocoder(args.checkpoint, device=device),
+        autocast_dtype=None if dtype == torch.float32 else dtype,
+    )
+    clip = generate(models, request)
+    del models, transformer
+    free_memory()
+
+    output = save_clip(args.output, clip)
+    audio_output = None
+    if args.audio_output is not None and clip.audio is not None:
+        write_audio(args.audio_output, clip.audio, clip.audio_sample_rate)
+        audio_output = args.audio_output
+    logger.info("wrote %s: %s%s", output, describe_clip(clip), f" (+ {audio_output})" if audio_output else "")
+    return InferenceResult(output=output, clip=clip, request=request, audio_output=audio_output)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> InferenceArgs:
+    return tyro.cli(InferenceArgs, args=argv, description=__doc__.split("\n\n")[0])
+
+
+def main(argv: Sequence[str] | None = None) -> InferenceResult:
+    """Command-line entry point (``argv`` defaults to ``sys.argv[1:]``)."""
+    args = parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:
+        logger.error("%s", error)
+        sys.exit(2)
