@@ -515,6 +515,89 @@ def _per_token(values_BKRD: torch.Tensor, token_index_BT: torch.Tensor | None) -
     return [F.embedding(token_index_BT, rows_NRD[:, r]) for r in range(rows_NRD.shape[1])]
 
 
+# Modulation rows are ``[B, K, D]`` (one row per distinct timestep of each sample) plus a token index ``[B, T]``
+# into their ``B * K`` flattened rows, or ``[B, 1, D]`` with no index (broadcast over the tokens). The two
+# autograd functions below apply them without keeping any ``[B, T, D]`` modulation tensor, nor the normalised
+# tokens, for the backward pass: both are cheap to recompute from small saved tensors. This removes 3 of the
+# ~25 token-sized tensors a block otherwise saves per stream, for the same arithmetic.
+
+
+def _rows_per_token(rows_BKD: torch.Tensor, index_BT: torch.Tensor | None) -> torch.Tensor:
+    if index_BT is None:
+        return rows_BKD
+    return rows_BKD.flatten(0, 1).index_select(0, index_BT.flatten()).view(*index_BT.shape, rows_BKD.shape[-1])
+
+
+def _sum_per_row(values_BTD: torch.Tensor, index_BT: torch.Tensor | None, rows_shape: torch.Size) -> torch.Tensor:
+    """Gradient of :func:`_rows_per_token`: sum each token's values into its row, accumulating in float32."""
+    if index_BT is None:
+        return values_BTD.sum(dim=1, keepdim=True, dtype=torch.float32).to(values_BTD.dtype)
+    num_rows, dim = rows_shape[0] * rows_shape[1], rows_shape[-1]
+    summed = values_BTD.new_zeros((num_rows, dim), dtype=torch.float32).index_add(
+        0, index_BT.flatten(), values_BTD.flatten(0, 1).float())
+    return summed.view(rows_shape).to(values_BTD.dtype)
+
+
+class _ModulatedRMSNorm(torch.autograd.Function):
+    """``rms_norm(x) * scale[index] + shift[index]``; saves ``x`` and the per-token reciprocal RMS only."""
+
+    @staticmethod
+    def forward(x_BTD, scale_BKD, shift_BKD, index_BT, eps):
+        x32 = x_BTD.float()
+        rstd_BT1 = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+        x_norm = (x32 * rstd_BT1).to(x_BTD.dtype)
+        return x_norm * _rows_per_token(scale_BKD, index_BT) + _rows_per_token(shift_BKD, index_BT)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x_BTD, scale_BKD, shift_BKD, index_BT, eps = inputs
+        x32 = x_BTD.float()
+        ctx.save_for_backward(x_BTD, torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps), scale_BKD, index_BT)
+        ctx.shapes = (scale_BKD.shape, shift_BKD.shape)
+
+    @staticmethod
+    def backward(ctx, grad_BTD):
+        x_BTD, rstd_BT1, scale_BKD, index_BT = ctx.saved_tensors
+        scale_shape, shift_shape = ctx.shapes
+        x_norm32 = x_BTD.float() * rstd_BT1
+        grad_norm32 = (grad_BTD * _rows_per_token(scale_BKD, index_BT)).float()
+        # d rms_norm: rstd * (g - x_norm * mean(g * x_norm)).
+        grad_x = rstd_BT1 * (grad_norm32 - x_norm32 * (grad_norm32 * x_norm32).mean(-1, keepdim=True))
+        grad_scale = _sum_per_row(grad_BTD * x_norm32.to(grad_BTD.dtype), index_BT, scale_shape)
+        grad_shift = _sum_per_row(grad_BTD, index_BT, shift_shape)
+        return grad_x.to(x_BTD.dtype), grad_scale, grad_shift, None, None
+
+
+class _GatedAdd(torch.autograd.Function):
+    """``x + out * gate[index]``; saves ``out`` and the gate rows only."""
+
+    @staticmethod
+    def forward(x_BTD, out_BTD, gate_BKD, index_BT):
+        return x_BTD + out_BTD * _rows_per_token(gate_BKD, index_BT)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, out_BTD, gate_BKD, index_BT = inputs
+        ctx.save_for_backward(out_BTD, gate_BKD, index_BT)
+
+    @staticmethod
+    def backward(ctx, grad_BTD):
+        out_BTD, gate_BKD, index_BT = ctx.saved_tensors
+        grad_out = grad_BTD * _rows_per_token(gate_BKD, index_BT)
+        grad_gate = _sum_per_row(grad_BTD * out_BTD, index_BT, gate_BKD.shape)
+        return grad_BTD, grad_out, grad_gate, None
+
+
+def _modulated_rms(x_BTD: torch.Tensor, scale_BKD: torch.Tensor, shift_BKD: torch.Tensor,
+                   index_BT: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return _ModulatedRMSNorm.apply(x_BTD, scale_BKD, shift_BKD, index_BT, eps)
+
+
+def _gated_add(x_BTD: torch.Tensor, out_BTD: torch.Tensor, gate_BKD: torch.Tensor, index_BT: torch.Tensor | None
+               ) -> torch.Tensor:
+    return _GatedAdd.apply(x_BTD, out_BTD, gate_BKD, index_BT)
+
+
 class AVTransformerBlock(nn.Module):
     """One dual-stream block. Call with the two token tensors and each stream's :class:`StreamInputs`."""
 
@@ -578,28 +661,28 @@ class AVTransformerBlock(nn.Module):
 
         run_a2v, run_v2a = run_v and has_a, run_a and has_v
         if run_a2v or run_v2a:
-            # Both directions read the tokens as they were before either cross-attention.
-            vx_norm = _rms(vx, self.norm_eps)
-            ax_norm = _rms(ax, self.norm_eps)
-            v_table = _cross_rows(self.scale_shift_table_a2v_ca_video, video)
-            a_table = _cross_rows(self.scale_shift_table_a2v_ca_audio, audio)
+            # Both directions read the tokens as they were before either cross-attention. The AdaLN rows are
+            # per sample ([B, 1, D]): they come from the other stream's sigma.
+            v_rows = _cross_rows(self.scale_shift_table_a2v_ca_video, video)
+            a_rows = _cross_rows(self.scale_shift_table_a2v_ca_audio, audio)
+            eps = self.norm_eps
             new_vx = vx
             if run_a2v:
                 out = self.audio_to_video_attn(
-                    vx_norm * (1 + v_table[0]) + v_table[1],
-                    ax_norm * (1 + a_table[0]) + a_table[1],
+                    _modulated_rms(vx, 1 + v_rows[0], v_rows[1], None, eps),
+                    _modulated_rms(ax, 1 + a_rows[0], a_rows[1], None, eps),
                     rope=(video.cross_rope_cos, video.cross_rope_sin),
                     k_rope=(audio.cross_rope_cos, audio.cross_rope_sin),
                 )
-                new_vx = _gated_residual(vx, out, v_table[4], skips.a2v)
+                new_vx = _gated_add(vx, _skip(out, skips.a2v), v_rows[4], None)
             if run_v2a:
                 out = self.video_to_audio_attn(
-                    ax_norm * (1 + a_table[2]) + a_table[3],
-                    vx_norm * (1 + v_table[2]) + v_table[3],
+                    _modulated_rms(ax, 1 + a_rows[2], a_rows[3], None, eps),
+                    _modulated_rms(vx, 1 + v_rows[2], v_rows[3], None, eps),
                     rope=(audio.cross_rope_cos, audio.cross_rope_sin),
                     k_rope=(video.cross_rope_cos, video.cross_rope_sin),
                 )
-                ax = _gated_residual(ax, out, a_table[4], skips.v2a)
+                ax = _gated_add(ax, _skip(out, skips.v2a), a_rows[4], None)
             vx = new_vx
 
         if run_v:
@@ -609,11 +692,10 @@ class AVTransformerBlock(nn.Module):
         return vx, ax
 
     def _modulation(self, table_MD: torch.Tensor, stream: StreamInputs, rows: slice) -> list[torch.Tensor]:
-        # Row order inside each group of three: shift, scale, gate. Scale is returned as (1 + scale).
+        """(shift, 1 + scale, gate) rows ``[B, K, D]`` of one AdaLN group (rows 0-2, 3-5 or 6-8)."""
         values_BKRD = table_MD[rows].to(stream.modulation.dtype) + stream.modulation[:, :, rows]
         shift, scale, gate = values_BKRD.unbind(2)
-        values_BKRD = torch.stack([shift, 1 + scale, gate], dim=2)
-        return _per_token(values_BKRD, stream.token_index)
+        return [shift, 1 + scale, gate]
 
     def _self_and_text_attention(
         self,
@@ -625,14 +707,15 @@ class AVTransformerBlock(nn.Module):
         prompt_table_2D: torch.Tensor | None,
         skip_B: torch.Tensor | None,
     ) -> torch.Tensor:
+        index = stream.token_index
         shift, scale1, gate = self._modulation(table_MD, stream, slice(0, 3))
         out = self_attn(
-            _rms(x_BTD, self.norm_eps) * scale1 + shift,
+            _modulated_rms(x_BTD, scale1, shift, index, self.norm_eps),
             mask=stream.self_attention_mask,
             rope=(stream.rope_cos, stream.rope_sin),
             value_passthrough_B=skip_B,
         )
-        x_BTD = x_BTD + out * gate
+        x_BTD = _gated_add(x_BTD, out, gate, index)
 
         if prompt_table_2D is None:
             return x_BTD + text_attn(_rms(x_BTD, self.norm_eps), stream.context, mask=stream.context_mask)
@@ -640,14 +723,15 @@ class AVTransformerBlock(nn.Module):
         kv_shift, kv_scale = (prompt_table_2D.to(stream.prompt_modulation.dtype)
                               + stream.prompt_modulation).unbind(2)
         context_BSD = stream.context * (1 + kv_scale) + kv_shift
-        out = text_attn(_rms(x_BTD, self.norm_eps) * scale1 + shift, context_BSD,
+        out = text_attn(_modulated_rms(x_BTD, scale1, shift, index, self.norm_eps), context_BSD,
                         mask=stream.context_mask)
-        return x_BTD + out * gate
+        return _gated_add(x_BTD, out, gate, index)
 
     def _feed_forward(self, x_BTD: torch.Tensor, stream: StreamInputs, ff: FeedForward, table_MD: torch.Tensor
                       ) -> torch.Tensor:
         shift, scale1, gate = self._modulation(table_MD, stream, slice(3, 6))
-        return x_BTD + ff(_rms(x_BTD, self.norm_eps) * scale1 + shift) * gate
+        index = stream.token_index
+        return _gated_add(x_BTD, ff(_modulated_rms(x_BTD, scale1, shift, index, self.norm_eps)), gate, index)
 
 
 def _cross_rows(table_5D: torch.Tensor, stream: StreamInputs) -> list[torch.Tensor]:
@@ -657,12 +741,9 @@ def _cross_rows(table_5D: torch.Tensor, stream: StreamInputs) -> list[torch.Tens
     return [*scale_shift_B14D.unbind(2), table_5D[4] + stream.cross_gate]
 
 
-def _gated_residual(x_BTD: torch.Tensor, out_BTD: torch.Tensor, gate: torch.Tensor, skip_B: torch.Tensor | None
-                    ) -> torch.Tensor:
-    out_BTD = out_BTD * gate
-    if skip_B is not None:
-        out_BTD = out_BTD.masked_fill(skip_B.view(-1, 1, 1), 0.0)
-    return x_BTD + out_BTD
+def _skip(out_BTD: torch.Tensor, skip_B: torch.Tensor | None) -> torch.Tensor:
+    """Zero the cross-attention output of the samples whose branch is switched off (STG)."""
+    return out_BTD if skip_B is None else out_BTD.masked_fill(skip_B.view(-1, 1, 1), 0.0)
 
 
 # -------------------------------------------------------------------------------------------------------------
