@@ -34,6 +34,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,9 @@ from ltxf.sampling import (
     ltx2_sigma_schedule,
     noise_state,
 )
+
+if TYPE_CHECKING:
+    from ltxf.models.gemma import GemmaTextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +180,7 @@ class GenerationModels:
     text_processor: EmbeddingsProcessor
     """The text connectors (its feature extractor is only needed with a ``text_encoder`` and prompt text)."""
     video_decoder: nn.Module
-    text_encoder: object | None = None
+    text_encoder: GemmaTextEncoder | None = None
     """A :class:`ltxf.models.gemma.GemmaTextEncoder`, for prompts given as text."""
     video_encoder: nn.Module | None = None
     """For image or reference conditioning (unless a precomputed :class:`Conditioning` is passed)."""

@@ -59,6 +59,7 @@ from ltxf.generate import (
     save_clip,
 )
 from ltxf.models.gemma import PromptFeatures
+from ltxf.monitor import Monitor
 from ltxf.sampling import GuidanceConfig
 
 logger = logging.getLogger(__name__)
@@ -439,7 +440,7 @@ class Validator:
         *,
         text_processor: nn.Module,
         output_dir: str | Path,
-        monitor: Any | None = None,
+        monitor: Monitor | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> list[Path]:
@@ -483,7 +484,7 @@ class Validator:
             return []
         return self._write(step, sorted(results, key=lambda item: item[0]), Path(output_dir), monitor)
 
-    def _write(self, step: int, results: list[tuple[int, GeneratedClip]], output_dir: Path, monitor: Any | None
+    def _write(self, step: int, results: list[tuple[int, GeneratedClip]], output_dir: Path, monitor: Monitor | None
                ) -> list[Path]:
         paths = []
         for index, clip in results:

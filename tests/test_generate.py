@@ -25,6 +25,7 @@ from ltxf.generate import (
     GenerationModels,
     GenerationRequest,
     apply_lora,
+    decode_video_latents,
     encode_frames,
     encode_prompts,
     generate,
@@ -49,7 +50,7 @@ from ltxf.models.video_vae import (
     load_video_vae_encoder,
 )
 from ltxf.models.vocoder import build_vocoder, load_vocoder, vocoder_config_from_checkpoint
-from ltxf.sampling import GuidanceConfig
+from ltxf.sampling import GuidanceConfig, ltx2_sigma_schedule
 
 # ------------------------------------------------------------------------------------------------------------
 # Tiny components
@@ -261,11 +262,50 @@ def test_text_to_video_with_audio_writes_an_mp4_with_both_streams(tiny, tmp_path
 
 def test_same_seed_same_clip_and_another_seed_differs(tiny):
     first = generate(tiny, _request(generate_audio=False))
+    torch.manual_seed(1234)  # the global RNG plays no part: noise comes from a generator seeded by request.seed
     again = generate(tiny, _request(generate_audio=False))
     other = generate(tiny, _request(generate_audio=False, seed=8))
     assert torch.equal(first.frames, again.frames)
     assert not torch.equal(first.frames, other.frames)
     assert first.audio is None and first.audio_sample_rate is None
+
+
+def test_sigma_schedule_follows_the_generated_token_count(tiny, monkeypatch):
+    """The schedule's shift comes from F' * H' * W' of the clip being generated, not a fixed 4096 and not the
+    appended reference tokens (recorded by wrapping the real denoise loop)."""
+    import ltxf.generate as generate_module
+
+    seen = []
+
+    def recording_denoise(*args, **kwargs):
+        seen.append((kwargs["sigmas"], args[1].num_tokens))
+        return real_denoise(*args, **kwargs)
+
+    real_denoise = generate_module.denoise
+    monkeypatch.setattr(generate_module, "denoise", recording_denoise)
+    sample(tiny, _request(width=96, height=64, num_inference_steps=3))  # 2 x 2 x 3 = 12 tokens
+    reference = test_pattern_frames(9, 64, 96)
+    sample(tiny, _request(width=96, height=64, num_inference_steps=3, reference_video=reference))
+    (plain_sigmas, plain_tokens), (ref_sigmas, ref_tokens) = seen
+    assert plain_tokens == 12 and ref_tokens == 24
+    assert torch.equal(plain_sigmas, ltx2_sigma_schedule(3, 12)) and torch.equal(ref_sigmas, plain_sigmas)
+    assert not torch.equal(plain_sigmas, ltx2_sigma_schedule(3, 4096))
+
+
+def test_tiled_decode_and_the_seeded_timestep_conditioned_decoder():
+    latents = torch.randn(1, 128, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    decoder = init_scaled_(VideoDecoder(VideoVAEConfig.from_checkpoint_config(TINY_VIDEO_VAE)),
+                           torch.Generator().manual_seed(1))
+    # one 512 px tile covers this 64 x 64 clip: the tiled path must give the plain decode
+    assert torch.equal(decode_video_latents(decoder, latents, seed=0, tiled=True),
+                       decode_video_latents(decoder, latents, seed=0, tiled=False))
+    # LTX-2's decoder mixes noise into the latent: drawn from the request's seed, never the global RNG
+    conditioned = init_scaled_(VideoDecoder(VideoVAEConfig.from_checkpoint_config(
+        {**TINY_VIDEO_VAE, "timestep_conditioning": True})), torch.Generator().manual_seed(1))
+    first = decode_video_latents(conditioned, latents, seed=3)
+    torch.manual_seed(99)
+    assert torch.equal(first, decode_video_latents(conditioned, latents, seed=3))
+    assert not torch.equal(first, decode_video_latents(conditioned, latents, seed=4))
 
 
 def test_prompt_text_equals_precomputed_features(tiny, assets):

@@ -539,24 +539,27 @@ def _sum_per_row(values_BTD: torch.Tensor, index_BT: torch.Tensor | None, rows_s
 
 
 class _ModulatedRMSNorm(torch.autograd.Function):
-    """``rms_norm(x) * scale[index] + shift[index]``; saves ``x`` and the per-token reciprocal RMS only."""
+    """``rms_norm(x) * scale[index] + shift[index]``; saves ``x`` and the per-token reciprocal RMS only.
+
+    Returns ``(y, rstd)``; ``rstd`` is a non-differentiable by-product, output so that it can be saved.
+    """
 
     @staticmethod
     def forward(x_BTD, scale_BKD, shift_BKD, index_BT, eps):
         x32 = x_BTD.float()
         rstd_BT1 = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
         x_norm = (x32 * rstd_BT1).to(x_BTD.dtype)
-        return x_norm * _rows_per_token(scale_BKD, index_BT) + _rows_per_token(shift_BKD, index_BT)
+        return x_norm * _rows_per_token(scale_BKD, index_BT) + _rows_per_token(shift_BKD, index_BT), rstd_BT1
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x_BTD, scale_BKD, shift_BKD, index_BT, eps = inputs
-        x32 = x_BTD.float()
-        ctx.save_for_backward(x_BTD, torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps), scale_BKD, index_BT)
+        x_BTD, scale_BKD, shift_BKD, index_BT, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x_BTD, output[1], scale_BKD, index_BT)
         ctx.shapes = (scale_BKD.shape, shift_BKD.shape)
 
     @staticmethod
-    def backward(ctx, grad_BTD):
+    def backward(ctx, grad_BTD, _grad_rstd):
         x_BTD, rstd_BT1, scale_BKD, index_BT = ctx.saved_tensors
         scale_shape, shift_shape = ctx.shapes
         x_norm32 = x_BTD.float() * rstd_BT1
@@ -590,7 +593,7 @@ class _GatedAdd(torch.autograd.Function):
 
 def _modulated_rms(x_BTD: torch.Tensor, scale_BKD: torch.Tensor, shift_BKD: torch.Tensor,
                    index_BT: torch.Tensor | None, eps: float) -> torch.Tensor:
-    return _ModulatedRMSNorm.apply(x_BTD, scale_BKD, shift_BKD, index_BT, eps)
+    return _ModulatedRMSNorm.apply(x_BTD, scale_BKD, shift_BKD, index_BT, eps)[0]
 
 
 def _gated_add(x_BTD: torch.Tensor, out_BTD: torch.Tensor, gate_BKD: torch.Tensor, index_BT: torch.Tensor | None

@@ -127,11 +127,15 @@ def canny_edges(
     return _hysteresis(thin >= high_threshold, thin >= low_threshold)
 
 
-def edge_frames(frames_FHWC: torch.Tensor, *, batch_size: int = 100, **kwargs: float) -> torch.Tensor:
-    """uint8 RGB frames -> uint8 3-channel edge frames (255 on edges), ``batch_size`` frames at a time."""
+def edge_frames(
+    frames_FHWC: torch.Tensor, *, batch_size: int = 100, device: str | torch.device | None = None, **kwargs: float
+) -> torch.Tensor:
+    """uint8 RGB frames -> uint8 3-channel edge frames (255 on edges), ``batch_size`` frames at a time on
+    ``device`` (default: where the frames are); the result is where the frames are."""
     out = torch.empty_like(frames_FHWC)
     for start in range(0, frames_FHWC.shape[0], batch_size):
-        edges = canny_edges(frames_FHWC[start : start + batch_size], **kwargs)
+        batch = frames_FHWC[start : start + batch_size]
+        edges = canny_edges(batch.to(device) if device is not None else batch, **kwargs).to(out.device)
         out[start : start + batch_size] = (edges.to(torch.uint8) * 255)[..., None].expand(-1, -1, -1, 3)
     return out
 
@@ -145,10 +149,13 @@ def reference_path_for(media_path: Path) -> Path:
     return media_path.with_name(f"{media_path.stem}_reference{suffix}")
 
 
-def write_edge_reference(media_path: Path, output: Path, *, batch_size: int = 100, **kwargs: float) -> None:
+def write_edge_reference(
+    media_path: Path, output: Path, *, batch_size: int = 100, device: str | torch.device | None = None,
+    **kwargs: float,
+) -> None:
     """Read a video or image, compute its edge frames, and write them (video at the source fps, or PNG)."""
     video = media.read_video(media_path)
-    edges = edge_frames(video.frames, batch_size=batch_size, **kwargs)
+    edges = edge_frames(video.frames, batch_size=batch_size, device=device, **kwargs)
     if output.suffix.lower() == ".png":
         media.write_image(output, edges[0])
         return
@@ -177,12 +184,13 @@ def compute_references(
     low_threshold: float = 100.0,
     high_threshold: float = 200.0,
     blur_sigma: float = 1.0,
+    device: str | torch.device | None = None,
 ) -> ReferenceSummary:
     """Write an edge reference next to every media file of ``dataset_file`` and record it in ``reference_column``.
 
     The dataset (JSON, JSONL or CSV) is rewritten in place, or to ``output`` (same folder required, since paths
     are relative to it). Existing references are kept unless ``override``. Media that cannot be read are reported
-    and keep no reference entry.
+    and keep no reference entry. ``device`` runs the edge detector there (frames are read on the CPU).
     """
     dataset_file = Path(dataset_file)
     check_dataset_suffix(dataset_file)
@@ -208,8 +216,9 @@ def compute_references(
             if reference.exists() and not override:
                 summary.existing.append(reference)
             else:
-                write_edge_reference(media_path, reference, batch_size=batch_size, low_threshold=low_threshold,
-                                     high_threshold=high_threshold, blur_sigma=blur_sigma)
+                write_edge_reference(media_path, reference, batch_size=batch_size, device=device,
+                                     low_threshold=low_threshold, high_threshold=high_threshold,
+                                     blur_sigma=blur_sigma)
                 summary.written.append(reference)
             row[reference_column] = reference_path_for(Path(rel.as_posix())).as_posix()
         except ValueError as exc:
@@ -245,6 +254,8 @@ class ComputeReferenceConfig:
     """Hysteresis high threshold."""
     blur_sigma: float = 1.0
     """Gaussian blur before the gradients (0 = none)."""
+    device: str | None = None
+    """Torch device for the edge detector; default: cuda when available, else cpu."""
 
 
 def compute_reference(config: ComputeReferenceConfig) -> ReferenceSummary:
@@ -253,4 +264,5 @@ def compute_reference(config: ComputeReferenceConfig) -> ReferenceSummary:
         config.dataset_file, media_column=config.media_column, reference_column=config.reference_column,
         output=config.output, override=config.override, batch_size=config.batch_size,
         low_threshold=config.low_threshold, high_threshold=config.high_threshold, blur_sigma=config.blur_sigma,
+        device=config.device or ("cuda" if torch.cuda.is_available() else "cpu"),
     )

@@ -186,13 +186,15 @@ def encode_captions(
         with torch.inference_mode():
             features = text_encoder.encode_text([prompt for _, prompt in batch], embeddings_processor)
         for i, (entry, _) in enumerate(batch):
-            video = features.video_prompt_embeds[i].to("cpu", torch.bfloat16).contiguous()
+            # clone(): a row of the batch may still be a view of the whole batch (CPU, bf16), and torch.save
+            # writes a view's entire storage.
+            video = features.video_prompt_embeds[i].to("cpu", torch.bfloat16).clone()
             same = features.audio_prompt_embeds is features.video_prompt_embeds
-            audio = video if same else features.audio_prompt_embeds[i].to("cpu", torch.bfloat16).contiguous()
+            audio = video if same else features.audio_prompt_embeds[i].to("cpu", torch.bfloat16).clone()
             data = {
                 "video_prompt_embeds": video,
                 "audio_prompt_embeds": audio,
-                "prompt_attention_mask": features.prompt_attention_mask[i].to("cpu", torch.int64).contiguous(),
+                "prompt_attention_mask": features.prompt_attention_mask[i].to("cpu", torch.int64).clone(),
             }
             save_pt(data, output_file(output_dir, entry))
             summary.processed.append(entry.rel_path.as_posix())
@@ -345,7 +347,7 @@ def fitted_waveform(path: Path, duration: float) -> tuple[torch.Tensor, int]:
 
 
 def _video_latent_file(latents_BCFHW: torch.Tensor, fps: float) -> dict[str, Any]:
-    latents = latents_BCFHW[0].to("cpu", torch.bfloat16).contiguous()
+    latents = latents_BCFHW[0].to("cpu", torch.bfloat16).clone()
     _, num_frames, height, width = latents.shape
     return {"latents": latents, "num_frames": int(num_frames), "height": int(height), "width": int(width),
             "fps": float(fps)}
@@ -406,6 +408,10 @@ def encode_media(
         need_video = overwrite or not video_out.exists()
         need_reference = reference_out is not None and (overwrite or not reference_out.exists())
         need_audio = audio_out is not None and (overwrite or not audio_out.exists())
+        if need_audio and not (need_video or need_reference) and not _has_audio_track(entry.media_path):
+            # Resuming: the clip is done and simply has no audio; do not decode it again to find that out.
+            need_audio = False
+            summary.without_audio.append(name)
         if not (need_video or need_reference or need_audio):
             summary.existing.append(name)
             progress.advance()
@@ -425,14 +431,20 @@ def encode_media(
             if reference_video is not None:
                 latents = encode_video_latents(video_encoder, reference_video, tiling=tiling)
                 save_pt(_video_latent_file(latents, clip.fps), reference_out)
-            if need_audio:
-                if clip.is_image or not media.has_audio(entry.media_path):
-                    logger.warning("%s: no audio track; video latents written, no audio latents", entry.media_path)
-                    summary.without_audio.append(name)
-                else:
+            if need_audio and (clip.is_image or not _has_audio_track(entry.media_path)):
+                logger.warning("%s: no audio track; video latents written, no audio latents", entry.media_path)
+                summary.without_audio.append(name)
+            elif need_audio:
+                try:
                     duration = clip.bucket.num_frames / clip.fps
                     waveform, rate = fitted_waveform(entry.media_path, duration)
-                    latents = encode_audio(audio_encoder, waveform, rate)[0].to("cpu", torch.float32).contiguous()
+                except ValueError as exc:
+                    # As in the official tool, a clip whose audio cannot be read is kept without audio latents.
+                    logger.warning("%s: audio unreadable (%s); video latents written, no audio latents",
+                                   entry.media_path, exc)
+                    summary.without_audio.append(name)
+                else:
+                    latents = encode_audio(audio_encoder, waveform, rate)[0].to("cpu", torch.float32).clone()
                     save_pt({"latents": latents, "num_time_steps": int(latents.shape[1]),
                              "frequency_bins": int(latents.shape[2]), "duration": waveform.shape[1] / rate},
                             audio_out)
@@ -445,6 +457,15 @@ def encode_media(
         progress.advance()
     progress.finish()
     return summary
+
+
+def _has_audio_track(path: Path) -> bool:
+    if media.is_image_path(path):
+        return False
+    try:
+        return media.has_audio(path)
+    except ValueError:
+        return False
 
 
 def media_problem(entry: DatasetEntry, buckets: Sequence[Bucket]) -> str | None:

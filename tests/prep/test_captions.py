@@ -26,8 +26,8 @@ from transformers import (
 
 from ltxf import media
 from ltxf.prep.captions import (
-    LLM_PREFIXES,
     AUDIO_VISUAL_INSTRUCTION,
+    LLM_PREFIXES,
     VISUAL_INSTRUCTION,
     TransformersCaptioner,
     caption_media,

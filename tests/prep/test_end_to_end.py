@@ -143,10 +143,12 @@ def test_decoded_videos_and_audio(processed):
         assert audio.duration == pytest.approx(latents["duration"], abs=0.05)
 
 
-def test_resume_skips_finished_files(processed):
+def test_resume_skips_finished_files(processed, caplog):
     out = processed["out"]
     files = sorted(out.rglob("*.*"))
     stamps = {p: p.stat().st_mtime_ns for p in files}
+    caplog.set_level(logging.INFO)
     assert processed["tool"].main(processed["args"]) == 0
+    assert "process_dataset: 0 processed, 3 already done, 1 skipped, 1 without audio" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in files} == stamps
     assert sorted(out.rglob("*.*")) == files

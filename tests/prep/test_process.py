@@ -242,3 +242,37 @@ def test_every_flag_is_explained(name, capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for field_name, doc in docs.items():
         assert " ".join(doc.split()[:3]) in help_text, f"{name}: help for {field_name} missing"
+
+
+def test_process_dataset_with_references_and_decode(tmp_path, tiny_checkpoint, tiny_gemma):
+    write_clip(tmp_path / "t.mp4", num_frames=9, height=64, width=96)
+    write_clip(tmp_path / "r.mp4", num_frames=12, height=64, width=96, colour=(0, 0, 255))
+    write_clip(tmp_path / "t2.mp4", num_frames=9, height=64, width=96)
+    dataset = write_dataset(tmp_path, [{"caption": "a", "media_path": "t.mp4", "reference_path": "r.mp4"},
+                                       {"caption": "b", "media_path": "t2.mp4", "reference_path": "gone.mp4"}])
+    config = process.ProcessDatasetConfig(
+        dataset_path=dataset, resolution_buckets="96x64x9", model_path=tiny_checkpoint, text_encoder_path=tiny_gemma,
+        reference_column="reference_path", decode=True, device="cpu",
+    )
+    summary = process.process_dataset(config)
+    # A missing reference skips its sample before any model runs: no orphan conditions file.
+    assert summary.processed == ["t.mp4"]
+    assert summary.skipped[0][0] == "t2.mp4" and "gone.mp4: no such file" in summary.skipped[0][1]
+    out = tmp_path / ".precomputed"
+    assert torch.load(out / "reference_latents" / "t.pt", weights_only=True)["latents"].shape == (128, 2, 2, 3)
+    reference = media.read_video(out / "decoded_reference_videos" / "t.mp4")
+    assert (reference.num_frames, reference.height, reference.width) == (9, 64, 96)
+    assert media.read_video(out / "decoded_videos" / "t.mp4").num_frames == 9
+    assert not (out / "audio_latents").exists() and not (out / "decoded_audio").exists()
+    assert not (out / "conditions" / "t2.pt").exists() and not (out / "latents" / "t2.pt").exists()
+
+
+def test_conditions_files_hold_only_their_own_row(tmp_path, tiny_checkpoint, tiny_gemma):
+    # In bf16 on the CPU a row of the batch output is a view of the whole batch; the files must not carry it.
+    dataset = write_dataset(tmp_path, [{"caption": f"dog runs {i}", "media_path": f"{i}.mp4"} for i in range(3)])
+    process_captions(ProcessCaptionsConfig(dataset_file=dataset, output_dir=tmp_path / "c", model_path=tiny_checkpoint,
+                                           text_encoder_path=tiny_gemma, batch_size=3, dtype="bfloat16",
+                                           device="cpu"))
+    data = torch.load(tmp_path / "c" / "1.pt", weights_only=True)
+    for key, bytes_per_row in (("video_prompt_embeds", 1024 * 32 * 2), ("prompt_attention_mask", 1024 * 8)):
+        assert data[key].untyped_storage().nbytes() == bytes_per_row

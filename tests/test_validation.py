@@ -1,0 +1,300 @@
+"""Validation sampling: config checks, the schedule, prompt dealing across ranks, a Validator run that writes
+samples and TensorBoard summaries (read back with TensorBoard's EventAccumulator), and a real 2-rank run (gloo,
+CPU) with an FSDP2-sharded transformer and more prompts than ranks, whose files equal the 1-process run's."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ltxf.demo import demo_transformer_config
+from ltxf.media import probe_video, read_audio, read_video, write_image
+from ltxf.models.gemma import PromptFeatures
+from ltxf.models.text import load_embeddings_processor
+from ltxf.models.transformer import load_transformer
+from ltxf.monitor import Monitor
+from ltxf.validation import (
+    ValidationConfig,
+    Validator,
+    assign_prompts,
+    load_prompt_features,
+    move_tree,
+    save_prompt_features,
+)
+from tests.test_generate import VOCODER_RATE, build_tiny_checkpoint, build_tiny_gemma, test_pattern_frames
+
+PROMPTS = ("a red cat runs on the green grass", "a dog jumps over the fence", "blue sky")
+TEXT_TOKENS = 16
+
+
+def random_features(seed: int, num_real: int) -> PromptFeatures:
+    """Features at the demo connectors' widths, left-padded like Gemma's."""
+    widths = demo_transformer_config()
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(TEXT_TOKENS, dtype=torch.int64)
+    mask[-num_real:] = 1
+    return PromptFeatures(torch.randn(TEXT_TOKENS, widths.inner_dim, generator=gen),
+                          torch.randn(TEXT_TOKENS, widths.audio_inner_dim, generator=gen), mask)
+
+
+def features_file(path: Path, num_prompts: int) -> Path:
+    return save_prompt_features(path, [random_features(i, 4 + i) for i in range(num_prompts)],
+                                negative=random_features(99, 3), texts=PROMPTS[:num_prompts])
+
+
+def validation_config(features: Path, num_prompts: int, **overrides) -> ValidationConfig:
+    kwargs = dict(prompts=PROMPTS[:num_prompts], prompt_features_path=features, video_dims=(64, 64, 9),
+                  frame_rate=24.0, inference_steps=2, interval=5, guidance_scale=3.0, stg_blocks=(1,))
+    kwargs.update(overrides)
+    return ValidationConfig(**kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("validation")
+    return {"root": root, "checkpoint": build_tiny_checkpoint(root / "tiny.safetensors", seed=2),
+            "features": features_file(root / "features.pt", len(PROMPTS)),
+            "features2": features_file(root / "features2.pt", 2)}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (dict(images=(Path("a.png"),)), "validation.images has 1 entries"),
+        (dict(reference_videos=(Path("a.mp4"), Path("b.mp4"), Path("c.mp4"))), "validation.reference_videos"),
+        (dict(video_dims=(100, 64, 9)), "width must be a positive multiple of 32"),
+        (dict(video_dims=(64, 64, 10)), "frames must be 8k"),
+        (dict(video_dims=(64, 64)), "video_dims must be"),
+        (dict(reference_downscale_factor=3), "validation.reference_downscale_factor=3"),
+        (dict(reference_downscale_factor=0), "validation.reference_downscale_factor"),
+        (dict(frame_rate=0.0), "validation.frame_rate"),
+        (dict(inference_steps=0), "validation.inference_steps"),
+        (dict(interval=0), "validation.interval"),
+        (dict(guidance_scale=0.5), "validation.guidance_scale"),
+        (dict(stg_scale=-1.0), "validation.stg_scale"),
+        (dict(stg_mode="stg_x"), "validation.stg_mode"),
+        (dict(stg_blocks=(-1,)), "validation.stg_blocks"),
+        (dict(guidance_rescale=1.5), "validation.guidance_rescale"),
+        (dict(include_reference_in_output=True), "validation.include_reference_in_output"),
+        (dict(prompt_features_path=None), "validation.text_encoder_path"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        validation_config(Path("features.pt"), 2, **overrides)
+
+
+def test_config_defaults_are_valid_and_schedule():
+    default = ValidationConfig()
+    assert not default.enabled and not default.should_run(0)
+    assert default.negative_prompt == "worst quality, inconsistent motion, blurry, jittery, distorted"
+    width, height, frames = default.video_dims
+    assert width % 32 == 0 and height % 32 == 0 and frames % 8 == 1
+    config = validation_config(Path("f.pt"), 2)
+    assert [s for s in range(16) if config.should_run(s)] == [0, 5, 10, 15]
+    skipped = dataclasses.replace(config, skip_initial_validation=True)
+    assert [s for s in range(16) if skipped.should_run(s)] == [5, 10, 15]
+    assert not dataclasses.replace(config, interval=None).should_run(0)
+    assert config.guidance.cfg_scale == 3.0 and config.guidance.stg_blocks == (1,)
+    # lists from a CLI or JSON become tuples; paths become Paths
+    listed = validation_config(Path("f.pt"), 2, images=["a.png", "b.png"], stg_blocks=[1, 0])
+    assert listed.images == (Path("a.png"), Path("b.png")) and listed.stg_blocks == (1, 0)
+
+
+def test_check_paths_names_the_missing_file(tmp_path):
+    config = validation_config(tmp_path / "nope.pt", 2)
+    with pytest.raises(ValueError, match="validation.prompt_features_path: file not found"):
+        config.check_paths()
+    with pytest.raises(ValueError, match=r"validation.images\[0\]: file not found"):
+        validation_config(tmp_path / "nope.pt", 1, images=[tmp_path / "missing.png"]).check_paths()
+
+
+def test_assign_prompts_round_robin_with_padding():
+    assert assign_prompts(3, 0, 2) == [0, 2]
+    assert assign_prompts(3, 1, 2) == [1, None]
+    assert assign_prompts(2, 3, 4) == [None]
+    assert assign_prompts(5, 0, 1) == [0, 1, 2, 3, 4]
+    for n in range(1, 7):
+        for world in range(1, 4):
+            parts = [assign_prompts(n, r, world) for r in range(world)]
+            assert len({len(p) for p in parts}) == 1
+            assert sorted(i for p in parts for i in p if i is not None) == list(range(n))
+    with pytest.raises(ValueError):
+        assign_prompts(3, 2, 2)
+
+
+def test_prompt_features_round_trip_and_bad_file(tmp_path):
+    path = features_file(tmp_path / "f.pt", 2)
+    features, negative = load_prompt_features(path)
+    assert len(features) == 2 and features[0].video_prompt_embeds.shape == (1, TEXT_TOKENS, 64)
+    assert torch.equal(features[1].prompt_attention_mask[0], random_features(1, 5).prompt_attention_mask)
+    assert torch.equal(negative.audio_prompt_embeds[0], random_features(99, 3).audio_prompt_embeds)
+    torch.save({"video_prompt_embeds": torch.zeros(3, 4)}, tmp_path / "conditions.pt")
+    with pytest.raises(ValueError, match="not a prompt-features file"):
+        load_prompt_features(tmp_path / "conditions.pt")
+
+
+def test_move_tree_moves_every_tensor():
+    tree = {"mu": {"a": torch.ones(2)}, "count": torch.tensor(3), "nested": (torch.zeros(1), None)}
+    moved = move_tree(tree, "meta")
+    assert moved["mu"]["a"].is_meta and moved["count"].is_meta and moved["nested"][0].is_meta
+    assert moved["nested"][1] is None and not tree["mu"]["a"].is_meta
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def _accumulator(log_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "audio": 0})
+    acc.Reload()
+    return acc
+
+
+def test_validator_writes_samples_and_tensorboard(assets, tmp_path):
+    checkpoint = assets["checkpoint"]
+    config = validation_config(assets["features2"], 2)
+    validator = Validator.build(config, checkpoint=checkpoint, device="cpu", dtype=torch.float32)
+    transformer = load_transformer(checkpoint).train()
+    processor = load_embeddings_processor(checkpoint, with_feature_extractor=False).train()
+    monitor = Monitor(tmp_path / "tb", rank=0, total_steps=10)
+    paths = validator.run(0, transformer, text_processor=processor, output_dir=tmp_path, monitor=monitor)
+    monitor.close()
+
+    assert paths == [tmp_path / "samples" / "step_000000_1.mp4", tmp_path / "samples" / "step_000000_2.mp4"]
+    assert transformer.training and processor.training, "train mode was not restored"
+    for path in paths:
+        info = probe_video(path)
+        assert (info.num_frames, info.width, info.height, info.fps, info.has_audio) == (9, 64, 64, 24.0, True)
+        assert read_audio(path).sample_rate == VOCODER_RATE
+    first, second = (read_video(p).frames for p in paths)
+    assert not torch.equal(first, second), "different prompts gave the same sample"
+
+    acc = _accumulator(tmp_path / "tb")
+    tags = acc.Tags()
+    assert {"validation/sample_1", "validation/sample_2"} <= set(tags["images"])
+    assert {"validation/sample_1_audio", "validation/sample_2_audio"} <= set(tags["audio"])
+    gif = acc.Images("validation/sample_1")[0]
+    assert (gif.step, gif.width, gif.height) == (0, 64, 64)
+    assert gif.encoded_image_string[:6] in (b"GIF89a", b"GIF87a")
+    audio = acc.Audio("validation/sample_1_audio")[0]
+    assert audio.sample_rate == VOCODER_RATE and audio.length_frames == 33 * 480
+
+    # a second run at a later step is the same sample (same seed, same weights)
+    again = validator.run(5, transformer, text_processor=processor, output_dir=tmp_path)
+    assert again[0].name == "step_000005_1.mp4"
+    assert torch.equal(read_video(again[0]).frames, first)
+
+
+def test_validator_with_gemma_and_first_frame_images_writes_pngs(assets, tmp_path):
+    gemma = build_tiny_gemma(tmp_path / "gemma")
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"image_{i}.png")
+        write_image(images[-1], test_pattern_frames(1, 40, 72, seed=i)[0])
+    config = ValidationConfig(prompts=PROMPTS[:2], text_encoder_path=gemma, images=images, video_dims=(64, 64, 1),
+                              frame_rate=24.0, inference_steps=2, stg_blocks=(0,), generate_audio=False)
+    validator = Validator.build(config, checkpoint=assets["checkpoint"], device="cpu", dtype=torch.float32)
+    assert validator.audio_decoder is None and validator.vocoder is None
+    assert all(c.image_latents.shape == (1, 128, 1, 2, 2) for c in validator.conditionings)
+    assert validator.requests[0].negative_prompt_features is not None
+    transformer = load_transformer(assets["checkpoint"])
+    processor = load_embeddings_processor(assets["checkpoint"], with_feature_extractor=False)
+    monitor = Monitor(tmp_path / "tb", rank=0, total_steps=10)
+    paths = validator.run(3, transformer, text_processor=processor, output_dir=tmp_path, monitor=monitor)
+    monitor.close()
+    assert [p.name for p in paths] == ["step_000003_1.png", "step_000003_2.png"]
+    assert read_video(paths[0]).frames.shape == (1, 64, 64, 3)
+    assert set(_accumulator(tmp_path / "tb").Tags()["images"]) >= {"validation/sample_1", "validation/sample_2"}
+
+
+def test_build_errors(assets, tmp_path):
+    with pytest.raises(ValueError, match=r"validation.stg_blocks \[29\] are out of range"):
+        Validator.build(validation_config(assets["features2"], 2, stg_blocks=(29,)), checkpoint=assets["checkpoint"],
+                        dtype=torch.float32)
+    with pytest.raises(ValueError, match="holds 3 prompts but validation.prompts has 2"):
+        Validator.build(validation_config(assets["features"], 2), checkpoint=assets["checkpoint"],
+                        dtype=torch.float32)
+    no_negative = save_prompt_features(tmp_path / "f.pt", [random_features(0, 4)])
+    with pytest.raises(ValueError, match="no negative prompt features"):
+        Validator.build(validation_config(no_negative, 1), checkpoint=assets["checkpoint"], dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Two ranks, FSDP2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_worker(rank: int, world_size: int, root: str, port: int) -> None:
+    import torch.distributed as dist
+
+    from ltxf.parallel import parallelize
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    try:
+        root_path = Path(root)
+        checkpoint = root_path / "tiny.safetensors"
+        config = validation_config(root_path / "features.pt", len(PROMPTS))
+        validator = Validator.build(config, checkpoint=checkpoint, device="cpu", dtype=torch.float32)
+        transformer = load_transformer(checkpoint)
+        parallelize(transformer, fsdp=True, activation_checkpointing=False, compile=False, param_dtype=None,
+                    reduce_dtype=torch.float32)
+        processor = load_embeddings_processor(checkpoint, with_feature_extractor=False)
+        monitor = Monitor(root_path / "two" / "tb", rank=rank, total_steps=10)
+        paths = validator.run(5, transformer, text_processor=processor, output_dir=root_path / "two",
+                              monitor=monitor, rank=rank, world_size=world_size)
+        monitor.close()
+        (root_path / f"paths_rank{rank}.json").write_text(json.dumps([str(p) for p in paths]))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_fsdp_three_prompts_match_one_process(assets):
+    import torch.multiprocessing as mp
+
+    root = assets["root"]
+    mp.spawn(_two_rank_worker, args=(2, str(root), _free_port()), nprocs=2, join=True)
+    rank0 = [Path(p) for p in json.loads((root / "paths_rank0.json").read_text())]
+    assert json.loads((root / "paths_rank1.json").read_text()) == []
+    assert [p.name for p in rank0] == [f"step_000005_{i}.mp4" for i in (1, 2, 3)]
+
+    checkpoint = assets["checkpoint"]
+    validator = Validator.build(validation_config(assets["features"], len(PROMPTS)), checkpoint=checkpoint,
+                                device="cpu", dtype=torch.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the workers: CPU kernels may sum in another order with more threads
+    try:
+        one = validator.run(5, load_transformer(checkpoint), output_dir=root / "one",
+                            text_processor=load_embeddings_processor(checkpoint, with_feature_extractor=False))
+    finally:
+        torch.set_num_threads(threads)
+    for single, sharded in zip(one, rank0, strict=True):
+        # Same fp32 math on all-gathered weights, and a deterministic encoder: identical files' content.
+        assert torch.equal(read_video(single).frames, read_video(sharded).frames), single.name
+        assert torch.equal(read_audio(single).waveform, read_audio(sharded).waveform), single.name
+    assert {"validation/sample_1", "validation/sample_3"} <= set(_accumulator(root / "two" / "tb").Tags()["images"])
