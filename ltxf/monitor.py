@@ -162,18 +162,26 @@ class StepTimer:
 
 
 def memory_metrics(device: torch.device | str | None = None) -> dict[str, float]:
-    """Peak accelerator memory since the last reset (``memory/peak_gib``, ``memory/peak_reserved_gib``); empty
-    on CPU."""
+    """Peak memory: the process's peak resident set (``memory/host_peak_rss_gib``, every platform with
+    ``resource``) and, on CUDA, peak accelerator memory since the last reset (``memory/peak_gib``,
+    ``memory/peak_reserved_gib``)."""
+    gib = float(2**30)
+    out: dict[str, float] = {}
+    try:
+        import resource
+
+        # ru_maxrss is in KiB on Linux.
+        out["memory/host_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / gib
+    except ImportError:  # pragma: no cover - non-POSIX
+        pass
     if not torch.cuda.is_available():
-        return {}
+        return out
     device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
     if device.type != "cuda":
-        return {}
-    gib = float(2**30)
-    return {
-        "memory/peak_gib": torch.cuda.max_memory_allocated(device) / gib,
-        "memory/peak_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
-    }
+        return out
+    out["memory/peak_gib"] = torch.cuda.max_memory_allocated(device) / gib
+    out["memory/peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / gib
+    return out
 
 
 def to_floats(metrics: Mapping[str, float | int | torch.Tensor]) -> dict[str, float]:
