@@ -21,7 +21,9 @@ from ltxf.config import (
     StrategyConfig,
     TrainConfig,
 )
+from ltxf.demo import DEMO_FPS, DEMO_PROMPT_FEATURES_FILE, DEMO_VALIDATION_PROMPT
 from ltxf.lora import LoraConfig
+from ltxf.validation import ValidationConfig
 
 ATTENTION_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -84,7 +86,11 @@ def ltx2_full() -> TrainConfig:
 
 def demo() -> TrainConfig:
     """CPU demo: a tiny random LTX-2.3-architecture model and a synthetic dataset written into the output
-    directory, audio-video LoRA, about two minutes on two cores."""
+    directory, audio-video LoRA, about two minutes on two cores.
+
+    Validation samples one prompt (features from the synthetic dataset, so no Gemma) at the dataset's size with
+    CFG and STG and joint audio, at steps 0, 60 and 120: ``samples/step_000060_1.mp4`` and TensorBoard.
+    """
     return TrainConfig(
         model=ModelConfig(training_mode="lora", dtype="float32"),
         lora=LoraConfig(rank=8, alpha=8, target_modules=("to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj",
@@ -96,6 +102,13 @@ def demo() -> TrainConfig:
         parallel=ParallelConfig(data_parallel="auto", activation_checkpointing=False),
         checkpoints=CheckpointConfig(interval=60, keep_last_n=2, export_dtype="float32"),
         log=LogConfig(every=10, console_every_s=5.0),
+        validation=ValidationConfig(
+            prompts=(DEMO_VALIDATION_PROMPT,),
+            # The run points this at its own demo_assets/ folder (see TrainConfig.demo_model).
+            prompt_features_path=Path("outputs/demo/demo_assets") / DEMO_PROMPT_FEATURES_FILE,
+            video_dims=(192, 128, 9), frame_rate=DEMO_FPS, inference_steps=4, interval=60,
+            guidance_scale=4.0, stg_scale=1.0, stg_blocks=(1,), generate_audio=True,
+        ),
         output_dir=Path("outputs/demo"),
         demo_model=True,
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ltxf.lora import LoraConfig
+from ltxf.validation import ValidationConfig
 
 DType = Literal["bfloat16", "float32"]
 
@@ -230,6 +231,8 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    """Sample clips with the model being trained (off unless validation.prompts are given)."""
 
     output_dir: Path = Path("outputs/run")
     """Run directory: checkpoints/, exports/, tensorboard/, config.json."""
@@ -241,8 +244,9 @@ class TrainConfig:
     """What a non-finite loss does: stop the run (last checkpoint intact) or skip the update."""
 
     demo_model: bool = False
-    """Build a tiny random-initialised LTX-2.3-architecture checkpoint and a synthetic dataset in the output
-    directory and train on them (the README's demo)."""
+    """Build a tiny random-initialised LTX-2.3-architecture checkpoint, a synthetic dataset and validation prompt
+    features in the output directory and train on them (the README's demo); model.checkpoint, data.root and
+    validation.prompt_features_path then point there."""
 
     def __post_init__(self) -> None:
         if self.strategy.name == "video_to_video" and self.model.training_mode != "lora":
@@ -279,3 +283,5 @@ def check_paths(cfg: TrainConfig) -> None:
     if missing:
         raise ValueError(f"data.root: {root} is missing the folder(s) {missing} needed by strategy "
                          f"'{cfg.strategy.name}'" + (" with audio" if cfg.strategy.with_audio else ""))
+    if cfg.validation.enabled:
+        cfg.validation.check_paths()

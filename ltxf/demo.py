@@ -1,8 +1,16 @@
-"""Assets for the CPU demo: a tiny random-initialised LTX-2.3-architecture checkpoint and a synthetic dataset.
+"""Assets for the CPU demo: a tiny random-initialised LTX-2.3-architecture checkpoint, a synthetic dataset and
+precomputed validation-prompt features.
 
-Both are written in the official formats (a single safetensors file with the config as metadata; the
+Everything is written in the official formats (a single safetensors file with the config as metadata; the
 ``.precomputed/`` folder layout), so the demo exercises the same loaders and dataset a real run uses.
 The synthetic clips are smooth, text-correlated latent patterns, so a LoRA can visibly lower the loss.
+
+The checkpoint holds every component a real one does except Gemma: the transformer and the text side
+(feature extractor + connectors), a video VAE (encoder, decoder, latent statistics), an audio VAE (encoder,
+decoder, latent statistics) and an LTX-2.3 vocoder (BigVGAN-v2 + bandwidth extension to 48 kHz). The media
+components keep the real latent layouts (128 video channels at 8x temporal / 32x spatial compression; 8 audio
+channels x 16 mel bins) and are otherwise as narrow and shallow as their configs allow. The tests reuse these
+builders (``tests/test_generate.py`` and the validation / inference tests).
 """
 
 from __future__ import annotations
@@ -10,20 +18,32 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ltxf.data import audio_latent_length, write_precomputed_sample
+from ltxf.models.audio_vae import AudioDecoder, AudioEncoder, AudioVAEConfig
 from ltxf.models.checkpoint import (
     AUDIO_CONNECTOR_PREFIX,
+    AUDIO_VAE_DECODER_PREFIX,
+    AUDIO_VAE_ENCODER_PREFIX,
+    AUDIO_VAE_STATISTICS_PREFIX,
     TEXT_PROJECTION_PREFIX,
     TRANSFORMER_PREFIX,
     VIDEO_CONNECTOR_PREFIX,
+    VIDEO_VAE_DECODER_PREFIX,
+    VIDEO_VAE_ENCODER_PREFIX,
+    VIDEO_VAE_STATISTICS_PREFIX,
+    VOCODER_PREFIX,
     write_checkpoint,
 )
 from ltxf.models.text import EmbeddingsProcessor, EmbeddingsProcessorConfig
 from ltxf.models.transformer import AVTransformer, TransformerConfig
+from ltxf.models.video_vae import VideoDecoder, VideoEncoder, VideoVAEConfig
+from ltxf.models.vocoder import build_vocoder, vocoder_config_from_checkpoint
+from ltxf.validation import save_prompt_features
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +53,56 @@ DEMO_TEXT_TOKENS = 32
 # (latent frames, latent height, latent width): 9 frames at 128x192 and at 192x128 pixels.
 DEMO_BUCKETS = ((2, 4, 6), (2, 6, 4))
 DEMO_FPS = 24.0
+
+# Checkpoint config sections of the tiny media components (the official key names and value formats).
+DEMO_VIDEO_VAE: dict = {
+    "dims": 3, "in_channels": 3, "out_channels": 3, "latent_channels": 128, "patch_size": 4,
+    "norm_layer": "pixel_norm", "latent_log_var": "uniform", "spatial_padding_mode": "zeros",
+    "decoder_base_channels": 4, "causal_decoder": False, "timestep_conditioning": False,
+    "encoder_blocks": [["compress_all_res", {"multiplier": 1}]] * 3,
+    "decoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {"multiplier": 1}],
+                       ["compress_all", {"multiplier": 2}], ["compress_all", {"multiplier": 2}]],
+}  # fmt: skip
+"""Video VAE: 128 latent channels (the encoder's width is tied to it), three 2x2x2 space-to-depth stages after
+the 4x patchify (8x / 32x in all), a decoder of at most 32 channels (LTX-2.3 switches: zero padding, no timestep
+conditioning)."""
+# ch must equal z_channels x latent mel bins (8 x 16 = the transformer's 128 audio channels), and three levels
+# take 64 mel bins to 16, so this is the smallest audio VAE with the shipped latent layout.
+DEMO_AUDIO_VAE: dict = {
+    "model": {"params": {"sampling_rate": 16000, "ddconfig": dict(
+        double_z=True, mel_bins=64, z_channels=8, resolution=256, downsample_time=False, in_channels=2, out_ch=2,
+        ch=128, ch_mult=[1, 1, 1], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+        mid_block_add_attention=False, norm_type="pixel", causality_axis="height")}},
+    "preprocessing": {
+        "audio": {"sampling_rate": 16000, "max_wav_value": 32768.0, "stereo": True},
+        "stft": {"filter_length": 1024, "hop_length": 160, "win_length": 1024, "causal": True},
+        "mel": {"n_mel_channels": 64, "mel_fmin": 0, "mel_fmax": 8000},
+    },
+}  # fmt: skip
+"""Audio VAE: stereo 64-bin log-mel at 16 kHz (hop 160: 100 mel frames per second) <-> latents [8, T, 16], one
+ResNet block per level."""
+_AMP = {"resblock": "AMP1", "stereo": True, "use_tanh_at_final": False, "activation": "snakebeta",
+        "use_bias_at_final": False}
+DEMO_VOCODER: dict = {
+    "vocoder": {**_AMP, "upsample_initial_channel": 32, "upsample_rates": [5, 4, 8],
+                "upsample_kernel_sizes": [11, 8, 16], "resblock_kernel_sizes": [3, 5],
+                "resblock_dilation_sizes": [[1, 3, 5], [1, 2, 3]]},
+    "bwe": {**_AMP, "apply_final_activation": False, "upsample_initial_channel": 16, "upsample_rates": [6, 5, 8],
+            "upsample_kernel_sizes": [12, 11, 16], "resblock_kernel_sizes": [3], "resblock_dilation_sizes": [[1, 3, 5]],
+            "input_sampling_rate": 16000, "output_sampling_rate": 48000, "hop_length": 80, "n_fft": 256,
+            "win_size": 256, "num_mels": 64},
+}  # fmt: skip
+"""LTX-2.3-style vocoder: BigVGAN-v2 (mel frames -> 16 kHz, x160) plus bandwidth extension to 48 kHz, narrow."""
+DEMO_AUDIO_SAMPLE_RATE: int = DEMO_VOCODER["bwe"]["output_sampling_rate"]
+"""Sample rate of the demo vocoder's output (48 kHz)."""
+MEDIA_DTYPE = torch.bfloat16
+"""Storage dtype of the media components (as in the official files; the loaders cast). The transformer and the
+text side stay float32 so the demo trains on exactly the weights it was initialised with."""
+
+DEMO_PROMPT_FEATURES_FILE = "validation_prompts.pt"
+"""Name, inside the demo assets folder, of the validation prompt features (``validation.prompt_features_path``)."""
+DEMO_VALIDATION_PROMPT = "synthetic scene 0 (the caption features of clip_000)"
+"""The demo's validation prompt: a label only; its features come from the synthetic dataset (there is no Gemma)."""
 
 
 def demo_transformer_config() -> TransformerConfig:
@@ -45,7 +115,8 @@ def demo_transformer_config() -> TransformerConfig:
 
 
 def demo_checkpoint_config() -> dict:
-    """The full checkpoint config: the transformer section plus the connector keys the text side reads."""
+    """The full checkpoint config: the transformer section (with the connector keys the text side reads) and the
+    ``vae``, ``audio_vae`` and ``vocoder`` sections."""
     section = demo_transformer_config().to_checkpoint_config()
     section.update(
         connector_num_layers=1, connector_num_attention_heads=4, connector_attention_head_dim=16,
@@ -53,7 +124,7 @@ def demo_checkpoint_config() -> dict:
         connector_num_learnable_registers=8, connector_apply_gated_attention=True,
         connector_positional_embedding_max_pos=[4096],
     )
-    return {"transformer": section}
+    return {"transformer": section, "vae": DEMO_VIDEO_VAE, "audio_vae": DEMO_AUDIO_VAE, "vocoder": DEMO_VOCODER}
 
 
 @torch.no_grad()
@@ -71,8 +142,71 @@ def init_random_(module: nn.Module, generator: torch.Generator) -> nn.Module:
     return module
 
 
+@torch.no_grad()
+def init_scaled_(module: nn.Module, generator: torch.Generator, gain: float = 1.0) -> nn.Module:
+    """Initialise for deep conv stacks: weights ~ N(0, gain^2 / fan_in) so activations stay O(1) through many
+    layers (outputs then depend on their inputs, which the demo's samples and the tests need); small biases, unit
+    norm weights, random Snake ``alpha``/``beta``, and non-trivial latent statistics (std in [0.5, 1.5))."""
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            p.copy_(torch.randn(p.shape, generator=generator) * gain / math.sqrt(math.prod(p.shape[1:])))
+        elif name.endswith((".alpha", ".beta")):
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+        elif name.endswith("weight"):
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    for name, b in module.named_buffers():
+        if name.endswith("std-of-means"):
+            b.copy_(0.5 + torch.rand(b.shape, generator=generator))
+        elif name.endswith("mean-of-means"):
+            b.copy_(0.1 * torch.randn(b.shape, generator=generator))
+    return module
+
+
+_STATISTICS_MODULE = "per_channel_statistics."
+
+
+def _add_tensors(tensors: dict[str, torch.Tensor], module: nn.Module, prefix: str,
+                 statistics_prefix: str | None = None) -> None:
+    """Put ``module``'s state dict into ``tensors`` under ``prefix``; with ``statistics_prefix``, its latent
+    statistics go there instead (the official files keep one copy, shared by the encoder and the decoder)."""
+    for key, value in module.state_dict().items():
+        if statistics_prefix is not None and key.startswith(_STATISTICS_MODULE):
+            tensors[statistics_prefix + key.removeprefix(_STATISTICS_MODULE)] = value
+        else:
+            tensors[prefix + key] = value
+
+
+def demo_media_tensors(*, seed: int) -> dict[str, torch.Tensor]:
+    """Random tiny video VAE, audio VAE and vocoder weights (:data:`DEMO_VIDEO_VAE`, :data:`DEMO_AUDIO_VAE`,
+    :data:`DEMO_VOCODER`) under their official checkpoint names, in :data:`MEDIA_DTYPE`. Each VAE's encoder and
+    decoder share one set of latent statistics."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    video_config = VideoVAEConfig.from_checkpoint_config(DEMO_VIDEO_VAE)
+    audio_config = AudioVAEConfig.from_checkpoint(DEMO_AUDIO_VAE)
+    parts = (
+        (VideoEncoder(video_config), VideoDecoder(video_config), VIDEO_VAE_ENCODER_PREFIX, VIDEO_VAE_DECODER_PREFIX,
+         VIDEO_VAE_STATISTICS_PREFIX),
+        (AudioEncoder(audio_config), AudioDecoder(audio_config), AUDIO_VAE_ENCODER_PREFIX, AUDIO_VAE_DECODER_PREFIX,
+         AUDIO_VAE_STATISTICS_PREFIX),
+    )
+    for encoder, decoder, encoder_prefix, decoder_prefix, statistics_prefix in parts:
+        init_scaled_(encoder, generator)
+        init_scaled_(decoder, generator).per_channel_statistics.load_state_dict(
+            encoder.per_channel_statistics.state_dict())
+        _add_tensors(tensors, encoder, encoder_prefix, statistics_prefix)
+        _add_tensors(tensors, decoder, decoder_prefix, statistics_prefix)
+    # A gain below 1 keeps the untrained vocoder's waveform mostly inside the final [-1, 1] clamp.
+    vocoder = init_scaled_(build_vocoder(vocoder_config_from_checkpoint(DEMO_VOCODER)), generator, gain=0.7)
+    _add_tensors(tensors, vocoder, VOCODER_PREFIX)
+    return {key: value.to(MEDIA_DTYPE) for key, value in tensors.items()}
+
+
 def build_demo_checkpoint(path: Path, *, seed: int) -> Path:
-    """Write a random tiny LTX-2.3-architecture checkpoint (transformer + text side) in the official layout."""
+    """Write a random tiny LTX-2.3-architecture checkpoint in the official single-file layout: transformer, text
+    side (feature extractor + connectors), video VAE, audio VAE and vocoder (about 14 MB)."""
     config = demo_checkpoint_config()
     generator = torch.Generator().manual_seed(seed)
     transformer = init_random_(AVTransformer(demo_transformer_config()), generator)
@@ -92,6 +226,8 @@ def build_demo_checkpoint(path: Path, *, seed: int) -> Path:
             tensors[AUDIO_CONNECTOR_PREFIX + key.removeprefix("audio_connector.")] = value
         else:
             raise AssertionError(f"unplaced text-side tensor {key}")
+    # The media parts draw from their own stream, so the transformer and the text side depend on the seed only.
+    tensors.update(demo_media_tensors(seed=seed + 1))
     return write_checkpoint(path, tensors, config)
 
 
@@ -143,15 +279,47 @@ def build_demo_dataset(root: Path, *, num_samples: int = 32, seed: int) -> Path:
     return root
 
 
-def build_demo_assets(directory: Path, *, seed: int) -> tuple[Path, Path]:
-    """Write the demo checkpoint and dataset into ``directory`` (kept if they already exist: resumable)."""
+def build_demo_prompt_features(path: Path, dataset: Path) -> Path:
+    """Write the demo's validation prompt features (see :func:`ltxf.validation.save_prompt_features`) from the
+    synthetic dataset's captions: the prompt is clip_000's (scene 0), the negative prompt clip_001's (scene 1),
+    since without Gemma there is no "worst quality" text to embed."""
+
+    def caption(name: str) -> dict[str, torch.Tensor]:
+        return torch.load(dataset / "conditions" / f"{name}.pt", map_location="cpu", weights_only=True)
+
+    return save_prompt_features(path, [caption("clip_000")], negative=caption("clip_001"),
+                                texts=[DEMO_VALIDATION_PROMPT])
+
+
+class DemoAssets(NamedTuple):
+    """Where :func:`build_demo_assets` puts the demo's files."""
+
+    checkpoint: Path
+    dataset: Path
+
+    @classmethod
+    def in_directory(cls, directory: Path) -> DemoAssets:
+        """The paths inside a demo assets folder (whether or not they exist yet)."""
+        return cls(checkpoint=directory / "demo_model.safetensors", dataset=directory / "dataset")
+
+    @property
+    def prompt_features(self) -> Path:
+        """The validation prompt features (``validation.prompt_features_path``)."""
+        return self.checkpoint.parent / DEMO_PROMPT_FEATURES_FILE
+
+
+def build_demo_assets(directory: Path, *, seed: int) -> DemoAssets:
+    """Write the demo checkpoint, dataset and validation prompt features into ``directory`` (each kept if it
+    already exists, so a demo run resumes on the same files)."""
     directory.mkdir(parents=True, exist_ok=True)
-    checkpoint = directory / "demo_model.safetensors"
-    dataset = directory / "dataset"
-    if not checkpoint.exists():
-        build_demo_checkpoint(checkpoint, seed=seed)
-        logger.info("demo: wrote a tiny random LTX-2.3-architecture checkpoint to %s", checkpoint)
-    if not (dataset / "latents").is_dir():
-        build_demo_dataset(dataset, seed=seed)
-        logger.info("demo: wrote a synthetic precomputed dataset to %s", dataset)
-    return checkpoint, dataset
+    assets = DemoAssets.in_directory(directory)
+    if not assets.checkpoint.exists():
+        build_demo_checkpoint(assets.checkpoint, seed=seed)
+        logger.info("demo: wrote a tiny random LTX-2.3-architecture checkpoint to %s", assets.checkpoint)
+    if not (assets.dataset / "latents").is_dir():
+        build_demo_dataset(assets.dataset, seed=seed)
+        logger.info("demo: wrote a synthetic precomputed dataset to %s", assets.dataset)
+    if not assets.prompt_features.exists():
+        build_demo_prompt_features(assets.prompt_features, assets.dataset)
+        logger.info("demo: wrote validation prompt features to %s", assets.prompt_features)
+    return assets

@@ -1,8 +1,13 @@
 """The training run: wiring and the loop. ``train.py`` at the top of the repository calls :func:`main`.
 
-Order of work: process group -> run directory and resolved config -> load the transformer and the text
+Order of work: process group -> run directory and resolved config -> validation setup (prompt embedding with
+Gemma, which is then freed, and the VAE decoders; see :mod:`ltxf.validation`) -> load the transformer and the text
 connectors -> LoRA injection and freezing -> parallelize (AC, compile, FSDP2) -> optimizer and state -> data ->
-resume -> loop (``train_step``, logging, checkpoints) -> final checkpoint and export.
+resume -> loop (``train_step``, logging, checkpoints, validation samples) -> final checkpoint and export.
+
+Validation samples at step 0 (unless ``validation.skip_initial_validation``, and not on a resumed run) and then
+every ``validation.interval`` steps, after that step's checkpoint. Its randomness comes from its own seed, and
+training's is derived from (seed, step, rank), so sampling leaves the training run exactly as it would be without.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ from ltxf.monitor import Monitor, memory_metrics
 from ltxf.optim import adamw, adamw_8bit, chain, clip_by_global_norm, make_schedule
 from ltxf.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize, shutdown_distributed
 from ltxf.rng import make_generator
-from ltxf.state import init_state, state_to_dict, trainable_parameters
+from ltxf.state import TrainState, init_state, state_to_dict, trainable_parameters
 from ltxf.step import SIGMA_BUCKET_NAMES, NonFiniteLossError, StepContext, train_step
+from ltxf.validation import Validator, move_tree
 
 logger = logging.getLogger(__name__)
 
@@ -125,14 +131,16 @@ def main(cfg: TrainConfig) -> RunResult:
 def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     if cfg.demo_model:
-        from ltxf.demo import build_demo_assets
+        from ltxf.demo import DemoAssets, build_demo_assets
 
         if dist_info.is_main:
             build_demo_assets(output_dir / "demo_assets", seed=cfg.seed)
         barrier()
-        assets = output_dir / "demo_assets"
-        cfg = replace(cfg, model=replace(cfg.model, checkpoint=assets / "demo_model.safetensors"),
-                      data=replace(cfg.data, root=assets / "dataset"))
+        assets = DemoAssets.in_directory(output_dir / "demo_assets")
+        # The demo model has its own tiny text widths, so only the demo's prompt features fit it.
+        cfg = replace(cfg, model=replace(cfg.model, checkpoint=assets.checkpoint),
+                      data=replace(cfg.data, root=assets.dataset),
+                      validation=replace(cfg.validation, prompt_features_path=assets.prompt_features))
     check_paths(cfg)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_dict = cfg.to_dict()
@@ -148,6 +156,14 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     weights_dtype = torch.float32 if full else compute_dtype
     checkpoint_path = Path(cfg.model.checkpoint)
     model_config = read_config(checkpoint_path)
+
+    validator = None
+    if cfg.validation.enabled:
+        # Before the transformer is loaded, so Gemma's memory peak (it is freed after embedding) does not stack
+        # on the training model's.
+        validator = Validator.build(cfg.validation, checkpoint=checkpoint_path, device=device, dtype=compute_dtype)
+        if cfg.validation.offload_optimizer and fsdp:
+            logger.warning("validation.offload_optimizer is ignored under FSDP (the optimizer state is sharded)")
 
     logger.info("loading the transformer from %s", checkpoint_path)
     transformer = load_transformer(checkpoint_path, dtype=weights_dtype, device=device)
@@ -209,12 +225,27 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
         run_checkpoint.save_checkpoint(output_dir, step, state_to_dict(state), extra=extra, config=config_dict,
                                        keep_last_n=cfg.checkpoints.keep_last_n)
 
+    def validate(step: int, state: TrainState) -> TrainState:
+        """Sample the validation prompts (collective: every rank calls it); returns the state, whose optimizer
+        moments went to the CPU and back with ``validation.offload_optimizer``."""
+        offload = cfg.validation.offload_optimizer and not fsdp
+        if offload:
+            state = replace(state, opt_state=move_tree(state.opt_state, "cpu"))
+        validator.run(step, transformer, text_processor=text_processor, output_dir=output_dir, monitor=monitor,
+                      rank=dist_info.rank, world_size=dist_info.world_size)
+        if offload:
+            state = replace(state, opt_state=move_tree(state.opt_state, device))
+        monitor.restart_timer()
+        return state
+
     losses: list[float] = []
     pending: list[dict[str, torch.Tensor]] = []
     interrupted = False
     batches = iter(loader)
     step = start_step
     with _Interrupt() as interrupt:
+        if validator is not None and start_step == 0 and validator.should_run(0):
+            state = validate(0, state)
         while step < cfg.optim.steps:
             micro_batches = [_to_device(next(batches), device) for _ in range(cfg.optim.gradient_accumulation_steps)]
             try:
@@ -241,6 +272,8 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
             if interrupt.requested:
                 interrupted = True
                 break
+            if validator is not None and validator.should_run(step):
+                state = validate(step, state)
 
     save(step)
     export_path = None

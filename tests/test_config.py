@@ -1,5 +1,6 @@
 """Config validation: bad values are ValueErrors that name the field; presets build; the CLI parses overrides."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from ltxf.config import (
     TrainConfig,
     check_paths,
 )
+from ltxf.validation import ValidationConfig
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -56,6 +58,36 @@ def test_check_paths_names_missing_things(tmp_path):
         check_paths(cfg)
 
 
+def test_validation_is_off_by_default_and_its_files_are_checked_at_run_time(tmp_path):
+    assert not TrainConfig().validation.enabled
+    assert PRESETS["demo"]().validation.enabled  # the demo samples; real presets need prompts from the user
+    assert not any(PRESETS[name]().validation.enabled for name in PRESETS if name != "demo")
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"x")
+    for name in ("latents", "conditions"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+    validation = ValidationConfig(prompts=("a cat",), prompt_features_path=tmp_path / "missing.pt")
+    cfg = TrainConfig(model=ModelConfig(checkpoint=ckpt), data=DataConfig(root=tmp_path / "data"),
+                      validation=validation)
+    with pytest.raises(ValueError, match=r"validation\.prompt_features_path: file not found"):
+        check_paths(cfg)
+    # Not checked when validation is off.
+    check_paths(replace(cfg, validation=replace(validation, interval=None)))
+
+
+def test_cli_validation_flags(capsys):
+    from train import parse_config
+
+    cfg = parse_config(["ltx2_av_lora", "--validation.prompts", "a cat", "a dog", "--validation.text_encoder_path",
+                        "/models/gemma", "--validation.interval", "50", "--validation.stg_blocks", "1", "2"])
+    assert cfg.validation.prompts == ("a cat", "a dog") and cfg.validation.interval == 50
+    assert cfg.validation.text_encoder_path == Path("/models/gemma") and cfg.validation.stg_blocks == (1, 2)
+    assert not parse_config(["demo", "--validation.interval", "None"]).validation.enabled
+    with pytest.raises(SystemExit):  # tyro reports the config's ValueError and exits
+        parse_config(["ltx2_av_lora", "--validation.prompts", "a cat"])
+    assert "validation.text_encoder_path" in capsys.readouterr().err
+
+
 def test_cli_overrides_and_help(capsys):
     from train import parse_config
 
@@ -70,3 +102,4 @@ def test_cli_overrides_and_help(capsys):
     # Every flag is explained: the attribute docstrings reach --help.
     assert "--optim.learning_rate" in help_text and "Peak learning rate" in help_text
     assert "--model.checkpoint" in help_text and "Official LTX-2" in help_text
+    assert "--validation.prompts" in help_text and "empty disables validation" in help_text

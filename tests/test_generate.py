@@ -1,8 +1,9 @@
-"""End-to-end generation on a tiny official-layout checkpoint (transformer + text side from ltxf.demo, a tiny
-video VAE with the real 8x / 32x compression and 128 latent channels, the shipped audio-VAE latent layout, a tiny
-BigVGAN + BWE vocoder at 48 kHz) and a tiny random Gemma 3 with a word-level tokenizer, all built here.
+"""End-to-end generation on the demo's tiny official-layout checkpoint (``ltxf.demo.build_demo_checkpoint``:
+transformer + text side, a tiny video VAE with the real 8x / 32x compression and 128 latent channels, the shipped
+audio-VAE latent layout, a tiny BigVGAN + BWE vocoder at 48 kHz) and a tiny random Gemma 3 with a word-level
+tokenizer built here.
 
-The tiny builders live in this file and are imported by tests/test_validation.py and tests/test_inference_tool.py.
+The Gemma builder and the helpers here are imported by tests/test_validation.py and tests/test_inference_tool.py.
 Comparisons are exact (``torch.equal``): generation on CPU in float32 is deterministic, and the properties tested
 (same seed, LoRA at strength 0, clean first-frame tokens) hold bit for bit by construction.
 """
@@ -10,17 +11,22 @@ Comparisons are exact (``torch.equal``): generation on CPU in float32 is determi
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
 from ltxf.checkpoint import export_lora, load_lora_file
-from ltxf.demo import DEMO_GEMMA_HIDDEN, DEMO_GEMMA_STATES, build_demo_checkpoint
+from ltxf.demo import (
+    DEMO_AUDIO_SAMPLE_RATE,
+    DEMO_GEMMA_HIDDEN,
+    DEMO_GEMMA_STATES,
+    DEMO_VIDEO_VAE,
+    build_demo_checkpoint,
+    init_scaled_,
+)
 from ltxf.generate import (
     GenerationModels,
     GenerationRequest,
@@ -37,58 +43,17 @@ from ltxf.generate import (
 )
 from ltxf.latents import audio_latent_length
 from ltxf.media import probe_video, read_audio, read_video, write_image, write_video
-from ltxf.models.audio_vae import AudioDecoder, AudioVAEConfig, load_audio_vae_decoder
-from ltxf.models.checkpoint import read_config, write_checkpoint
+from ltxf.models.audio_vae import load_audio_vae_decoder
 from ltxf.models.gemma import load_gemma_text_encoder
 from ltxf.models.text import load_embeddings_processor
 from ltxf.models.transformer import load_transformer
-from ltxf.models.video_vae import (
-    VideoDecoder,
-    VideoEncoder,
-    VideoVAEConfig,
-    load_video_vae_decoder,
-    load_video_vae_encoder,
-)
-from ltxf.models.vocoder import build_vocoder, load_vocoder, vocoder_config_from_checkpoint
+from ltxf.models.video_vae import VideoDecoder, VideoVAEConfig, load_video_vae_decoder, load_video_vae_encoder
+from ltxf.models.vocoder import load_vocoder
 from ltxf.sampling import GuidanceConfig, ltx2_sigma_schedule
 
 # ------------------------------------------------------------------------------------------------------------
-# Tiny components
+# Tiny components (the checkpoint is the demo's: ltxf.demo.build_demo_checkpoint)
 
-# 128 latent channels (the transformer's), full 8x temporal / 32x spatial compression, narrow and shallow.
-TINY_VIDEO_VAE = {
-    "dims": 3, "in_channels": 3, "out_channels": 3, "latent_channels": 128, "patch_size": 4,
-    "norm_layer": "pixel_norm", "latent_log_var": "uniform", "spatial_padding_mode": "zeros",
-    "decoder_base_channels": 8, "causal_decoder": False, "timestep_conditioning": False,
-    "encoder_blocks": [["compress_all_res", {"multiplier": 1}]] * 3 + [["res_x", {"num_layers": 1}]],
-    "decoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {"multiplier": 1}],
-                       ["compress_all", {"multiplier": 2}], ["compress_all", {"multiplier": 2}]],
-}  # fmt: skip
-# The shipped latent layout (8 channels x 16 mel bins = the transformer's 128 audio channels), one block per level.
-TINY_AUDIO_VAE = {
-    "model": {"params": {"sampling_rate": 16000, "ddconfig": dict(
-        double_z=True, mel_bins=64, z_channels=8, resolution=256, downsample_time=False, in_channels=2, out_ch=2,
-        ch=128, ch_mult=[1, 1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
-        mid_block_add_attention=False, norm_type="pixel", causality_axis="height")}},
-    "preprocessing": {
-        "audio": {"sampling_rate": 16000, "max_wav_value": 32768.0, "stereo": True},
-        "stft": {"filter_length": 1024, "hop_length": 160, "win_length": 1024, "causal": True},
-        "mel": {"n_mel_channels": 64, "mel_fmin": 0, "mel_fmax": 8000},
-    },
-}  # fmt: skip
-# LTX-2.3-style vocoder (BigVGAN-v2 at 16 kHz + bandwidth extension to 48 kHz), narrow, three stages.
-_AMP = {"resblock": "AMP1", "stereo": True, "use_tanh_at_final": False, "activation": "snakebeta",
-        "use_bias_at_final": False}
-TINY_VOCODER = {
-    "vocoder": {**_AMP, "upsample_initial_channel": 32, "upsample_rates": [5, 4, 8],
-                "upsample_kernel_sizes": [11, 8, 16], "resblock_kernel_sizes": [3, 5],
-                "resblock_dilation_sizes": [[1, 3, 5], [1, 2, 3]]},
-    "bwe": {**_AMP, "apply_final_activation": False, "upsample_initial_channel": 16, "upsample_rates": [6, 5, 8],
-            "upsample_kernel_sizes": [12, 11, 16], "resblock_kernel_sizes": [3], "resblock_dilation_sizes": [[1, 3, 5]],
-            "input_sampling_rate": 16000, "output_sampling_rate": 48000, "hop_length": 80, "n_fft": 512,
-            "win_size": 512, "num_mels": 64},
-}  # fmt: skip
-VOCODER_RATE = 48000
 MEL_FRAMES_PER_SECOND = 100
 
 GEMMA_WORDS = "a red cat dog runs on the green grass under blue sky and jumps over fence worst quality blurry".split()
@@ -100,57 +65,6 @@ FPS = 24.0
 STEPS = 2
 # Both guidance passes on (CFG and STG); the demo transformer has 2 blocks.
 GUIDANCE = GuidanceConfig(cfg_scale=3.0, stg_scale=1.0, stg_blocks=(1,))
-
-
-@torch.no_grad()
-def init_scaled_(module: torch.nn.Module, generator: torch.Generator, gain: float = 1.0) -> torch.nn.Module:
-    """Weights ~ N(0, gain^2 / fan_in) so deep conv stacks keep O(1) activations (outputs then depend on their
-    inputs, which the tests need); small biases, unit norm weights, non-trivial latent statistics."""
-    for name, p in module.named_parameters():
-        if p.ndim >= 2:
-            p.copy_(torch.randn(p.shape, generator=generator) * gain / math.sqrt(math.prod(p.shape[1:])))
-        elif name.endswith((".alpha", ".beta")):
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-        elif name.endswith("weight"):
-            p.fill_(1.0)
-        else:
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
-    for name, b in module.named_buffers():
-        if name.endswith("std-of-means"):
-            b.copy_(0.5 + torch.rand(b.shape, generator=generator))
-        elif name.endswith("mean-of-means"):
-            b.copy_(0.1 * torch.randn(b.shape, generator=generator))
-    return module
-
-
-def _put(tensors: dict, module: torch.nn.Module, prefix: str, statistics_prefix: str | None = None) -> None:
-    for key, value in module.state_dict().items():
-        if statistics_prefix is not None and key.startswith("per_channel_statistics."):
-            tensors[statistics_prefix + key.removeprefix("per_channel_statistics.")] = value
-        else:
-            tensors[prefix + key] = value
-
-
-def build_tiny_checkpoint(path: Path, *, seed: int = 0) -> Path:
-    """The demo's transformer + text side plus a tiny video VAE, audio VAE decoder and vocoder, in one official
-    single-file checkpoint."""
-    base = build_demo_checkpoint(path.with_name(path.stem + "_base.safetensors"), seed=seed)
-    config, tensors = read_config(base), load_file(str(base))
-    base.unlink()
-    generator = torch.Generator().manual_seed(seed + 1)
-    vae_config = VideoVAEConfig.from_checkpoint_config(TINY_VIDEO_VAE)
-    encoder = init_scaled_(VideoEncoder(vae_config), generator)
-    decoder = VideoDecoder(vae_config)
-    init_scaled_(decoder, generator).per_channel_statistics.load_state_dict(
-        encoder.per_channel_statistics.state_dict())
-    _put(tensors, encoder, "vae.encoder.", "vae.per_channel_statistics.")
-    _put(tensors, decoder, "vae.decoder.", "vae.per_channel_statistics.")
-    audio_decoder = init_scaled_(AudioDecoder(AudioVAEConfig.from_checkpoint(TINY_AUDIO_VAE)), generator)
-    _put(tensors, audio_decoder, "audio_vae.decoder.", "audio_vae.per_channel_statistics.")
-    vocoder = init_scaled_(build_vocoder(vocoder_config_from_checkpoint(TINY_VOCODER)), generator, gain=0.7)
-    _put(tensors, vocoder, "vocoder.")
-    config = {**config, "vae": TINY_VIDEO_VAE, "audio_vae": TINY_AUDIO_VAE, "vocoder": TINY_VOCODER}
-    return write_checkpoint(path, {k: v.contiguous() for k, v in tensors.items()}, config)
 
 
 def build_tiny_gemma(directory: Path, *, seed: int = 0) -> Path:
@@ -214,7 +128,7 @@ def _offline(monkeypatch):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("generate")
-    return {"checkpoint": build_tiny_checkpoint(root / "tiny.safetensors"),
+    return {"checkpoint": build_demo_checkpoint(root / "tiny.safetensors", seed=0),
             "gemma": build_tiny_gemma(root / "gemma")}
 
 
@@ -240,8 +154,8 @@ def test_text_to_video_with_audio_writes_an_mp4_with_both_streams(tiny, tmp_path
     assert clip.frames.float().std() > 1, "the decoded clip is flat"
     # audio_latent_length(9, 24) = round(9 / 24 * 25) = 9 latent frames -> 4 * 9 - 3 = 33 mel frames at 100 / s
     num_latents = audio_latent_length(NUM_FRAMES, FPS)
-    expected_samples = (4 * num_latents - 3) * VOCODER_RATE // MEL_FRAMES_PER_SECOND
-    assert clip.audio_sample_rate == VOCODER_RATE
+    expected_samples = (4 * num_latents - 3) * DEMO_AUDIO_SAMPLE_RATE // MEL_FRAMES_PER_SECOND
+    assert clip.audio_sample_rate == DEMO_AUDIO_SAMPLE_RATE
     assert clip.audio.shape == (2, expected_samples) and clip.audio.dtype == torch.float32
     assert 0.01 < clip.audio.std() and clip.audio.abs().max() <= 1.0
 
@@ -250,7 +164,7 @@ def test_text_to_video_with_audio_writes_an_mp4_with_both_streams(tiny, tmp_path
     assert (info.num_frames, info.width, info.height, info.fps) == (NUM_FRAMES, WIDTH, HEIGHT, FPS)
     assert info.has_audio
     audio = read_audio(path)
-    assert audio.sample_rate == VOCODER_RATE and audio.num_channels == 2
+    assert audio.sample_rate == DEMO_AUDIO_SAMPLE_RATE and audio.num_channels == 2
     # AAC round trip: the declared duration is kept to within one 1024-sample frame.
     assert abs(audio.num_samples - expected_samples) <= 1024, (audio.num_samples, expected_samples)
     decoded = read_video(path).frames
@@ -294,14 +208,14 @@ def test_sigma_schedule_follows_the_generated_token_count(tiny, monkeypatch):
 
 def test_tiled_decode_and_the_seeded_timestep_conditioned_decoder():
     latents = torch.randn(1, 128, 2, 2, 2, generator=torch.Generator().manual_seed(0))
-    decoder = init_scaled_(VideoDecoder(VideoVAEConfig.from_checkpoint_config(TINY_VIDEO_VAE)),
+    decoder = init_scaled_(VideoDecoder(VideoVAEConfig.from_checkpoint_config(DEMO_VIDEO_VAE)),
                            torch.Generator().manual_seed(1))
     # one 512 px tile covers this 64 x 64 clip: the tiled path must give the plain decode
     assert torch.equal(decode_video_latents(decoder, latents, seed=0, tiled=True),
                        decode_video_latents(decoder, latents, seed=0, tiled=False))
     # LTX-2's decoder mixes noise into the latent: drawn from the request's seed, never the global RNG
     conditioned = init_scaled_(VideoDecoder(VideoVAEConfig.from_checkpoint_config(
-        {**TINY_VIDEO_VAE, "timestep_conditioning": True})), torch.Generator().manual_seed(1))
+        {**DEMO_VIDEO_VAE, "timestep_conditioning": True})), torch.Generator().manual_seed(1))
     first = decode_video_latents(conditioned, latents, seed=3)
     torch.manual_seed(99)
     assert torch.equal(first, decode_video_latents(conditioned, latents, seed=3))

@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from ltxf.checkpoint import export_lora
+from ltxf.demo import DEMO_AUDIO_SAMPLE_RATE, build_demo_checkpoint
 from ltxf.generate import generate
 from ltxf.media import probe_video, read_audio, write_image, write_video
 from tests.test_generate import (
     FPS,
-    VOCODER_RATE,
-    build_tiny_checkpoint,
     build_tiny_gemma,
     load_tiny_models,
     test_pattern_frames,
@@ -85,7 +84,7 @@ def _offline(monkeypatch):
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("inference_tool")
-    return {"checkpoint": build_tiny_checkpoint(root / "tiny.safetensors", seed=5),
+    return {"checkpoint": build_demo_checkpoint(root / "tiny.safetensors", seed=5),
             "gemma": build_tiny_gemma(root / "gemma", seed=5)}
 
 
@@ -105,7 +104,7 @@ def test_text_to_video_run_writes_mp4_and_wav_and_matches_generate(assets, tmp_p
     assert (info.num_frames, info.width, info.height, info.fps, info.has_audio) == (9, 64, 64, FPS, True)
     audio = read_audio(wav)
     # 9 audio latents -> 33 mel frames at 100 / s -> 0.33 s at 48 kHz, written losslessly as 16-bit PCM
-    assert (audio.sample_rate, audio.num_channels, audio.num_samples) == (VOCODER_RATE, 2, 33 * 480)
+    assert (audio.sample_rate, audio.num_channels, audio.num_samples) == (DEMO_AUDIO_SAMPLE_RATE, 2, 33 * 480)
     # s16 written as round(x * 32767), read back as n / 32768: at most 0.5 + 1 steps of 1 / 32768 apart
     torch.testing.assert_close(audio.waveform, result.clip.audio, atol=1.5 / 32767, rtol=0)
     assert abs(read_audio(output).num_samples - 33 * 480) <= 1024

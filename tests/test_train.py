@@ -1,5 +1,5 @@
-"""End-to-end training runs on the demo's tiny model: outputs, TensorBoard, exports, exact resume after a kill,
-Ctrl-C, non-finite loss and activation checkpointing."""
+"""End-to-end training runs on the demo's tiny model: outputs, TensorBoard, exports, validation samples, exact
+resume after a kill, Ctrl-C, non-finite loss and activation checkpointing."""
 
 from __future__ import annotations
 
@@ -19,14 +19,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from experiments.presets import demo
 from ltxf.checkpoint import latest_checkpoint, load_lora_file
 from ltxf.config import TrainConfig
-from ltxf.demo import build_demo_assets
+from ltxf.demo import DEMO_AUDIO_SAMPLE_RATE, build_demo_assets
+from ltxf.media import probe_video, read_audio
 from ltxf.step import NonFiniteLossError
 from ltxf.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def small_demo(output_dir: Path, *, steps: int = 4, **optim) -> TrainConfig:
+def small_demo(output_dir: Path, *, steps: int = 4, validation_interval: int | None = None, **optim) -> TrainConfig:
+    """The demo, shortened; validation off unless ``validation_interval`` is given."""
     cfg = demo()
     return replace(
         cfg,
@@ -34,6 +36,7 @@ def small_demo(output_dir: Path, *, steps: int = 4, **optim) -> TrainConfig:
         optim=replace(cfg.optim, steps=steps, warmup_steps=0, batch_size=2, **optim),
         log=replace(cfg.log, every=1),
         checkpoints=replace(cfg.checkpoints, interval=2),
+        validation=replace(cfg.validation, interval=validation_interval),
     )
 
 
@@ -43,8 +46,14 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
-def test_demo_run_writes_checkpoints_tensorboard_and_lora(tmp_path):
-    result = main(small_demo(tmp_path / "run"))
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """A 4-step demo run without validation."""
+    return main(small_demo(tmp_path_factory.mktemp("plain") / "run"))
+
+
+def test_demo_run_writes_checkpoints_tensorboard_and_lora(plain_run):
+    result = plain_run
     run = result.output_dir
     assert result.final_step == 4 and len(result.losses) == 4
     assert (run / "config.json").is_file()
@@ -55,7 +64,9 @@ def test_demo_run_writes_checkpoints_tensorboard_and_lora(tmp_path):
     for tag in ("loss/video", "loss/audio", "lr", "grad/global_norm", "throughput/samples_per_s",
                 "throughput/tokens_per_s", "time/step_s"):
         assert scalars(run, tag), tag
-    assert any(t.startswith("loss/sigma_") for t in EventAccumulator(str(run / "tensorboard")).Reload().Tags()["scalars"])
+    scalar_tags = EventAccumulator(str(run / "tensorboard")).Reload().Tags()["scalars"]
+    assert any(t.startswith("loss/sigma_") for t in scalar_tags)
+    assert not (run / "samples").exists()
 
     lora = load_lora_file(result.export_path)
     assert lora.metadata["lora_rank"] == "8"
@@ -64,6 +75,45 @@ def test_demo_run_writes_checkpoints_tensorboard_and_lora(tmp_path):
     assert all(k.startswith("diffusion_model.transformer_blocks.") for k in keys)
     assert any(k.endswith(".attn1.to_q.lora_A.weight") for k in keys)
     assert any(k.endswith(".audio_attn1.to_q.alpha") for k in keys)
+
+
+def test_validation_writes_samples_and_leaves_training_unchanged(plain_run, tmp_path):
+    """The demo's validation (one prompt, 192x128x9 with audio, CFG + STG) at steps 0, 2 and 4: mp4 files with
+    H.264 + AAC, TensorBoard video and audio; losses and LoRA weights identical to the run without validation. A
+    resumed run samples at the next interval step only (not again at its start)."""
+    cfg = small_demo(tmp_path / "run", validation_interval=2)
+    cfg = replace(cfg, validation=replace(cfg.validation, offload_optimizer=True))
+    result = main(cfg)
+    run = result.output_dir
+    assert result.losses == plain_run.losses
+    a, b = load_lora_file(plain_run.export_path), load_lora_file(result.export_path)
+    for key in a.tensors:
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+
+    samples = run / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == [f"step_00000{s}_1.mp4" for s in (0, 2, 4)]
+    width, height, num_frames = cfg.validation.video_dims
+    info = probe_video(samples / "step_000004_1.mp4")
+    assert (info.num_frames, info.width, info.height, info.fps, info.has_audio) == (num_frames, width, height,
+                                                                                     cfg.validation.frame_rate, True)
+    audio = read_audio(samples / "step_000004_1.mp4")
+    assert (audio.sample_rate, audio.num_channels) == (DEMO_AUDIO_SAMPLE_RATE, 2)
+    # 9 frames at 24 fps -> 9 audio latents -> 4 * 9 - 3 = 33 mel frames at 100 / s; AAC keeps it to a frame.
+    assert abs(audio.num_samples - 33 * DEMO_AUDIO_SAMPLE_RATE // 100) <= 1024
+    assert audio.waveform.std() > 1e-3
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "audio": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("validation/sample_1")] == [0, 2, 4]
+    assert [e.step for e in acc.Audio("validation/sample_1_audio")] == [0, 2, 4]
+    assert (acc.Images("validation/sample_1")[0].width, acc.Images("validation/sample_1")[0].height) == (width, height)
+
+    resumed = main(small_demo(run, steps=6, validation_interval=2))
+    assert resumed.final_step == 6
+    assert sorted(p.name for p in samples.iterdir()) == [f"step_00000{s}_1.mp4" for s in (0, 2, 4, 6)]
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "audio": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("validation/sample_1")] == [0, 2, 4, 6]
 
 
 def test_activation_checkpointing_gives_identical_losses(tmp_path):
@@ -78,6 +128,7 @@ def test_activation_checkpointing_gives_identical_losses(tmp_path):
 
 
 def _run_cli(output_dir: Path, *extra: str) -> subprocess.Popen:
+    """The demo preset from the command line, shortened; its validation stays on (a sample at step 0)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), "demo", "--output_dir", str(output_dir), "--optim.steps", "6",
@@ -100,7 +151,8 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> Non
 
 def test_killed_run_resumes_to_the_same_losses_and_weights(tmp_path):
     """SIGKILL a real training process after its step-2 checkpoint, resume, and compare with an uninterrupted
-    run: the per-step losses after the resume point and the final LoRA weights are identical (CPU)."""
+    run: the per-step losses after the resume point and the final LoRA weights are identical (CPU). The killed
+    run samples a validation clip at step 0 and the others do not: that changes nothing either."""
     reference = main(small_demo(tmp_path / "reference", steps=6))
 
     killed_dir = tmp_path / "killed"
@@ -110,6 +162,7 @@ def test_killed_run_resumes_to_the_same_losses_and_weights(tmp_path):
     proc.wait(timeout=60)
     resume_from = latest_checkpoint(killed_dir)
     assert resume_from is not None
+    assert (killed_dir / "samples" / "step_000000_1.mp4").is_file()
 
     resumed = main(small_demo(killed_dir, steps=6))
     start = int(resume_from.name.split("_")[1])
@@ -151,19 +204,36 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
 def test_demo_assets_are_official_layout(tmp_path):
     from ltxf.data import PrecomputedDataset
+    from ltxf.models.audio_vae import load_audio_vae_decoder, load_audio_vae_encoder
     from ltxf.models.checkpoint import detect_version, read_config
+    from ltxf.models.video_vae import load_video_vae_decoder, load_video_vae_encoder
+    from ltxf.models.vocoder import load_vocoder
+    from ltxf.validation import load_prompt_features
 
-    checkpoint, dataset = build_demo_assets(tmp_path, seed=0)
-    assert detect_version(read_config(checkpoint)) == "ltx-2.3"
+    assets = build_demo_assets(tmp_path, seed=0)
+    checkpoint, dataset = assets
+    config = read_config(checkpoint)
+    assert detect_version(config) == "ltx-2.3"
+    assert {"transformer", "vae", "audio_vae", "vocoder"} <= set(config)
+    for load in (load_video_vae_encoder, load_video_vae_decoder, load_audio_vae_encoder, load_audio_vae_decoder,
+                 load_vocoder):
+        load(checkpoint)  # strict: every tensor of the component present, nothing left on meta
+    assert checkpoint.stat().st_size < 16e6
     data = PrecomputedDataset(dataset, sources=["latents", "conditions", "audio_latents"], text_length=None)
     sample = data[0]
     assert sample["video_latents"].dtype == torch.bfloat16 and sample["video_latents"].shape[0] == 128
     assert sample["audio_latents"].shape[0] == 8 and sample["audio_latents"].shape[2] == 16
 
+    features, negative = load_prompt_features(assets.prompt_features)
+    assert len(features) == 1 and negative is not None
+    clip_000 = data[[s.sample_id for s in data.samples].index("clip_000")]
+    assert torch.equal(features[0].video_prompt_embeds[0], clip_000["video_prompt_embeds"])
+    assert torch.equal(features[0].prompt_attention_mask[0].bool(), clip_000["prompt_attention_mask"])
+
 
 def test_ic_lora_run_writes_reference_downscale_factor(tmp_path):
     """IC-LoRA (video_to_video) trains on references at half resolution; the factor lands in the LoRA file."""
-    from ltxf.config import DataConfig, ModelConfig, StrategyConfig
+    from ltxf.config import DataConfig, StrategyConfig
     from ltxf.data import write_precomputed_sample
     from ltxf.demo import build_demo_checkpoint
 

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -188,6 +189,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _allocator_peak_mib(step, inputs) -> float:
+    """Peak of live torch allocations during one step, minus what was live before it, from the profiler's memory
+    timeline (independent of how the C allocator returns memory to the OS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step(inputs)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # export_memory_timeline is marked deprecated in favour of a CUDA-only API; it is the CPU one we have.
+        warnings.simplefilter("ignore", FutureWarning)
+        path = Path(tmp) / "timeline.json"
+        prof.export_memory_timeline(str(path), device="cpu")
+        _, sizes = json.loads(path.read_text())
+    totals = [sum(s) for s in sizes]
+    return (max(totals) - totals[0]) / 2**20
+
+
 def worker(spec: dict) -> dict:
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
     if spec["threads"]:
@@ -221,6 +239,7 @@ def worker(spec: dict) -> dict:
     else:
         peak_mib = _status_mib()["VmHWM"] - base_mem
     torch.save({"video": first[1], "audio": first[2]}, spec["outputs"])
+    allocator_mib = _allocator_peak_mib(step, inputs) if spec["allocator_peak"] and device.type == "cpu" else None
 
     flops = None
     if spec["count_flops"]:
@@ -231,7 +250,7 @@ def worker(spec: dict) -> dict:
             step(inputs)
         flops = counter.get_total_flops()
     return {"impl": spec["impl"], "median_s": statistics.median(times), "times_s": times, "peak_mib": peak_mib,
-            "loss": first[0], "flops": flops,
+            "allocator_mib": allocator_mib, "loss": first[0], "flops": flops,
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -298,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     parser.add_argument("--measure-load", action="store_true",
                         help="also measure peak host memory of load_transformer (same dtype and float32 from bf16)")
+    parser.add_argument("--allocator-peak", action=argparse.BooleanOptionalAction, default=True,
+                        help="on CPU, also measure the torch allocator peak of one extra profiled step")
     parser.add_argument("--worker-spec", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -338,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
             "height": preset.height, "width": preset.width, "audio_tokens": preset.audio_tokens,
             "text_tokens": preset.text_tokens, "dtype": dtype, "device": device, "steps": args.steps,
             "warmup": args.warmup, "seed": 0, "threads": args.threads,
+            "allocator_peak": args.allocator_peak,
         }
         impls = ["reference", "ltxf"] if args.impl == "both" else [args.impl]
         results: dict[str, list[dict]] = {impl: [] for impl in impls}
@@ -357,17 +379,23 @@ def main(argv: list[str] | None = None) -> None:
                     config.audio_num_heads, config.audio_head_dim, num_params / 1e6, preset.batch, num_video,
                     preset.audio_tokens, preset.text_tokens, args.rounds, args.steps,
                     args.threads or torch.get_num_threads())
-        memory_method = ("torch.cuda.max_memory_allocated over the steps minus the allocation before them"
-                         if device.startswith("cuda") else
-                         "peak RSS (VmHWM) growth during the steps over the RSS before them, fresh process per run")
-        logger.info("memory: %s", memory_method)
+        if device.startswith("cuda"):
+            logger.info("memory: torch.cuda.max_memory_allocated over the steps minus the allocation before them")
+        else:
+            logger.info("memory: 'peak' = growth of the peak RSS (VmHWM) during the steps over the RSS before them, "
+                        "in a fresh process per run (includes C-allocator fragmentation); 'allocator' = peak of live "
+                        "torch allocations in one profiled step minus those live before it (profiler memory "
+                        "timeline)")
         summary = {}
         peak = _peak_tflops(device, args.peak_tflops)
         for impl in impls:
             median = statistics.median(t for res in results[impl] for t in res["times_s"])
             memory = statistics.median(res["peak_mib"] for res in results[impl])
-            summary[impl] = (median, memory)
+            allocator = results[impl][0]["allocator_mib"]
+            summary[impl] = (median, memory, allocator)
             line = f"  {impl:<9} fwd+bwd {1e3 * median:9.1f} ms   peak {memory:9.1f} MiB"
+            if allocator is not None:
+                line += f"   allocator {allocator:9.1f} MiB"
             flops = results[impl][0]["flops"]
             if flops:
                 line += f"   {flops / 1e12:.2f} TFLOP/step"
@@ -376,10 +404,13 @@ def main(argv: list[str] | None = None) -> None:
             logger.info(line)
         if len(impls) == 2:
             outputs = {impl: torch.load(tmp / f"{impl}.pt") for impl in impls}
-            diff = max((outputs["ltxf"][k] - outputs["reference"][k]).abs().max().item() for k in ("video", "audio"))
-            (t_ref, m_ref), (t_ours, m_ours) = summary["reference"], summary["ltxf"]
-            logger.info("ratios (ltxf/reference): time %.3f   peak memory %.3f   (max |output diff| %.2e)",
-                        t_ours / t_ref, m_ours / m_ref if m_ref > 0 else math.nan, diff)
+            diff = max((outputs["ltxf"][k] - outputs["reference"][k]).abs().max().item()
+                       / outputs["reference"][k].abs().max().item() for k in ("video", "audio"))
+            (t_ref, m_ref, a_ref), (t_ours, m_ours, a_ours) = summary["reference"], summary["ltxf"]
+            allocator_ratio = f"   allocator peak {a_ours / a_ref:.3f}" if a_ref and a_ours else ""
+            logger.info("ratios (ltxf/reference): time %.3f   peak memory %.3f%s   "
+                        "(max |output diff| / max |output| %.1e)",
+                        t_ours / t_ref, m_ours / m_ref if m_ref > 0 else math.nan, allocator_ratio, diff)
 
         if args.measure_load:
             for file_dtype, load_dtype in ((dtype, dtype), ("bfloat16", "float32")):

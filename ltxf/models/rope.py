@@ -144,19 +144,44 @@ def apply_rope(x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_t
 
     Split: per head, ``(x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)`` with ``x1``/``x2`` the head's halves.
     Interleaved: per channel pair, ``(a, b) -> (a cos - b sin, b cos + a sin)``.
-    Only ``cos``/``sin`` are kept for backward (not ``x``), since the tables do not need gradients.
+    The backward pass is the inverse rotation of the incoming gradient, so only the tables are kept for it (the
+    tables never need gradients).
     """
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
+    return _Rotate.apply(x_BTD, cos, sin, rope_type)
+
+
+def _rotate(x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_type: RopeType, inverse: bool
+            ) -> torch.Tensor:
     batch, num_tokens, dim = x_BTD.shape
     if rope_type == "split":
-        num_heads, half = cos.shape[-2], cos.shape[-1]
-        # Half-width products only (no broadcast over the halves axis): measurably faster on CPU.
-        x1_BTHd, x2_BTHd = x_BTD.reshape(batch, num_tokens, num_heads, 2, half).unbind(-2)
-        out1 = x1_BTHd * cos - x2_BTHd * sin
-        out2 = x2_BTHd * cos + x1_BTHd * sin
-        return torch.stack((out1, out2), dim=-2).view(batch, num_tokens, dim)
-    if rope_type == "interleaved":
-        x_BTd2 = x_BTD.reshape(batch, num_tokens, dim // 2, 2)
-        a, b = x_BTd2.unbind(-1)
-        rotated_BTD = torch.stack((-b, a), dim=-1).view(batch, num_tokens, dim)
-        return x_BTD * cos + rotated_BTD * sin
-    raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
+        # [..., 2, d/2]: the two halves of every head; tables are [B, T, H, d/2].
+        first, second = x_BTD.reshape(batch, num_tokens, cos.shape[-2], 2, cos.shape[-1]).unbind(-2)
+        pair_axis = -2
+    else:
+        # [..., D/2, 2]: adjacent channel pairs; the tables repeat each angle twice, so every other entry suffices.
+        first, second = x_BTD.reshape(batch, num_tokens, dim // 2, 2).unbind(-1)
+        cos, sin = cos[..., ::2], sin[..., ::2]
+        pair_axis = -1
+    sign = -1.0 if inverse else 1.0
+    out_first = (first * cos).addcmul_(second, sin, value=-sign)
+    out_second = (second * cos).addcmul_(first, sin, value=sign)
+    return torch.stack((out_first, out_second), dim=pair_axis).view(batch, num_tokens, dim)
+
+
+class _Rotate(torch.autograd.Function):
+    @staticmethod
+    def forward(x_BTD, cos, sin, rope_type):
+        return _rotate(x_BTD, cos, sin, rope_type, inverse=False)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, cos, sin, rope_type = inputs
+        ctx.save_for_backward(cos, sin)
+        ctx.rope_type = rope_type
+
+    @staticmethod
+    def backward(ctx, grad_BTD):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad_BTD.contiguous(), cos, sin, ctx.rope_type, inverse=True), None, None, None

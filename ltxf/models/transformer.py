@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -256,7 +256,7 @@ class TransformerConfig:
 # Inputs
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class Modality:
     """The inputs of one stream (video or audio) for one forward pass.
 
@@ -322,7 +322,7 @@ class BlockSkips(NamedTuple):
     v2a: torch.Tensor | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class Perturbations:
     """Per-sample, per-block STG switches: bool ``[B, L]`` tensors (True = perturbed), None = off everywhere.
 
@@ -518,8 +518,9 @@ def _per_token(values_BKRD: torch.Tensor, token_index_BT: torch.Tensor | None) -
 # Modulation rows are ``[B, K, D]`` (one row per distinct timestep of each sample) plus a token index ``[B, T]``
 # into their ``B * K`` flattened rows, or ``[B, 1, D]`` with no index (broadcast over the tokens). The two
 # autograd functions below apply them without keeping any ``[B, T, D]`` modulation tensor, nor the normalised
-# tokens, for the backward pass: both are cheap to recompute from small saved tensors. This removes 3 of the
-# ~25 token-sized tensors a block otherwise saves per stream, for the same arithmetic.
+# tokens, for the backward pass: both are cheap to recompute from small saved tensors. Plain autograd would keep
+# the normalised tokens and the looked-up scale of every modulation and the looked-up gate of every gated
+# residual: 9 token-sized tensors per block and stream (LTX-2.3), ~20% of the activations a block saves.
 
 
 def _rows_per_token(rows_BKD: torch.Tensor, index_BT: torch.Tensor | None) -> torch.Tensor:
@@ -541,34 +542,41 @@ def _sum_per_row(values_BTD: torch.Tensor, index_BT: torch.Tensor | None, rows_s
 class _ModulatedRMSNorm(torch.autograd.Function):
     """``rms_norm(x) * scale[index] + shift[index]``; saves ``x`` and the per-token reciprocal RMS only.
 
-    Returns ``(y, rstd)``; ``rstd`` is a non-differentiable by-product, output so that it can be saved.
+    Returns ``(y, rstd)``; ``rstd`` is a non-differentiable by-product, output so that it can be saved. In-place
+    ops below only touch temporaries created here.
     """
 
     @staticmethod
     def forward(x_BTD, scale_BKD, shift_BKD, index_BT, eps):
-        x32 = x_BTD.float()
-        rstd_BT1 = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
-        x_norm = (x32 * rstd_BT1).to(x_BTD.dtype)
-        return x_norm * _rows_per_token(scale_BKD, index_BT) + _rows_per_token(shift_BKD, index_BT), rstd_BT1
+        rstd_BT1 = _reciprocal_rms(x_BTD, eps)
+        out = (x_BTD * rstd_BT1).to(x_BTD.dtype)
+        out.mul_(_rows_per_token(scale_BKD, index_BT)).add_(_rows_per_token(shift_BKD, index_BT))
+        return out, rstd_BT1
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x_BTD, scale_BKD, shift_BKD, index_BT, _ = inputs
         ctx.mark_non_differentiable(output[1])
         ctx.save_for_backward(x_BTD, output[1], scale_BKD, index_BT)
-        ctx.shapes = (scale_BKD.shape, shift_BKD.shape)
+        ctx.shift_shape = shift_BKD.shape
 
     @staticmethod
     def backward(ctx, grad_BTD, _grad_rstd):
         x_BTD, rstd_BT1, scale_BKD, index_BT = ctx.saved_tensors
-        scale_shape, shift_shape = ctx.shapes
-        x_norm32 = x_BTD.float() * rstd_BT1
-        grad_norm32 = (grad_BTD * _rows_per_token(scale_BKD, index_BT)).float()
-        # d rms_norm: rstd * (g - x_norm * mean(g * x_norm)).
-        grad_x = rstd_BT1 * (grad_norm32 - x_norm32 * (grad_norm32 * x_norm32).mean(-1, keepdim=True))
-        grad_scale = _sum_per_row(grad_BTD * x_norm32.to(grad_BTD.dtype), index_BT, scale_shape)
-        grad_shift = _sum_per_row(grad_BTD, index_BT, shift_shape)
+        x_norm = x_BTD * rstd_BT1
+        grad_scale = _sum_per_row(grad_BTD * x_norm.to(grad_BTD.dtype), index_BT, scale_BKD.shape)
+        grad_shift = _sum_per_row(grad_BTD, index_BT, ctx.shift_shape)
+        grad_norm = grad_BTD * _rows_per_token(scale_BKD, index_BT)
+        # d rms_norm: rstd * (g - x_norm * mean(g * x_norm)), computed in float32.
+        projection_BT1 = (grad_norm * x_norm).mean(-1, keepdim=True, dtype=torch.float32)
+        grad_x = grad_norm.float().addcmul_(x_norm, projection_BT1, value=-1.0).mul_(rstd_BT1)
         return grad_x.to(x_BTD.dtype), grad_scale, grad_shift, None, None
+
+
+def _reciprocal_rms(x_BTD: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(mean(x^2) + eps)`` per token, float32 ``[B, T, 1]``."""
+    squares = x_BTD.float().square() if x_BTD.dtype != torch.float32 else x_BTD.square()
+    return torch.rsqrt(squares.mean(-1, keepdim=True) + eps)
 
 
 class _GatedAdd(torch.autograd.Function):
@@ -576,7 +584,7 @@ class _GatedAdd(torch.autograd.Function):
 
     @staticmethod
     def forward(x_BTD, out_BTD, gate_BKD, index_BT):
-        return x_BTD + out_BTD * _rows_per_token(gate_BKD, index_BT)
+        return torch.addcmul(x_BTD, out_BTD, _rows_per_token(gate_BKD, index_BT))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -937,7 +945,10 @@ class AVTransformer(nn.Module):
         table_2D = getattr(self, f"{pre}scale_shift_table").to(embedded_BKD.dtype)
         shift, scale = _per_token(table_2D + embedded_BKD[:, :, None], token_index_BT)
         x_BTD = F.layer_norm(x_BTD, (x_BTD.shape[-1],), eps=self.config.norm_eps)
-        return getattr(self, f"{pre}proj_out")(x_BTD * (1 + scale) + shift)
+        velocity_BTC = getattr(self, f"{pre}proj_out")(x_BTD * (1 + scale) + shift)
+        # F.linear returns a view for 3-D inputs; hand out an owning tensor (tiny, C = 128) so that FSDP2's
+        # pre-backward hook cannot be bypassed by an in-place edit of the output.
+        return velocity_BTC.clone() if velocity_BTC._base is not None else velocity_BTC
 
     # ---- forward ------------------------------------------------------------------------------------------
 
@@ -1072,7 +1083,3 @@ def save_transformer(model: AVTransformer, path: str | Path, config: Mapping) ->
     tensors = {checkpoint.TRANSFORMER_PREFIX + k: v for k, v in model.state_dict().items()}
     return checkpoint.write_checkpoint(path, tensors, config)
 
-
-def transformer_state_keys(keys: Sequence[str]) -> list[str]:
-    """The module keys of the transformer tensors among the file keys of an official checkpoint."""
-    return [name for key in keys if (name := _transformer_select(key)) is not None]

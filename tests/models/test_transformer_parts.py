@@ -63,6 +63,20 @@ def test_rope_tables_and_rotation_match_reference(rope_type, axes, dim, heads):
         assert torch.equal(x, x_before)
 
 
+@pytest.mark.parametrize("rope_type", ["split", "interleaved"])
+def test_rope_gradient_matches_reference(rope_type):
+    """Our backward is the inverse rotation (a custom autograd function); the reference's is autograd's."""
+    positions = _positions(2, 3, 24)
+    ref_tables = _reference_tables(positions, 48, 4, rope_type, [20, 2048, 2048], True)
+    cos, sin = build_rope(positions, dim=48, num_heads=4, max_pos=[20, 2048, 2048], rope_type=rope_type)
+    x = torch.randn(2, 24, 48)
+    grad = torch.randn(2, 24, 48)
+    x_ref, x_ours = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ref_rope.apply_rotary_emb(x_ref * 1.0, ref_tables, ref_rope.LTXRopeType(rope_type)).backward(grad)
+    apply_rope(x_ours, cos, sin, rope_type).backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, atol=1e-6, rtol=0)
+
+
 def test_rope_start_positions_and_batch_broadcast():
     """Connector style: [1, 1, S] indices without bounds, no midpoint; tables broadcast over the batch."""
     indices = torch.arange(16, dtype=torch.float32)[None, None, :]
