@@ -204,28 +204,36 @@ def demo_media_tensors(*, seed: int) -> dict[str, torch.Tensor]:
     return {key: value.to(MEDIA_DTYPE) for key, value in tensors.items()}
 
 
+def random_model_tensors(config: dict, *, seed: int, gemma_hidden_size: int = DEMO_GEMMA_HIDDEN,
+                         gemma_num_hidden_states: int = DEMO_GEMMA_STATES) -> dict[str, torch.Tensor]:
+    """Random transformer and text-side (feature extractor + connectors) tensors for a checkpoint ``config``,
+    under their official key prefixes."""
+    generator = torch.Generator().manual_seed(seed)
+    transformer = init_random_(AVTransformer(TransformerConfig.from_checkpoint_config(config["transformer"])),
+                               generator)
+    text_config = EmbeddingsProcessorConfig.from_transformer_config(
+        config["transformer"], gemma_hidden_size=gemma_hidden_size, gemma_num_hidden_states=gemma_num_hidden_states
+    )
+    text = init_random_(EmbeddingsProcessor(text_config), generator)
+    tensors = {TRANSFORMER_PREFIX + key: value for key, value in transformer.state_dict().items()}
+    text_prefixes = {"feature_extractor.": TEXT_PROJECTION_PREFIX, "video_connector.": VIDEO_CONNECTOR_PREFIX,
+                     "audio_connector.": AUDIO_CONNECTOR_PREFIX}
+    for key, value in text.state_dict().items():
+        module, _, rest = key.partition(".")
+        tensors[text_prefixes[module + "."] + rest] = value
+    return tensors
+
+
+def write_random_checkpoint(path: Path, config: dict, *, seed: int) -> Path:
+    """A random official-layout checkpoint with a transformer and text side built from ``config`` (benchmarks)."""
+    return write_checkpoint(path, random_model_tensors(config, seed=seed), config)
+
+
 def build_demo_checkpoint(path: Path, *, seed: int) -> Path:
     """Write a random tiny LTX-2.3-architecture checkpoint in the official single-file layout: transformer, text
     side (feature extractor + connectors), video VAE, audio VAE and vocoder (about 14 MB)."""
     config = demo_checkpoint_config()
-    generator = torch.Generator().manual_seed(seed)
-    transformer = init_random_(AVTransformer(demo_transformer_config()), generator)
-    text_config = EmbeddingsProcessorConfig.from_transformer_config(
-        config["transformer"], gemma_hidden_size=DEMO_GEMMA_HIDDEN, gemma_num_hidden_states=DEMO_GEMMA_STATES
-    )
-    text = init_random_(EmbeddingsProcessor(text_config), generator)
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in transformer.state_dict().items():
-        tensors[TRANSFORMER_PREFIX + key] = value
-    for key, value in text.state_dict().items():
-        if key.startswith("feature_extractor."):
-            tensors[TEXT_PROJECTION_PREFIX + key.removeprefix("feature_extractor.")] = value
-        elif key.startswith("video_connector."):
-            tensors[VIDEO_CONNECTOR_PREFIX + key.removeprefix("video_connector.")] = value
-        elif key.startswith("audio_connector."):
-            tensors[AUDIO_CONNECTOR_PREFIX + key.removeprefix("audio_connector.")] = value
-        else:
-            raise AssertionError(f"unplaced text-side tensor {key}")
+    tensors = random_model_tensors(config, seed=seed)
     # The media parts draw from their own stream, so the transformer and the text side depend on the seed only.
     tensors.update(demo_media_tensors(seed=seed + 1))
     return write_checkpoint(path, tensors, config)

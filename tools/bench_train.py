@@ -37,6 +37,7 @@ from ltxf.data import DummyDataset, write_precomputed_sample  # noqa: E402
 from ltxf.demo import write_random_checkpoint  # noqa: E402
 from ltxf.lora import LoraConfig  # noqa: E402
 from ltxf.models.transformer import TransformerConfig  # noqa: E402
+from ltxf.validation import ValidationConfig  # noqa: E402
 
 logger = logging.getLogger("bench_train")
 
@@ -110,6 +111,7 @@ def trainer_config(preset: Preset, checkpoint: Path, data: Path, output: Path, a
         parallel=ParallelConfig(data_parallel="replicate", activation_checkpointing=False),
         checkpoints=CheckpointConfig(interval=None, keep_last_n=1, resume=False),
         log=LogConfig(every=1, console_every_s=30.0),
+        validation=ValidationConfig(),
         output_dir=output,
     )
 

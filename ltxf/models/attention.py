@@ -21,6 +21,56 @@ from ltxf.models.rope import ROPE_TYPES, RopeType, apply_rope
 RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dim, computed in float32; same values as
+    ``F.rms_norm``. A fused autograd function: it keeps ``x`` and the per-row reciprocal RMS for backward (like
+    ``F.rms_norm``) but its backward is a handful of fused passes instead of autograd's composite one."""
+    return _RMSNorm.apply(x, weight, eps)[0]
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(x, weight, eps):
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+        out = (x32 * rstd).to(x.dtype)
+        if weight is not None:
+            out.mul_(weight)
+        return out, rstd
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(x, weight, output[1])
+
+    @staticmethod
+    def backward(ctx, grad, _grad_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        x_norm = x.float() * rstd
+        grad_weight = None
+        if weight is not None:
+            grad_weight = (grad * x_norm).flatten(0, -2).sum(0, dtype=torch.float32).to(weight.dtype)
+            grad = grad * weight
+        # d/dx of x * rstd: rstd * (g - x_norm * mean(g * x_norm)), in float32.
+        projection = (grad * x_norm).mean(-1, keepdim=True, dtype=torch.float32)
+        grad_x = grad.float().addcmul_(x_norm, projection, value=-1.0).mul_(rstd) if weight is not None else \
+            (grad.float() - x_norm * projection).mul_(rstd)
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+class RMSNorm(nn.Module):
+    """RMS norm with a learnable weight over the last dim (state-dict key ``weight``), via :func:`rms_norm`."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head attention with RMS q/k norms, optional RoPE, optional per-head gate and STG pass-through.
 
@@ -55,8 +105,8 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(query_dim, inner_dim)
         self.to_k = nn.Linear(context_dim, inner_dim)
         self.to_v = nn.Linear(context_dim, inner_dim)
-        self.q_norm = nn.RMSNorm(inner_dim, eps=norm_eps)
-        self.k_norm = nn.RMSNorm(inner_dim, eps=norm_eps)
+        self.q_norm = RMSNorm(inner_dim, eps=norm_eps)
+        self.k_norm = RMSNorm(inner_dim, eps=norm_eps)
         self.to_gate_logits = nn.Linear(query_dim, num_heads) if gated else None
         # A ModuleList so that the checkpoint key is ``to_out.0.weight``.
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim)])
@@ -113,7 +163,9 @@ class Attention(nn.Module):
         out_BTHd = out_BHTd.transpose(1, 2)
 
         if value_passthrough_B is not None:
-            # Only meaningful for self-attention (S == T), where the value projection has the query's length.
+            if num_kv != num_q:
+                raise ValueError(f"value_passthrough_B needs as many keys as queries (self-attention); got "
+                                 f"{num_kv} keys for {num_q} queries")
             out_BTHd = torch.where(value_passthrough_B.view(batch, 1, 1, 1), v_BSD.view(shape_kv), out_BTHd)
         if self.to_gate_logits is not None:
             gate_BTH1 = 2.0 * torch.sigmoid(self.to_gate_logits(x_BTC)).unsqueeze(-1)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltxf.models import checkpoint
-from ltxf.models.attention import Attention
+from ltxf.models.attention import Attention, rms_norm
 from ltxf.models.checkpoint import ModelVersion
 from ltxf.models.rope import ROPE_TYPES, RopeType, build_rope
 
@@ -503,7 +503,7 @@ def _table(rows: int, dim: int) -> nn.Parameter:
 
 
 def _rms(x_BTD: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x_BTD, (x_BTD.shape[-1],), eps=eps)
+    return rms_norm(x_BTD, None, eps)
 
 
 def _per_token(values_BKRD: torch.Tensor, token_index_BT: torch.Tensor | None) -> list[torch.Tensor]:

@@ -5,8 +5,9 @@ checkpoint I/O).
 Tolerance: outputs and gradients must agree within 1e-5 absolute in float32 (parameter gradients: relative to
 their largest entry). The two implementations do the same math in a different order: AdaLN is evaluated once
 per distinct timestep instead of once per token (the GEMM has a different M, so the BLAS blocking and summation
-order differ), the RMS norm + modulation and the gated residual are fused autograd functions with a hand-written
-backward (different reduction order), RoPE uses addcmul, the STG blend is a select instead of a multiply-add.
+order differ), the RMS norms (with and without modulation), the gated residual and RoPE are fused autograd
+functions with hand-written backward passes (different reduction order, addcmul), the STG blend is a select
+instead of a multiply-add.
 Each is a ~1 ulp (6e-8 relative) difference that the blocks amplify; observed errors are ~1e-6 at output
 magnitudes of ~3. Weights are drawn with std 0.1 (not ltx-core's 0.02) so that a wiring bug moves the outputs by
 far more than the tolerance (e.g. the float32 RoPE grid instead of the float64 one moves them by ~2e-5, swapping

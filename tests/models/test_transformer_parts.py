@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ltxf.models.attention import Attention
+from ltxf.models.attention import Attention, rms_norm
 from ltxf.models.rope import apply_rope, build_rope, rope_frequencies
 from tests.ltx_reference import import_ltx_core, random_init_
 
@@ -141,3 +142,27 @@ def test_attention_state_dict_names():
     keys = set(Attention(8, 4, num_heads=2, head_dim=4, gated=True).state_dict())
     assert keys == {f"{m}.{p}" for m in ("to_q", "to_k", "to_v", "to_out.0", "to_gate_logits")
                     for p in ("weight", "bias")} | {"q_norm.weight", "k_norm.weight"}
+
+
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_torch(with_weight, dtype):
+    """The fused RMS norm (q/k norms, unmodulated norms) against F.rms_norm: values and gradients."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 7, 32, generator=g) * 3).to(dtype)
+    weight = (1 + 0.1 * torch.randn(32, generator=g)).to(dtype) if with_weight else None
+    grad = torch.randn(2, 7, 32, generator=g).to(dtype)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    results = []
+    for fn in (lambda a, w: F.rms_norm(a, (32,), w, 1e-6), lambda a, w: rms_norm(a, w, 1e-6)):
+        xa = x.clone().requires_grad_(True)
+        wa = None if weight is None else weight.clone().requires_grad_(True)
+        out = fn(xa, wa)
+        out.backward(grad)
+        results.append((out, xa.grad, None if wa is None else wa.grad))
+    (out_t, gx_t, gw_t), (out_o, gx_o, gw_o) = results
+    assert out_o.dtype == dtype and gx_o.dtype == dtype
+    torch.testing.assert_close(out_o, out_t, **tol)
+    torch.testing.assert_close(gx_o, gx_t, **tol)
+    if with_weight:
+        torch.testing.assert_close(gw_o, gw_t, **tol)
