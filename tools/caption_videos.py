@@ -8,33 +8,24 @@ Exit code: 0 when the output lists at least one caption, 1 when it lists none, 2
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ltxf.prep.captions import CaptionVideosConfig, caption_videos  # noqa: E402
-
-logger = logging.getLogger("tools.caption_videos")
+from ltxf.prep.cli import run_tool  # noqa: E402
 
 
 def main(args: Sequence[str] | None = None) -> int:
     """Parse the command line, run, and return the exit code."""
-    # tyro reports invalid flags and values (ValueError from a config's checks) and exits with code 2.
-    config = tyro.cli(CaptionVideosConfig, args=args, description=__doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        summary = caption_videos(config)
-        return 0 if summary.captioned or summary.kept else 1
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 2
+    return run_tool(
+        CaptionVideosConfig, caption_videos, lambda summary: 0 if summary.captioned or summary.kept else 1,
+        description=__doc__, args=args,
+    )
 
 
 if __name__ == "__main__":

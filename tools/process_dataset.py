@@ -11,32 +11,21 @@ malformed dataset file, missing model).
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ltxf.prep.cli import run_tool  # noqa: E402
 from ltxf.prep.process import ProcessDatasetConfig, exit_code, process_dataset  # noqa: E402
-
-logger = logging.getLogger("tools.process_dataset")
 
 
 def main(args: Sequence[str] | None = None) -> int:
     """Parse the command line, run, and return the exit code."""
-    # tyro reports invalid flags and values (ValueError from a config's checks) and exits with code 2.
-    config = tyro.cli(ProcessDatasetConfig, args=args, description=__doc__)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return exit_code(process_dataset(config))
-    except ValueError as exc:
-        logger.error("%s", exc)
-        return 2
+    return run_tool(ProcessDatasetConfig, process_dataset, exit_code, description=__doc__, args=args)
 
 
 if __name__ == "__main__":

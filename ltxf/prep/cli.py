@@ -1,0 +1,36 @@
+"""The shared shape of the data-preparation tools: parse a config with tyro, run, map the outcome to an exit
+code (0 something produced, 1 nothing produced, 2 usage error)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import tyro
+
+logger = logging.getLogger(__name__)
+
+ConfigT = TypeVar("ConfigT")
+
+
+def run_tool(
+    config_type: type[ConfigT],
+    run: Callable[[ConfigT], Any],
+    exit_code: Callable[[Any], int],
+    *,
+    description: str | None,
+    args: Sequence[str] | None = None,
+) -> int:
+    """Parse ``args`` into ``config_type``, call ``run(config)`` and return ``exit_code(result)``.
+
+    tyro reports invalid flags and values (a ``ValueError`` from a config's checks) and exits with code 2; a
+    ``ValueError`` raised while running (a missing model, a malformed dataset file) is logged and returns 2.
+    """
+    config = tyro.cli(config_type, args=args, description=description)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return exit_code(run(config))
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
