@@ -28,12 +28,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return _RMSNorm.apply(x, weight, eps)[0]
 
 
+def reciprocal_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(mean(x^2) + eps)`` over the last dim, float32 with a kept last dim (one fused reduction)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return torch.rsqrt(norm.square_().div_(x.shape[-1]).add_(eps))
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, eps):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
-        out = (x32 * rstd).to(x.dtype)
+        rstd = reciprocal_rms(x, eps)
+        out = (x * rstd).to(x.dtype)
         if weight is not None:
             out.mul_(weight)
         return out, rstd

@@ -42,7 +42,8 @@ def rope_frequencies(
     """
     dtype = torch.float64 if double_precision else torch.float32
     exponents_K = torch.linspace(0.0, 1.0, num_freqs, dtype=dtype, device=device)
-    freqs_K = torch.pow(torch.tensor(float(theta), dtype=dtype, device=device), exponents_K)
+    # A Python-scalar base: no host-to-device copy when the grid is built on an accelerator.
+    freqs_K = torch.pow(float(theta), exponents_K)
     return (freqs_K * math.pi / 2).to(torch.float32)
 
 

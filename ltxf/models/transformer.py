@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltxf.models import checkpoint
-from ltxf.models.attention import Attention, rms_norm
+from ltxf.models.attention import Attention, reciprocal_rms, rms_norm
 from ltxf.models.checkpoint import ModelVersion
 from ltxf.models.rope import ROPE_TYPES, RopeType, build_rope
 
@@ -267,7 +267,7 @@ class Modality:
         timesteps: ``[B, T]`` (or ``[B, T, 1]``) per-token noise level, 0 for clean conditioning tokens; or
             ``[B]`` / ``[B, 1]`` when every token of a sample shares one value.
         positions: ``[B, A, T, 2]`` ``[start, end)`` bounds: video ``A = 3`` (seconds, pixels, pixels), audio
-            ``A = 1`` (seconds).
+            ``A = 1`` (seconds). ``[1, A, T, 2]`` shares one grid (and one set of RoPE tables) across the batch.
         context: ``[B, S, C_text]`` text context (LTX-2: caption_channels wide, projected in the model;
             LTX-2.3: already at the stream width).
         context_mask: ``[B, S]`` 1 = real token, 0 = padding (bool, int or float), or None for no masking. Pass
@@ -296,10 +296,10 @@ class Modality:
         if shape not in ((batch,), (batch, 1), (batch, num_tokens), (batch, num_tokens, 1)):
             raise ValueError(f"Modality.timesteps must be [B, T] (or [B, T, 1], [B], [B, 1]) with B={batch}, "
                              f"T={num_tokens}; got {shape}")
-        if self.positions.ndim != 4 or self.positions.shape[0] != batch or self.positions.shape[2] != num_tokens \
-                or self.positions.shape[3] != 2:
-            raise ValueError(f"Modality.positions must be [B, A, T, 2] with B={batch}, T={num_tokens}; got "
-                             f"{tuple(self.positions.shape)}")
+        if self.positions.ndim != 4 or self.positions.shape[0] not in (1, batch) \
+                or self.positions.shape[2] != num_tokens or self.positions.shape[3] != 2:
+            raise ValueError(f"Modality.positions must be [B, A, T, 2] (or [1, A, T, 2]) with B={batch}, "
+                             f"T={num_tokens}; got {tuple(self.positions.shape)}")
         if self.context.ndim != 3 or self.context.shape[0] != batch:
             raise ValueError(f"Modality.context must be [B, S, C] with B={batch}, got {tuple(self.context.shape)}")
         if self.context_mask is not None and tuple(self.context_mask.shape) != tuple(self.context.shape[:2]):
@@ -330,6 +330,7 @@ class Perturbations:
     projection (the attention is bypassed) for the marked samples and blocks; ``skip_a2v`` / ``skip_v2a`` drop the
     audio-to-video / video-to-audio cross-attention residual. Same semantics as the reference's
     ``BatchedPerturbationConfig``, as tensors, so different samples of a batch can run different guidance passes.
+    Build them on the model's device (``build(..., device=...)``): the forward moves them otherwise, every call.
     """
 
     skip_video_self_attn: torch.Tensor | None = None
@@ -548,7 +549,7 @@ class _ModulatedRMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(x_BTD, scale_BKD, shift_BKD, index_BT, eps):
-        rstd_BT1 = _reciprocal_rms(x_BTD, eps)
+        rstd_BT1 = reciprocal_rms(x_BTD, eps)
         out = (x_BTD * rstd_BT1).to(x_BTD.dtype)
         out.mul_(_rows_per_token(scale_BKD, index_BT)).add_(_rows_per_token(shift_BKD, index_BT))
         return out, rstd_BT1
@@ -571,12 +572,6 @@ class _ModulatedRMSNorm(torch.autograd.Function):
         projection_BT1 = (grad_norm * x_norm).mean(-1, keepdim=True, dtype=torch.float32)
         grad_x = grad_norm.float().addcmul_(x_norm, projection_BT1, value=-1.0).mul_(rstd_BT1)
         return grad_x.to(x_BTD.dtype), grad_scale, grad_shift, None, None
-
-
-def _reciprocal_rms(x_BTD: torch.Tensor, eps: float) -> torch.Tensor:
-    """``1 / sqrt(mean(x^2) + eps)`` per token, float32 ``[B, T, 1]``."""
-    squares = x_BTD.float().square() if x_BTD.dtype != torch.float32 else x_BTD.square()
-    return torch.rsqrt(squares.mean(-1, keepdim=True) + eps)
 
 
 class _GatedAdd(torch.autograd.Function):
@@ -900,8 +895,7 @@ class AVTransformer(nn.Module):
             weights = modality.attention_mask
             finfo = torch.finfo(dtype)
             log_w = torch.log(weights.clamp(min=finfo.tiny)).to(dtype)
-            self_mask = torch.where(weights > 0, log_w, torch.tensor(finfo.min, dtype=dtype, device=log_w.device))
-            self_mask = self_mask.unsqueeze(1)
+            self_mask = log_w.masked_fill(weights <= 0, finfo.min).unsqueeze(1)
 
         rope = partial(build_rope, rope_type=cfg.rope_type, theta=cfg.positional_embedding_theta,
                        double_precision=cfg.double_precision_rope, dtype=dtype)

@@ -258,6 +258,18 @@ def test_distinct_timestep_paths_agree(models):
     _assert_outputs_close(uniform, reference_style)
 
 
+def test_positions_shared_across_the_batch(models):
+    """[1, A, T, 2] positions broadcast (one set of RoPE tables) and give the per-sample result."""
+    version, _, ours = models
+    inputs = _inputs(version, first_frame_clean=True)
+    with torch.no_grad():
+        expected = _run_ours(ours, inputs)
+        for k in ("video", "audio"):
+            assert torch.equal(inputs[k]["positions"][0], inputs[k]["positions"][1])
+            inputs[k]["positions"] = inputs[k]["positions"][:1]
+        _assert_outputs_close(_run_ours(ours, inputs), expected)
+
+
 def test_too_many_distinct_timesteps_is_an_error(models):
     version, _, ours = models
     capped = AVTransformer(ours.config, max_distinct_timesteps=2)
