@@ -282,6 +282,9 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                                      full=full)
     monitor.close()
     if dist_info.is_main:
+        if len(losses) > 1:
+            logger.info("logged training loss went from %.4f (step %d) to %.4f (step %d)", losses[0],
+                        start_step + 1, losses[-1], step)
         logger.info("run finished at step %d: checkpoints in %s, TensorBoard logs in %s%s", step,
                     output_dir / "checkpoints", output_dir / "tensorboard",
                     f", weights exported to {export_path}" if export_path else "")

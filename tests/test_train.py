@@ -69,7 +69,7 @@ def test_demo_run_writes_checkpoints_tensorboard_and_lora(plain_run):
     assert not (run / "samples").exists()
 
     lora = load_lora_file(result.export_path)
-    assert lora.metadata["lora_rank"] == "8"
+    assert lora.metadata["lora_rank"] == str(demo().lora.rank)
     with safe_open(str(result.export_path), "pt") as f:
         keys = list(f.keys())
     assert all(k.startswith("diffusion_model.transformer_blocks.") for k in keys)
