@@ -36,7 +36,8 @@ class ModelConfig:
     official trainer."""
 
     init_lora: Path | None = None
-    """Start LoRA training from this LoRA file (ltxf or ComfyUI/PEFT layout) instead of zero-initialised B."""
+    """Start LoRA training from this LoRA file (ltxf, ComfyUI or PEFT layout; same targets and rank) instead of
+    a zero-initialised B. A resumed run ignores it (the checkpoint holds the adapters)."""
 
     def __post_init__(self) -> None:
         if self.checkpoint is not None and str(self.checkpoint).startswith(("http:/", "https:/")):

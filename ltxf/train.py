@@ -24,8 +24,15 @@ from torch import nn
 from ltxf import checkpoint as run_checkpoint
 from ltxf.config import TrainConfig, check_paths
 from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
-from ltxf.lora import init_lora_parameters, inject_lora, lora_parameters, lora_state_dict
-from ltxf.models.checkpoint import read_config
+from ltxf.lora import (
+    LoraConfig,
+    init_lora_parameters,
+    inject_lora,
+    load_lora_weights,
+    lora_parameters,
+    lora_state_dict,
+)
+from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, write_checkpoint
 from ltxf.models.text import load_embeddings_processor
 from ltxf.models.transformer import load_transformer
 from ltxf.monitor import Monitor, memory_metrics
@@ -67,6 +74,18 @@ def build_optimizer(cfg: TrainConfig):
     make = adamw_8bit if o.optimizer == "adamw8bit" else adamw
     core = make(schedule, b1=o.betas[0], b2=o.betas[1], eps=o.eps, weight_decay=o.weight_decay)
     return chain(clip_by_global_norm(o.max_grad_norm), core) if o.max_grad_norm > 0 else core
+
+
+def apply_initial_lora(transformer: nn.Module, path: Path, lora: LoraConfig) -> None:
+    """Start from a LoRA file (ltxf, ComfyUI or PEFT layout): its effective update ``scale_file * B @ A`` is
+    kept exactly, whatever the alpha/rank convention of the file and of this run."""
+    lora_file = run_checkpoint.load_lora_file(path)
+    tensors = dict(lora_file.tensors)
+    for module, scale in lora_file.scales.items():
+        key = f"{module}.lora_B.weight"
+        tensors[key] = tensors[key].float() * (scale / lora.scaling)
+    load_lora_weights(transformer, tensors)
+    logger.info("LoRA initialised from %s (%d modules)", path, len(lora_file.scales))
 
 
 def _data_sources(cfg: TrainConfig) -> list[str]:
@@ -178,6 +197,8 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
         targets = inject_lora(transformer, cfg.lora)
         # Same derived seed on every rank: identical adapters with no broadcast.
         init_lora_parameters(transformer, make_generator(cfg.seed, 0, 0, "lora_init", device=device))
+        if cfg.model.init_lora is not None:
+            apply_initial_lora(transformer, cfg.model.init_lora, cfg.lora)
         logger.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(targets))
     parallelize(transformer, fsdp=fsdp, activation_checkpointing=cfg.parallel.activation_checkpointing,
                 compile=cfg.parallel.compile, param_dtype=compute_dtype if full else None,
@@ -332,7 +353,8 @@ def export_weights(
     *,
     full: bool,
 ) -> Path | None:
-    """Write the trained weights for use outside ltxf: a ComfyUI-layout LoRA, or an official-layout checkpoint.
+    """Write the trained weights for use outside ltxf: a ComfyUI-layout LoRA, or an official-layout checkpoint;
+    trained text connectors go to their own official-layout file (``text_connectors_step_N.safetensors``).
 
     Collective under FSDP (parameters are gathered); only rank 0 writes.
     """
@@ -353,6 +375,12 @@ def export_weights(
         if dist_info.is_main:
             run_checkpoint.export_lora(path, weights, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dtype=dtype,
                                        metadata=metadata)
+    if cfg.model.train_connectors:
+        connectors = {f"{name}_embeddings_connector.{k}": v for name in ("video", "audio")
+                      for k, v in _gather_full(getattr(text_processor, f"{name}_connector").state_dict()).items()}
+        if dist_info.is_main:
+            write_checkpoint(exports / f"text_connectors_step_{step:06d}.safetensors",
+                             {TRANSFORMER_PREFIX + k: v.to(dtype) for k, v in connectors.items()}, model_config)
     barrier()
     return path
 

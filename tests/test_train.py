@@ -256,3 +256,38 @@ def test_ic_lora_run_writes_reference_downscale_factor(tmp_path):
     assert lora.metadata["reference_downscale_factor"] == "2"
     assert lora.metadata["ltxf_strategy"] == "video_to_video"
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_trained_connectors_are_exported_in_the_official_layout(tmp_path):
+    from ltxf.models.text import load_embeddings_processor
+
+    cfg = small_demo(tmp_path / "run", steps=2)
+    result = main(replace(cfg, model=replace(cfg.model, train_connectors=True)))
+    exported = result.output_dir / "exports" / "text_connectors_step_000002.safetensors"
+    trained = load_embeddings_processor(exported, with_feature_extractor=False)
+    base = load_embeddings_processor(result.output_dir / "demo_assets" / "demo_model.safetensors",
+                                     with_feature_extractor=False)
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert changed, "the connectors were trained and exported"
+
+
+def test_init_lora_keeps_the_files_effective_update(tmp_path):
+    """A LoRA exported with alpha != rank, loaded into a run with another alpha, gives the same W + dW."""
+    from ltxf.checkpoint import export_lora
+    from ltxf.lora import LoraConfig, inject_lora, lora_state_dict
+    from ltxf.train import apply_initial_lora
+
+    layer = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    cfg_file = LoraConfig(rank=4, alpha=8, target_modules=("0",))
+    inject_lora(layer, cfg_file)
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: torch.randn(v.shape, generator=g) for k, v in lora_state_dict(layer).items()}
+    path = export_lora(tmp_path / "l.safetensors", tensors, rank=4, alpha=8, dtype=torch.float32)
+    expected = 8 / 4 * tensors["0.lora_B.weight"] @ tensors["0.lora_A.weight"]
+
+    target = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    run_cfg = LoraConfig(rank=4, alpha=1, target_modules=("0",))
+    inject_lora(target, run_cfg)
+    apply_initial_lora(target, path, run_cfg)
+    got = run_cfg.scaling * target[0].lora_B.weight @ target[0].lora_A.weight
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
