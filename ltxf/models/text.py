@@ -47,6 +47,7 @@ from ltxf.models.checkpoint import (
     read_tensor_shapes,
     read_tensors,
 )
+from ltxf.models.feed_forward import FeedForward
 from ltxf.models.rope import ROPE_TYPES, RopeType, build_rope
 
 logger = logging.getLogger(__name__)
@@ -356,26 +357,6 @@ def replace_padding_with_registers(
     return torch.where(keep_BS1, front_BSC, registers_SC)
 
 
-class _FeedForward(nn.Module):
-    """``Linear -> GELU(tanh) -> Linear`` with the checkpoint names ``net.0.proj`` and ``net.2``."""
-
-    def __init__(self, dim: int, mult: int = 4) -> None:
-        super().__init__()
-        self.net = nn.ModuleList([_GeluProjection(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
-
-    def forward(self, x_BSC: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x_BSC))
-
-
-class _GeluProjection(nn.Module):
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
 class ConnectorBlock(nn.Module):
     """Pre-norm block: ``x += attn1(rms(x))``; ``x += ff(rms(x))`` (RMS without weight, eps 1e-6)."""
 
@@ -386,7 +367,7 @@ class ConnectorBlock(nn.Module):
             dim, num_heads=config.num_heads, head_dim=config.head_dim, rope_type=config.rope_type,
             gated=config.gated_attention,
         )
-        self.ff = _FeedForward(dim)
+        self.ff = FeedForward(dim)
 
     def forward(
         self, x_BSC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None

@@ -45,6 +45,7 @@ from torch import nn
 from ltxf.models import checkpoint
 from ltxf.models.attention import Attention, reciprocal_rms, rms_norm
 from ltxf.models.checkpoint import ModelVersion
+from ltxf.models.feed_forward import FeedForward
 from ltxf.models.rope import ROPE_TYPES, RopeType, build_rope
 
 logger = logging.getLogger(__name__)
@@ -477,26 +478,6 @@ class CaptionProjection(nn.Module):
 
     def forward(self, x_BSC: torch.Tensor) -> torch.Tensor:
         return self.linear_2(F.gelu(self.linear_1(x_BSC), approximate="tanh"))
-
-
-class _GeluProjection(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.proj = nn.Linear(dim, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
-
-
-class FeedForward(nn.Module):
-    """Linear(D, 4D) -> tanh-GELU -> Linear(4D, D); keys ``net.0.proj`` and ``net.2`` (``net.1`` holds nothing)."""
-
-    def __init__(self, dim: int, mult: int = 4) -> None:
-        super().__init__()
-        self.net = nn.ModuleList([_GeluProjection(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
-
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x_BTD))
 
 
 def _table(rows: int, dim: int) -> nn.Parameter:
