@@ -99,13 +99,13 @@ def _bucket_index(sigma_B: torch.Tensor) -> torch.Tensor:
 
 def train_step(
     state: TrainState, micro_batches: list[dict[str, torch.Tensor]], ctx: StepContext
-) -> tuple[TrainState, dict[str, torch.Tensor]]:
+) -> tuple[TrainState, dict[str, torch.Tensor | float]]:
     """One optimizer step over ``micro_batches`` (gradient accumulation inside the step).
 
     The input ``state`` is DONATED: its parameter and optimizer tensors are updated in place (they are the
     model's own parameters) and it must not be used after the call; use the returned state. Metrics are
     device tensors summed over this process's micro-batches (``*_sum`` / ``*_count``) so the caller can reduce
-    them across processes only when it logs.
+    them across processes only when it logs; ``num_samples`` / ``num_tokens`` are host-side counts (floats).
 
     Raises :class:`NonFiniteLossError` before touching the parameters if the loss or the gradient norm is not
     finite (with ``nonfinite_loss='skip'`` the update is skipped instead and the step still advances).
@@ -171,8 +171,8 @@ def train_step(
         "audio_loss_sum": audio_sum / num_micro,
         "sigma_bucket_loss_sum": bucket_sum,
         "sigma_bucket_count": bucket_count,
-        "num_samples": torch.tensor(float(num_samples), device=device),
-        "num_tokens": torch.tensor(float(num_tokens), device=device),
+        "num_samples": float(num_samples),
+        "num_tokens": float(num_tokens),
         "skipped": torch.tensor(0.0 if finite else 1.0, device=device),
     }
     metrics["grad_norm"] = norm.detach().float().to(device)

@@ -277,8 +277,8 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                 monitor.close()
                 raise
             step = int(state.step)
-            monitor.end_step(step, num_samples=float(metrics["num_samples"]) * dist_info.world_size,
-                             num_tokens=float(metrics["num_tokens"]) * dist_info.world_size)
+            monitor.end_step(step, num_samples=metrics["num_samples"] * dist_info.world_size,
+                             num_tokens=metrics["num_tokens"] * dist_info.world_size)
             pending.append(metrics)
             if step % cfg.log.every == 0 or step == cfg.optim.steps or step == start_step + 1:
                 values = _reduce_metrics(pending, dist_info)
