@@ -425,7 +425,6 @@ def test_load_lora_file_gives_the_effective_scale(tiny_ltx, tmp_path):
                f"diffusion_model.{module}.alpha": torch.tensor(ALPHA)}, str(comfy_path))
     comfy = load_lora_file(comfy_path)
     assert comfy.scales == {module: ALPHA / RANK}
-    assert torch.equal(_comfy_fuse(base_sd, comfy_path)[module + ".weight"], expected)
 
     # A PEFT file (base_model.model. prefix, no alpha): scale 1, as ComfyUI and ltx-core apply it.
     peft_path = tmp_path / "peft.safetensors"

@@ -129,7 +129,7 @@ def test_key_mismatch_is_a_clear_error():
 
 
 def test_adamw_8bit_matches_bitsandbytes_adamw8bit():
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb  # a declared dependency: a broken install must fail, not skip
     lr, num_steps = 1e-2, 6
     grads = _grads(num_steps)
     ref = _params()

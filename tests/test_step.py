@@ -16,7 +16,7 @@ from ltxf.models.transformer import load_transformer
 from ltxf.optim import scale_by_learning_rate
 from ltxf.parallel import DistInfo
 from ltxf.rng import make_generator
-from ltxf.state import init_state
+from ltxf.state import init_state, state_to_dict
 from ltxf.step import NonFiniteLossError, StepContext, train_step
 from ltxf.train import build_optimizer
 
@@ -84,15 +84,28 @@ def test_nonfinite_loss_stop_and_skip(assets):
     ctx, state, data, idx = _setup(assets)
     bad = collate([data[idx[0]], data[idx[1]]])
     bad["video_latents"] = torch.full_like(bad["video_latents"], float("inf"))
+    # One good step first, so the optimizer moments are non-zero and a wrong update would show.
+    state, _ = train_step(state, [collate([data[idx[2]], data[idx[3]]])], ctx)
     before = {k: v.clone() for k, v in state.params.items()}
+    moments = [t.clone() for t in _tensors(state_to_dict(state)["opt_state"])]
     with pytest.raises(NonFiniteLossError, match="parameters were not updated"):
         train_step(state, [bad], ctx)
     for key in before:
         assert torch.equal(before[key], state.params[key])
+    assert all(torch.equal(a, b) for a, b in zip(moments, _tensors(state_to_dict(state)["opt_state"]), strict=True))
 
     ctx_skip, state_skip, _, _ = _setup(assets, nonfinite_loss="skip")
     before = {k: v.clone() for k, v in state_skip.params.items()}
+    moments = [t.clone() for t in _tensors(state_to_dict(state_skip)["opt_state"])]
     state_skip, metrics = train_step(state_skip, [bad], ctx_skip)
     assert int(state_skip.step) == 1 and float(metrics["skipped"]) == 1.0
     for key in before:
         assert torch.equal(before[key], state_skip.params[key])
+    assert all(torch.equal(a, b) for a, b in zip(moments, _tensors(state_to_dict(state_skip)["opt_state"]),
+                                                  strict=True))
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    return [t for key in sorted(tree) for t in _tensors(tree[key])]
