@@ -27,7 +27,6 @@ from ltxf.strategies import prepare_text_to_video, prepare_video_to_video
 from ltxf.strategies.base import StepLosses, compute_losses
 
 # Loss is also reported per sigma bucket: [0, .25), [.25, .5), [.5, .75), [.75, 1].
-SIGMA_BUCKET_EDGES = (0.25, 0.5, 0.75)
 SIGMA_BUCKET_NAMES = ("0.00-0.25", "0.25-0.50", "0.50-0.75", "0.75-1.00")
 
 
@@ -57,10 +56,12 @@ def text_context(ctx: StepContext, batch: dict[str, torch.Tensor]) -> TextContex
     With learnable registers every text position is attended, so the mask is dropped (None lets SDPA pick a
     fused kernel)."""
     with torch.set_grad_enabled(bool(ctx.text_params)):
+        # The connectors' own dtype: fp32 when they are trained, the compute dtype otherwise.
+        dtype = next(ctx.text_processor.video_connector.parameters()).dtype
         audio_features = batch.get("audio_prompt_embeds")
         context = ctx.text_processor(
-            batch["video_prompt_embeds"].to(ctx.compute_dtype),
-            None if audio_features is None else audio_features.to(ctx.compute_dtype),
+            batch["video_prompt_embeds"].to(dtype),
+            None if audio_features is None else audio_features.to(dtype),
             batch["prompt_attention_mask"],
         )
     if ctx.text_processor.video_connector.learnable_registers is not None:
@@ -94,7 +95,9 @@ def loss_fn(
 
 
 def _bucket_index(sigma_B: torch.Tensor) -> torch.Tensor:
-    return torch.bucketize(sigma_B.float(), torch.tensor(SIGMA_BUCKET_EDGES, device=sigma_B.device), right=True)
+    """Index of each sigma's bucket (edges 0.25, 0.5, 0.75; 1.0 belongs to the last), computed on the device
+    without building an edges tensor (which would wait for the device)."""
+    return (sigma_B.float() * len(SIGMA_BUCKET_NAMES)).long().clamp_(0, len(SIGMA_BUCKET_NAMES) - 1)
 
 
 def train_step(
@@ -173,12 +176,12 @@ def train_step(
         "sigma_bucket_count": bucket_count,
         "num_samples": float(num_samples),
         "num_tokens": float(num_tokens),
-        "skipped": torch.tensor(0.0 if finite else 1.0, device=device),
+        "skipped": torch.zeros((), device=device) if finite else torch.ones((), device=device),
     }
     metrics["grad_norm"] = norm.detach().float().to(device)
     lr = last_learning_rate(opt_state)
     if lr is not None:
-        metrics["lr"] = lr.detach().clone().float().to(device)
+        metrics["lr"] = lr.detach().clone().float()  # a host tensor: read only when logging
     new_state = replace(state, opt_state=opt_state, step=state.step + 1)
     return new_state, metrics
 

@@ -41,7 +41,7 @@ from ltxf.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, p
 from ltxf.rng import make_generator
 from ltxf.state import TrainState, init_state, state_to_dict, trainable_parameters
 from ltxf.step import SIGMA_BUCKET_NAMES, NonFiniteLossError, StepContext, train_step
-from ltxf.validation import Validator, move_tree
+from ltxf.validation import Validator, offload_to_host_
 
 logger = logging.getLogger(__name__)
 
@@ -101,14 +101,22 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _gather_full(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Full CPU copies of possibly sharded (DTensor) tensors; a collective under FSDP."""
+def _gather_full(
+    tensors: dict[str, torch.Tensor], *, keep: bool = True, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Full CPU copies of possibly sharded (DTensor) tensors, floating point ones cast to ``dtype``. A collective
+    under FSDP (every rank calls it); ranks with ``keep=False`` drop each gathered tensor at once, so only the
+    writer holds the whole model in host memory."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for key, t in tensors.items():
         full = t.full_tensor() if isinstance(t, DTensor) else t
-        out[key] = full.detach().cpu()
+        if keep:
+            full = full.detach()
+            if dtype is not None and full.is_floating_point():
+                full = full.to(dtype)
+            out[key] = full.cpu()
     return out
 
 
@@ -176,6 +184,11 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     checkpoint_path = Path(cfg.model.checkpoint)
     model_config = read_config(checkpoint_path)
 
+    if fsdp and cfg.model.train_connectors:
+        raise ValueError("model.train_connectors is not supported with FSDP (parallel.data_parallel='fsdp', or "
+                         "'auto' with full fine-tuning on several processes); use parallel.data_parallel="
+                         "'replicate' or train the transformer only")
+
     validator = None
     if cfg.validation.enabled:
         # Before the transformer is loaded, so Gemma's memory peak (it is freed after embedding) does not stack
@@ -194,14 +207,16 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
         text_processor.float()
 
     if not full:
-        targets = inject_lora(transformer, cfg.lora)
+        # Adapters (and their AdamW moments) stay fp32 on a bf16 base: bf16 moments cannot decay and small
+        # updates round away.
+        targets = inject_lora(transformer, cfg.lora, dtype=torch.float32)
         # Same derived seed on every rank: identical adapters with no broadcast.
         init_lora_parameters(transformer, make_generator(cfg.seed, 0, 0, "lora_init", device=device))
         if cfg.model.init_lora is not None:
             apply_initial_lora(transformer, cfg.model.init_lora, cfg.lora)
         logger.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(targets))
     parallelize(transformer, fsdp=fsdp, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                compile=cfg.parallel.compile, param_dtype=compute_dtype if full else None,
+                compile=cfg.parallel.compile, param_dtype=compute_dtype,
                 reduce_dtype=DTYPES[cfg.parallel.reduce_dtype])
     transformer.train()
 
@@ -218,6 +233,7 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
 
     dataset = PrecomputedDataset(cfg.data.root, sources=_data_sources(cfg), skip_bad_samples=cfg.data.skip_bad_samples,
                                  text_length=cfg.data.text_length)
+    reference_factor = _reference_downscale_factor(cfg, dataset)
     sampler = BucketBatchSampler(dataset.bucket_keys(), batch_size=cfg.optim.batch_size, seed=cfg.seed,
                                  rank=dist_info.rank, world_size=dist_info.world_size)
     loader = ResumableLoader(dataset, sampler, num_workers=cfg.data.num_workers,
@@ -247,15 +263,13 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                                        keep_last_n=cfg.checkpoints.keep_last_n)
 
     def validate(step: int, state: TrainState) -> TrainState:
-        """Sample the validation prompts (collective: every rank calls it); returns the state, whose optimizer
-        moments went to the CPU and back with ``validation.offload_optimizer``."""
-        offload = cfg.validation.offload_optimizer and not fsdp
-        if offload:
-            state = replace(state, opt_state=move_tree(state.opt_state, "cpu"))
+        """Sample the validation prompts (collective: every rank calls it); with ``validation.offload_optimizer``
+        the optimizer moments wait in host memory meanwhile."""
+        restore = offload_to_host_(state.opt_state) if cfg.validation.offload_optimizer and not fsdp else None
         validator.run(step, transformer, text_processor=text_processor, output_dir=output_dir, monitor=monitor,
                       rank=dist_info.rank, world_size=dist_info.world_size)
-        if offload:
-            state = replace(state, opt_state=move_tree(state.opt_state, device))
+        if restore is not None:
+            restore()
         monitor.restart_timer()
         return state
 
@@ -264,44 +278,51 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     interrupted = False
     batches = iter(loader)
     step = start_step
-    with _Interrupt() as interrupt:
-        if validator is not None and start_step == 0 and validator.should_run(0):
-            state = validate(0, state)
-        while step < cfg.optim.steps:
-            micro_batches = [_to_device(next(batches), device) for _ in range(cfg.optim.gradient_accumulation_steps)]
-            try:
-                state, metrics = train_step(state, micro_batches, ctx)
-            except NonFiniteLossError as error:
-                logger.error("%s. Stopping; the last checkpoint in %s is intact and resumable.", error,
-                             output_dir / "checkpoints")
-                monitor.close()
-                raise
-            step = int(state.step)
-            monitor.end_step(step, num_samples=metrics["num_samples"] * dist_info.world_size,
-                             num_tokens=metrics["num_tokens"] * dist_info.world_size)
-            pending.append(metrics)
-            if step % cfg.log.every == 0 or step == cfg.optim.steps or step == start_step + 1:
-                values = _reduce_metrics(pending, dist_info)
-                pending.clear()
-                losses.append(values["loss/train"])
-                values.update(memory_metrics(device))
-                monitor.log_scalars(step, values)
-            interval = cfg.checkpoints.interval
-            if interval and step % interval == 0 and step < cfg.optim.steps:
-                save(step)
-                monitor.restart_timer()
-            if interrupt.requested:
-                interrupted = True
-                break
-            if validator is not None and validator.should_run(step):
-                state = validate(step, state)
+    try:
+        with _Interrupt() as interrupt:
+            if validator is not None and start_step == 0 and validator.should_run(0):
+                state = validate(0, state)
+            while step < cfg.optim.steps:
+                micro_batches = [_to_device(next(batches), device)
+                                 for _ in range(cfg.optim.gradient_accumulation_steps)]
+                try:
+                    state, metrics = train_step(state, micro_batches, ctx)
+                except NonFiniteLossError as error:
+                    logger.error("%s. Stopping; the last checkpoint in %s is intact and resumable.", error,
+                                 output_dir / "checkpoints")
+                    raise
+                step = int(state.step)
+                monitor.end_step(step, num_samples=metrics["num_samples"] * dist_info.world_size,
+                                 num_tokens=metrics["num_tokens"] * dist_info.world_size)
+                pending.append(metrics)
+                if step % cfg.log.every == 0 or step == cfg.optim.steps or step == start_step + 1:
+                    values = _reduce_metrics(pending, dist_info)
+                    pending.clear()
+                    losses.append(values["loss/train"])
+                    values.update(memory_metrics(device))
+                    monitor.log_scalars(step, values)
+                interval = cfg.checkpoints.interval
+                if interval and step % interval == 0 and step < cfg.optim.steps:
+                    save(step)
+                    monitor.restart_timer()
+                # Every rank must take the same branch (a rank leaving for save() while another enters the next
+                # step's collectives would hang): agree on the Ctrl-C flag.
+                if _any_rank(interrupt.requested, dist_info):
+                    interrupted = True
+                    break
+                if validator is not None and step < cfg.optim.steps and validator.should_run(step):
+                    state = validate(step, state)
 
-    save(step)
-    export_path = None
-    if not interrupted:
-        export_path = export_weights(cfg, transformer, text_processor, model_config, output_dir, step, dist_info,
-                                     full=full)
-    monitor.close()
+        save(step)
+        if not interrupted and validator is not None and validator.should_run(step):
+            state = validate(step, state)
+        export_path = None
+        if not interrupted:
+            export_path = export_weights(cfg, transformer, text_processor, model_config, output_dir, step,
+                                         dist_info, full=full, reference_factor=reference_factor)
+    finally:
+        batches.close()
+        monitor.close()
     if dist_info.is_main:
         if len(losses) > 1:
             logger.info("logged training loss went from %.4f (step %d) to %.4f (step %d)", losses[0],
@@ -311,6 +332,13 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                     f", weights exported to {export_path}" if export_path else "")
     return RunResult(output_dir=output_dir, final_step=step, export_path=export_path,
                      tensorboard_dir=output_dir / "tensorboard", losses=tuple(losses), interrupted=interrupted)
+
+
+def _any_rank(flag: bool, dist_info: DistInfo) -> bool:
+    """True if ``flag`` is set on any process (one tiny all-reduce when there are several)."""
+    if dist_info.world_size == 1:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=dist_info.device)).item() > 0)
 
 
 def _reduce_metrics(pending: list[dict[str, torch.Tensor]], dist_info: DistInfo) -> dict[str, float]:
@@ -352,6 +380,7 @@ def export_weights(
     dist_info: DistInfo,
     *,
     full: bool,
+    reference_factor: int | None = None,
 ) -> Path | None:
     """Write the trained weights for use outside ltxf: a ComfyUI-layout LoRA, or an official-layout checkpoint;
     trained text connectors go to their own official-layout file (``text_connectors_step_N.safetensors``).
@@ -361,16 +390,15 @@ def export_weights(
     dtype = DTYPES[cfg.checkpoints.export_dtype]
     exports = output_dir / "exports"
     if full:
-        weights = _gather_full(transformer.state_dict())
+        weights = _gather_full(transformer.state_dict(), keep=dist_info.is_main, dtype=dtype)
         path = exports / f"model_weights_step_{step:06d}.safetensors"
         if dist_info.is_main:
             run_checkpoint.export_full_model(path, weights, model_config, dtype=dtype)
     else:
         weights = _gather_full(lora_state_dict(transformer))
         metadata = {"ltxf_step": str(step), "ltxf_strategy": cfg.strategy.name}
-        factor = _reference_downscale_factor(cfg)
-        if factor is not None:
-            metadata["reference_downscale_factor"] = str(factor)
+        if reference_factor is not None:
+            metadata["reference_downscale_factor"] = str(reference_factor)
         path = exports / f"lora_weights_step_{step:06d}.safetensors"
         if dist_info.is_main:
             run_checkpoint.export_lora(path, weights, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dtype=dtype,
@@ -385,15 +413,13 @@ def export_weights(
     return path
 
 
-def _reference_downscale_factor(cfg: TrainConfig) -> int | None:
-    """IC-LoRA: the reference downscale factor of the dataset (must be one value), for the LoRA metadata."""
+def _reference_downscale_factor(cfg: TrainConfig, dataset: PrecomputedDataset) -> int | None:
+    """IC-LoRA: the reference downscale factor of the dataset (one value per run), for the LoRA metadata."""
     if cfg.strategy.name != "video_to_video":
         return None
     from ltxf.strategies.video_to_video import reference_downscale_factor
 
-    dataset = PrecomputedDataset(cfg.data.root, sources=_data_sources(cfg), text_length=cfg.data.text_length)
     factors = {reference_downscale_factor(info.video_shape, info.reference_shape) for info in dataset.samples}
     if len(factors) != 1:
         raise ValueError(f"the dataset mixes reference downscale factors {sorted(factors)}; use one per run")
     return factors.pop()
-

@@ -6,12 +6,11 @@ How the loop uses it::
                                 dtype=compute_dtype) if cfg.validation.enabled else None
     ...
     if validator is not None and validator.should_run(step):      # step 0 (unless skipped), then every interval
-        if cfg.validation.offload_optimizer and not fsdp:
-            state = dataclasses.replace(state, opt_state=move_tree(state.opt_state, "cpu"))
+        restore = offload_to_host_(state.opt_state) if cfg.validation.offload_optimizer and not fsdp else None
         validator.run(step, transformer, text_processor=text_processor, output_dir=output_dir, monitor=monitor,
                       rank=dist_info.rank, world_size=dist_info.world_size)
-        if cfg.validation.offload_optimizer and not fsdp:
-            state = dataclasses.replace(state, opt_state=move_tree(state.opt_state, device))
+        if restore is not None:
+            restore()
         monitor.restart_timer()
 
 :meth:`Validator.build` does everything that does not depend on the trained weights, once: it embeds the
@@ -32,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -285,22 +284,30 @@ def assign_prompts(num_prompts: int, rank: int, world_size: int) -> list[int | N
     return mine + [None] * (math.ceil(num_prompts / world_size) - len(mine))
 
 
-def move_tree(tree: Any, device: torch.device | str) -> Any:
-    """A copy of the pytree ``tree`` (e.g. ``TrainState.opt_state``) with every tensor moved to ``device``.
+def offload_to_host_(tree: Any) -> Callable[[], None]:
+    """Move the accelerator tensors of ``tree`` (e.g. ``TrainState.opt_state``) to host memory IN PLACE and return
+    a function that moves them back.
 
-    For the ``offload_optimizer`` option: the loop swaps its optimizer state for ``move_tree(opt_state, "cpu")``
-    before :meth:`Validator.run` and moves it back after. Sharded (DTensor) leaves are refused: under FSDP the
-    state is already split across ranks.
+    For the ``offload_optimizer`` option. The tensor objects stay (their storage is swapped), so no other
+    reference keeps the accelerator copy alive; host tensors (the optimizer's CPU step counters) are left where
+    they are, so nothing lands on the accelerator that was not there. Sharded (DTensor) leaves are refused: under
+    FSDP the state is already split across ranks.
     """
     from torch.distributed.tensor import DTensor
 
-    def move(leaf: Any) -> Any:
-        if isinstance(leaf, DTensor):
-            raise ValueError("move_tree: the optimizer state is sharded (DTensor, FSDP); offloading it is not "
-                             "supported, turn validation.offload_optimizer off")
-        return leaf.to(device) if isinstance(leaf, torch.Tensor) else leaf
+    leaves = [leaf for leaf in pytree.leaves(tree) if isinstance(leaf, torch.Tensor)]
+    if any(isinstance(leaf, DTensor) for leaf in leaves):
+        raise ValueError("the optimizer state is sharded (DTensor, FSDP); offloading it is not supported, turn "
+                         "validation.offload_optimizer off")
+    moved = [(leaf, leaf.device) for leaf in leaves if leaf.device.type != "cpu"]
+    for leaf, _ in moved:
+        leaf.data = leaf.data.to("cpu")
 
-    return pytree.map(move, tree)
+    def restore() -> None:
+        for leaf, device in moved:
+            leaf.data = leaf.data.to(device)
+
+    return restore
 
 
 def _clip_to_cpu(clip: GeneratedClip) -> GeneratedClip:
@@ -521,6 +528,6 @@ __all__ = [
     "Validator",
     "assign_prompts",
     "load_prompt_features",
-    "move_tree",
+    "offload_to_host_",
     "save_prompt_features",
 ]

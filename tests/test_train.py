@@ -306,3 +306,19 @@ def test_init_lora_keeps_the_files_effective_update(tmp_path):
     apply_initial_lora(target, path, run_cfg)
     got = run_cfg.scaling * target[0].lora_B.weight @ target[0].lora_A.weight
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_base_trains_fp32_adapters_and_connectors(tmp_path):
+    """A bf16 base with trainable connectors: adapters and connectors train in fp32 (bf16 AdamW moments cannot
+    decay), and the connectors take their inputs in their own dtype."""
+    import torch.distributed.checkpoint as dcp
+
+    cfg = small_demo(tmp_path / "run", steps=2)
+    result = main(replace(cfg, model=replace(cfg.model, dtype="bfloat16", train_connectors=True)))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    metadata = dcp.FileSystemReader(str(latest_checkpoint(result.output_dir))).read_metadata()
+    dtypes = {key: meta.properties.dtype for key, meta in metadata.state_dict_metadata.items()
+              if key.startswith(("params.", "opt_state.")) and hasattr(meta, "properties")}
+    # Parameters and Adam moments (the per-parameter step counters are int64 by design).
+    lora = [key for key in dtypes if ("lora_" in key or "text_processor." in key) and ".count." not in key]
+    assert lora and all(dtypes[key] == torch.float32 for key in lora), {k: dtypes[k] for k in lora[:4]}

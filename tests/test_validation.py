@@ -32,7 +32,7 @@ from ltxf.validation import (
     Validator,
     assign_prompts,
     load_prompt_features,
-    move_tree,
+    offload_to_host_,
     save_prompt_features,
 )
 from tests.test_generate import build_tiny_gemma, test_pattern_frames
@@ -174,11 +174,16 @@ def test_prompt_features_round_trip_and_bad_file(tmp_path):
         load_prompt_features(tmp_path / "conditions.pt")
 
 
-def test_move_tree_moves_every_tensor():
+def test_offload_keeps_tensor_objects_and_leaves_host_tensors_alone():
+    """On this CPU machine every leaf is a host tensor: offloading must not copy or move any of them (the
+    accelerator path swaps storage in place, which keeps the objects too)."""
     tree = {"mu": {"a": torch.ones(2)}, "count": torch.tensor(3), "nested": (torch.zeros(1), None)}
-    moved = move_tree(tree, "meta")
-    assert moved["mu"]["a"].is_meta and moved["count"].is_meta and moved["nested"][0].is_meta
-    assert moved["nested"][1] is None and not tree["mu"]["a"].is_meta
+    ids = [id(tree["mu"]["a"]), id(tree["count"]), id(tree["nested"][0])]
+    pointers = [tree["mu"]["a"].data_ptr(), tree["count"].data_ptr()]
+    restore = offload_to_host_(tree)
+    restore()
+    assert [id(tree["mu"]["a"]), id(tree["count"]), id(tree["nested"][0])] == ids
+    assert [tree["mu"]["a"].data_ptr(), tree["count"].data_ptr()] == pointers
 
 
 # ------------------------------------------------------------------------------------------------------------
