@@ -96,3 +96,19 @@ def write_official_checkpoint(
             tensors[prefix + key] = value.detach().contiguous().clone()
     save_file(tensors, str(path), metadata={"config": json.dumps(config)})
     return path
+
+
+def build_reference_transformer(config: dict, state: dict[str, torch.Tensor], *, batch_size: int):
+    """ltx-core's ``LTXModel`` for ``config`` with ``state`` assigned strictly, and ``run(inputs)`` calling it
+    with ltxf-style ``{"video": {...}, "audio": {...}}`` Modality fields and no perturbation (benchmark baseline)."""
+    perturbations = import_ltx_core("ltx_core.guidance.perturbations")
+    transformer = import_ltx_core("ltx_core.model.transformer")
+    with torch.device("meta"):
+        model = transformer.LTXModelConfigurator.from_config(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    empty = perturbations.BatchedPerturbationConfig.empty(batch_size)
+
+    def run(inputs):
+        return model(transformer.Modality(**inputs["video"]), transformer.Modality(**inputs["audio"]), empty)
+
+    return model, run

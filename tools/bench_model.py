@@ -10,7 +10,8 @@ them (weights and inputs), i.e. the step's own peak (gradients + activations + t
 the process's peak resident set (``VmHWM`` from /proc/self/status) during the steps over its resident set just
 before them (weights made resident, inputs built), the same quantity as seen by the OS allocator.
 
-ltx-core is the baseline and is imported only by the worker that runs it (``pip install --no-deps ltx-core``).
+ltx-core is the baseline; it is reached through ``tests/ltx_reference.py`` (the parity tests' oracle helpers) and
+imported only by the worker that runs it (``pip install --no-deps ltx-core``).
 
 Examples:
     python tools/bench_model.py --preset small
@@ -152,21 +153,15 @@ def _build(impl: str, spec: dict, config: TransformerConfig, dtype: torch.dtype,
             return model(video=Modality(**inputs["video"]), audio=Modality(**inputs["audio"]))
     else:
         try:
-            import ltx_core.guidance.perturbations as ref_perturbations
-            import ltx_core.model.transformer as ref_transformer
+            # The reference (ltx-core) is reached only through the test suite's oracle helpers.
+            from tests.ltx_reference import build_reference_transformer
         except ImportError as exc:
             raise SystemExit(f"the reference baseline needs ltx-core installed (pip install --no-deps "
                              f"ltx-core==1.0.0 einops scipy): {exc}") from exc
-        with torch.device("meta"):
-            model = ref_transformer.LTXModelConfigurator.from_config({"transformer": config.to_checkpoint_config()})
         state = checkpoint.read_tensors(path, checkpoint.strip_prefix(checkpoint.TRANSFORMER_PREFIX), dtype=dtype,
                                         device=device)
-        model.load_state_dict(state, strict=True, assign=True)
-        empty = ref_perturbations.BatchedPerturbationConfig.empty(spec["batch"])
-
-        def run(inputs):
-            return model(ref_transformer.Modality(**inputs["video"]), ref_transformer.Modality(**inputs["audio"]),
-                         empty)
+        model, run = build_reference_transformer({"transformer": config.to_checkpoint_config()}, state,
+                                                 batch_size=spec["batch"])
     model.train()
     with torch.no_grad():
         for p in model.parameters():
