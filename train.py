@@ -19,7 +19,9 @@ from ltxf.train import main
 
 def parse_config(args: Sequence[str] | None = None) -> TrainConfig:
     """Pick a preset and apply ``--section.field value`` overrides (booleans take a value too: ``True``/``False``)."""
-    configs = {name: ((fn.__doc__ or name).strip().splitlines()[0], fn()) for name, fn in PRESETS.items()}
+    # Each preset's description is the first paragraph of its docstring.
+    configs = {name: (" ".join((fn.__doc__ or name).strip().split("\n\n")[0].split()), fn())
+               for name, fn in PRESETS.items()}
     return tyro.extras.overridable_config_cli(
         configs,
         args=args,
