@@ -784,9 +784,10 @@ def audio_latent_length(duration: float) -> int:
     return (num_mel - 1) // AUDIO_TEMPORAL_FACTOR + 1
 
 
-def _atomic_save(data: dict[str, Any], path: Path) -> None:
+def save_pt(data: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary name that does not end in ``.pt``, then rename: readers never see a partial
+    file, and a crash leaves nothing a dataset would pick up."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The suffix does not end in ".pt", so a crash mid-write leaves nothing the dataset would pick up.
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     try:
         torch.save(data, tmp)
@@ -890,7 +891,7 @@ def write_precomputed_sample(
     written = {}
     for role, data in files.items():
         path = root / names[role] / rel
-        _atomic_save(data, path)
+        save_pt(data, path)
         written[role] = path
     return written
 

@@ -112,7 +112,8 @@ def parallelize(
             apply_compile(blocks)
     if fsdp:
         if not dist.is_initialized():
-            dist.init_process_group("gloo", rank=0, world_size=1, init_method="tcp://127.0.0.1:0")
+            # FSDP2 in a plain single-process run: a world of one needs no rendezvous.
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         apply_fsdp(model, blocks, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     return model
 
@@ -129,14 +130,6 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
         n = t.numel()
         t.copy_(flat[offset : offset + n].view_as(t))
         offset += n
-
-
-def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
-    """Make replicated tensors identical on every process (e.g. freshly initialised LoRA adapters)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    for t in tensors:
-        dist.broadcast(t, src=src)
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -322,3 +322,12 @@ def test_bf16_base_trains_fp32_adapters_and_connectors(tmp_path):
     # Parameters and Adam moments (the per-parameter step counters are int64 by design).
     lora = [key for key in dtypes if ("lora_" in key or "text_processor." in key) and ".count." not in key]
     assert lora and all(dtypes[key] == torch.float32 for key in lora), {k: dtypes[k] for k in lora[:4]}
+
+
+def test_single_process_fsdp_matches_replicated(tmp_path):
+    """parallel.data_parallel='fsdp' in a plain one-process run (a world of one, no torchrun) trains like the
+    replicated path: same losses to fp32 rounding (the sharded path reduces gradients in another order)."""
+    cfg = small_demo(tmp_path / "fsdp", steps=2)
+    fsdp = main(replace(cfg, parallel=replace(cfg.parallel, data_parallel="fsdp")))
+    plain = main(small_demo(tmp_path / "plain", steps=2))
+    assert fsdp.losses == pytest.approx(plain.losses, rel=1e-5)

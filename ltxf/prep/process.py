@@ -39,6 +39,7 @@ import torch
 import tyro
 
 from ltxf import media
+from ltxf.data import save_pt
 from ltxf.monitor import Progress
 from ltxf.prep.buckets import Bucket, choose_bucket, fit_to_bucket, format_buckets, parse_buckets
 from ltxf.prep.captions import prepare_caption
@@ -123,18 +124,6 @@ def resolve_dtype(name: DTypeName, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
-
-
-def save_pt(data: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary name that does not end in ``.pt``, then rename: readers never see a partial
-    file, and a crash leaves nothing a dataset would pick up."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    try:
-        torch.save(data, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def output_file(root: Path, entry: DatasetEntry, suffix: str = ".pt") -> Path:
