@@ -44,7 +44,7 @@ from ltxf.optim import GradientTransformation, adamw, adamw_8bit, chain, clip_by
 from ltxf.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize, shutdown_distributed
 from ltxf.rng import make_generator
 from ltxf.state import TrainState, init_state, state_to_dict, trainable_parameters
-from ltxf.step import SIGMA_BUCKET_NAMES, NonFiniteLossError, StepContext, train_step
+from ltxf.step import SIGMA_BUCKET_NAMES, TEXT_PARAM_PREFIX, NonFiniteLossError, StepContext, train_step
 from ltxf.strategies.base import Strategy
 from ltxf.strategies.registry import build_strategy
 from ltxf.validation import Validator, offload_to_host_
@@ -52,8 +52,6 @@ from ltxf.validation import Validator, offload_to_host_
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-TEXT_PARAM_PREFIX = "text_processor."
-"""Prefix of the text connectors' keys in ``state.params`` (``model.train_connectors``)."""
 
 
 # -------------------------------------------------------------------------------------------------------------

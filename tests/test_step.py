@@ -110,3 +110,84 @@ def _tensors(tree) -> list[torch.Tensor]:
     if isinstance(tree, torch.Tensor):
         return [tree]
     return [t for key in sorted(tree) for t in _tensors(tree[key])]
+
+
+def _batch_and_key(data, idx, seed=0):
+    from ltxf.rng import sample_keys
+
+    return collate([data[idx[0]], data[idx[1]]]), sample_keys(seed, 3, 0, 2)
+
+
+def _nonzero_lora(state):
+    """Give B a value (it starts at zero, which would hide a wrong gradient for A)."""
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in state.params.values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_loss_fn_is_a_function_of_its_arguments(assets):
+    """loss_fn evaluates at the params it is given (frozen weights from the module, which stays untouched), is
+    deterministic in (batch, key), and its torch.func.grad equals autograd on the module. Tolerance: fp32 on
+    CPU, the two gradients run the same kernels in the same order, so 1e-6 relative covers any reassociation."""
+    from ltxf.step import loss_fn
+
+    ctx, state, data, idx = _setup(assets)
+    _nonzero_lora(state)
+    batch, key = _batch_and_key(data, idx)
+    module_before = {k: v.clone() for k, v in ctx.transformer.state_dict().items()}
+    params = state.params
+    loss, aux = loss_fn(params, batch, key, ctx)
+    assert torch.equal(loss_fn(params, batch, key, ctx)[0], loss)
+    assert aux["loss_B"].shape == (2,) and torch.allclose(aux["loss_B"].mean(), loss)
+    assert not torch.equal(loss_fn(params, batch, key + 1, ctx)[0], loss), "another key draws other noise"
+
+    shifted = {k: (v + 0.05 * torch.ones_like(v)).detach() for k, v in params.items()}
+    loss_shifted, _ = loss_fn(shifted, batch, key, ctx)
+    assert abs(float(loss_shifted.detach()) - float(loss.detach())) > 1e-4
+    for k, v in ctx.transformer.state_dict().items():
+        assert torch.equal(v, module_before[k]), f"loss_fn changed the module ({k})"
+    # The loss at `shifted` is the loss of a module that holds `shifted`.
+    with torch.no_grad():
+        for k, v in params.items():
+            v.copy_(shifted[k])
+    torch.testing.assert_close(loss_fn(params, batch, key, ctx)[0], loss_shifted, rtol=0, atol=0)
+
+    grads = torch.func.grad(lambda p: loss_fn(p, batch, key, ctx)[0])({k: v.detach() for k, v in params.items()})
+    loss_fn(params, batch, key, ctx)[0].backward()
+    for k, p in params.items():
+        torch.testing.assert_close(grads[k], p.grad, rtol=1e-6, atol=1e-9)
+        p.grad = None
+    assert any(g.abs().max() > 0 for g in grads.values())
+
+
+def test_copied_state_trains_the_copy_or_is_refused_under_fsdp(assets):
+    """The issue's copied state. Non-sharded: the state is the truth, so the copy trains (non-zero gradient
+    norm) and the module's parameters stay as they were. FSDP2: the step cannot evaluate the model at other
+    tensors, so it refuses the copy with a clear error; the real state trains and leaves no .grad."""
+    from ltxf.parallel import parallelize, shutdown_distributed
+
+    ctx, state, data, idx = _setup(assets)
+    _nonzero_lora(state)
+    module_before = {k: v.detach().clone() for k, v in state.params.items()}
+    copied = init_state({k: v.detach().clone().requires_grad_() for k, v in state.params.items()}, ctx.tx)
+    copy_before = {k: v.detach().clone() for k, v in copied.params.items()}
+    copied, metrics = train_step(copied, [collate([data[idx[0]], data[idx[1]]])], ctx)
+    assert float(metrics["grad_norm"]) > 0
+    assert any(not torch.equal(copied.params[k], copy_before[k]) for k in copy_before)
+    assert all(torch.equal(state.params[k], module_before[k]) for k in module_before)
+
+    ctx, state, data, idx = _setup(assets)
+    try:
+        parallelize(ctx.transformer, fsdp=True, activation_checkpointing=False, compile=False, param_dtype=None,
+                    reduce_dtype=torch.float32)
+        ctx = replace(ctx, fsdp=True)
+        state = init_state(lora_parameters(ctx.transformer), ctx.tx)
+        foreign = init_state({k: v.detach().clone().requires_grad_() for k, v in state.params.items()}, ctx.tx)
+        with pytest.raises(ValueError, match="not the model's own parameters"):
+            train_step(foreign, [collate([data[idx[0]], data[idx[1]]])], ctx)
+        state, metrics = train_step(state, [collate([data[idx[0]], data[idx[1]]])], ctx)
+        assert float(metrics["grad_norm"]) > 0
+        assert all(p.grad is None for p in ctx.transformer.parameters())
+    finally:
+        shutdown_distributed()
