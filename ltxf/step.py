@@ -34,18 +34,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ltxf.config import TrainConfig
 from ltxf.models.text import TextContext
-from ltxf.optim import GradientTransformation, apply_updates, last_learning_rate
+from ltxf.monitor import SIGMA_BUCKET_NAMES
+from ltxf.optim import (
+    GradientTransformation,
+    ScaleByScheduleState,
+    apply_updates,
+    call_update,
+    find_states,
+    global_norm,
+    last_learning_rate,
+)
 from ltxf.parallel import DistInfo, all_reduce_mean_
 from ltxf.rng import sample_keys
 from ltxf.state import TrainState, trainable_parameters
 from ltxf.strategies.base import ModelInputs, Strategy
 
-# Loss is also reported per sigma bucket: [0, .25), [.25, .5), [.5, .75), [.75, 1].
-SIGMA_BUCKET_NAMES = ("0.00-0.25", "0.25-0.50", "0.50-0.75", "0.75-1.00")
 TEXT_PARAM_PREFIX = "text_processor."
 """Prefix of the text connectors' keys in ``params`` (``model.train_connectors``); the rest are transformer keys."""
 
@@ -251,51 +257,64 @@ def train_step(
     DONATED: the input ``state`` is updated in place (parameters and optimizer moments; under FSDP2 or activation
     checkpointing they must be, and are checked to be, the model's own parameters); use the returned state, not
     the input one. On the non-sharded path the state is the truth: the loss is evaluated at ``state.params``
-    through ``functional_call``. Metrics are device tensors summed over this process's micro-batches
-    (``*_sum`` / ``*_count``) so the caller can reduce them across processes only when it logs;
-    ``num_samples`` / ``num_tokens`` are host-side counts (floats).
+    through ``functional_call``.
+
+    Metrics are named means over this process's samples, device tensors read only when logging: ``loss``,
+    ``video_loss``, ``audio_loss``, ``grad_norm`` (the global norm, computed once and handed to the optimizer's
+    clipping), ``skipped`` (1.0 for a skipped update); ``sigma_bucket_loss_sum`` / ``sigma_bucket_count`` [4]
+    (sums, so windows can be combined); ``lr`` (a host tensor); ``num_samples`` / ``num_tokens`` (floats).
 
     Raises :class:`NonFiniteLossError` before touching the parameters if the loss or the gradient norm is not
-    finite (with ``nonfinite_loss='skip'`` the update is skipped instead and the step still advances).
+    finite. With ``nonfinite_loss='skip'`` the update is skipped instead: parameters and Adam moments stay, and
+    ``state.step`` and the learning-rate schedule both advance (the schedule's count always equals
+    ``state.step``, so step k uses ``schedule(k)`` whether or not an earlier step was skipped).
     """
     if ctx.needs_module_params:
         check_module_params(state.params, ctx)
     step = int(state.step)
-    num_micro = len(micro_batches)
     grads, sums = compute_gradients(state.params, micro_batches, step, ctx)
     _all_reduce_replicated(grads, ctx)
 
     # One host sync per step: the loss and the gradient norm must be finite before anything is updated in
     # place (the optimizer moments included).
-    norm = torch.nn.utils.get_total_norm(list(grads.values()), foreach=True) if grads else torch.zeros(())
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
+    norm = global_norm(grads).to(ctx.dist.device)
     finite = bool(torch.isfinite(sums.loss) & torch.isfinite(norm))
     opt_state = state.opt_state
     if finite:
-        updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = call_update(ctx.tx, grads, state.opt_state, state.params, grad_norm=norm)
         apply_updates(state.params, updates)
+    elif ctx.cfg.nonfinite_loss == "skip":
+        _advance_schedules(opt_state)
     del grads
     if not finite and ctx.cfg.nonfinite_loss == "stop":
         raise NonFiniteLossError(
-            f"step {step}: non-finite loss ({float(sums.loss) / num_micro}) or gradient norm ({float(norm)}); "
-            "the parameters were not updated"
+            f"step {step}: non-finite loss ({float(sums.loss) / len(micro_batches)}) or gradient norm "
+            f"({float(norm)}); the parameters were not updated"
         )
+    return replace(state, opt_state=opt_state, step=state.step + 1), _step_metrics(sums, norm, finite, opt_state,
+                                                                                 len(micro_batches))
 
-    device = ctx.dist.device
+
+def _advance_schedules(opt_state: Any) -> None:
+    """A skipped update still uses up its step of the learning-rate schedule (moments are left alone)."""
+    for schedule_state in find_states(opt_state, ScaleByScheduleState):
+        schedule_state.count.add_(1)
+
+
+def _step_metrics(sums: _Sums, norm: torch.Tensor, finite: bool, opt_state: Any,
+                  num_micro: int) -> dict[str, torch.Tensor | float]:
     metrics = {
-        "loss_sum": sums.loss / num_micro,
-        "video_loss_sum": sums.video / num_micro,
-        "audio_loss_sum": sums.audio / num_micro,
+        "loss": sums.loss / num_micro,
+        "video_loss": sums.video / num_micro,
+        "audio_loss": sums.audio / num_micro,
+        "grad_norm": norm.detach().float(),
+        "skipped": torch.zeros_like(sums.loss) if finite else torch.ones_like(sums.loss),
         "sigma_bucket_loss_sum": sums.bucket_loss,
         "sigma_bucket_count": sums.bucket_count,
         "num_samples": float(sums.num_samples),
         "num_tokens": float(sums.num_tokens),
-        "skipped": torch.zeros((), device=device) if finite else torch.ones((), device=device),
     }
-    metrics["grad_norm"] = norm.detach().float().to(device)
     lr = last_learning_rate(opt_state)
     if lr is not None:
         metrics["lr"] = lr.detach().clone().float()  # a host tensor: read only when logging
-    new_state = replace(state, opt_state=opt_state, step=state.step + 1)
-    return new_state, metrics
+    return metrics

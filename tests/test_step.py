@@ -13,7 +13,16 @@ from ltxf.demo import build_demo_assets
 from ltxf.lora import init_lora_parameters, inject_lora, lora_parameters
 from ltxf.models.text import load_embeddings_processor
 from ltxf.models.transformer import load_transformer
-from ltxf.optim import scale_by_learning_rate
+from ltxf.optim import (
+    ScaleByScheduleState,
+    call_update,
+    chain,
+    clip_by_global_norm,
+    find_states,
+    global_norm,
+    make_schedule,
+    scale_by_learning_rate,
+)
 from ltxf.parallel import DistInfo
 from ltxf.rng import make_generator
 from ltxf.state import init_state, state_to_dict
@@ -53,7 +62,7 @@ def test_base_weights_stay_bit_identical_and_adapters_move(assets):
     before = {k: v.clone() for k, v in state.params.items()}
     for step in range(3):
         state, metrics = train_step(state, [collate([data[idx[2 * step]], data[idx[2 * step + 1]]])], ctx)
-        assert torch.isfinite(metrics["loss_sum"])
+        assert torch.isfinite(metrics["loss"])
     assert int(state.step) == 3
     for key, value in ctx.transformer.state_dict().items():
         if "lora_" not in key:
@@ -74,7 +83,7 @@ def test_gradient_accumulation_equals_one_large_batch(assets):
     state_a, metrics_a = train_step(state_a, [collate([s0]), collate([s1])], ctx_a)
     state_b, metrics_b = train_step(state_b, [collate([s0, s1])], ctx_b)
     # fp32 on CPU; the two paths sum the same per-sample terms in a different order (tolerance: float rounding).
-    torch.testing.assert_close(metrics_a["loss_sum"], metrics_b["loss_sum"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(metrics_a["loss"], metrics_b["loss"], rtol=1e-6, atol=1e-7)
     for key in state_a.params:
         torch.testing.assert_close(state_a.params[key] - before[key], state_b.params[key] - before[key],
                                    rtol=1e-5, atol=1e-9)
@@ -97,13 +106,47 @@ def test_nonfinite_loss_stop_and_skip(assets):
 
     ctx_skip, state_skip, _, _ = _setup(assets, nonfinite_loss="skip")
     before = {k: v.clone() for k, v in state_skip.params.items()}
-    moments = [t.clone() for t in _tensors(state_to_dict(state_skip)["opt_state"])]
+    moments = [t.clone() for t in _moments(state_skip)]
     state_skip, metrics = train_step(state_skip, [bad], ctx_skip)
     assert int(state_skip.step) == 1 and float(metrics["skipped"]) == 1.0
     for key in before:
         assert torch.equal(before[key], state_skip.params[key])
-    assert all(torch.equal(a, b) for a, b in zip(moments, _tensors(state_to_dict(state_skip)["opt_state"]),
-                                                  strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(moments, _moments(state_skip), strict=True))
+    # The schedule advanced with the step: the next (good) step uses schedule(1), as in a run without the skip.
+    (schedule_state,) = find_states(state_skip.opt_state, ScaleByScheduleState)
+    assert int(schedule_state.count) == int(state_skip.step) == 1
+    state_skip, metrics = train_step(state_skip, [collate([data[idx[2]], data[idx[3]]])], ctx_skip)
+    o = ctx_skip.cfg.optim
+    schedule = make_schedule(o.scheduler, o.learning_rate, o.steps, warmup_steps=o.warmup_steps)
+    assert float(metrics["lr"]) == pytest.approx(schedule(1), rel=1e-6) and schedule(1) != schedule(0)
+    assert int(schedule_state.count) == int(state_skip.step) == 2
+
+
+def _moments(state) -> list[torch.Tensor]:
+    """The optimizer state's tensors except the schedule's step counter."""
+    tree = state_to_dict(state)["opt_state"]
+    return [t for path, t in _tensors_with_paths(tree) if not path.endswith((".count", ".learning_rate"))]
+
+
+def _tensors_with_paths(tree, path="") -> list[tuple[str, torch.Tensor]]:
+    if isinstance(tree, torch.Tensor):
+        return [(path, tree)]
+    return [item for key in sorted(tree) for item in _tensors_with_paths(tree[key], f"{path}.{key}")]
+
+
+def test_clipping_uses_the_norm_the_step_computed():
+    """The step computes the global norm once and hands it to clip_by_global_norm through chain (optax's extra
+    arguments); a transformation that does not declare grad_norm does not receive it."""
+    grads = {"w": torch.full((4,), 3.0)}
+    tx = chain(clip_by_global_norm(1.0), scale_by_learning_rate(1.0))
+    state = tx.init(grads)
+    updates, _ = call_update(tx, {"w": grads["w"].clone()}, state, grad_norm=torch.tensor(600.0))
+    # Clipped with the given norm (600), not the true one (6): -1 * 3 / 600.
+    torch.testing.assert_close(updates["w"], torch.full((4,), -3.0 / 600.0), rtol=1e-5, atol=0)
+    assert float(global_norm(grads)) == pytest.approx(6.0)
+    updates, _ = call_update(scale_by_learning_rate(1.0), {"w": grads["w"].clone()},
+                             scale_by_learning_rate(1.0).init(grads), grad_norm=torch.tensor(600.0))
+    torch.testing.assert_close(updates["w"], torch.full((4,), -3.0))
 
 
 def _tensors(tree) -> list[torch.Tensor]:
