@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ltxf import checkpoint as run_checkpoint
-from ltxf.config import LoraConfig, TrainConfig, check_paths
+from ltxf.config import LoraConfig, TrainConfig, check_paths, torch_dtype
 from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
 from ltxf.lora import init_lora_parameters, inject_lora, load_lora_weights, lora_parameters, lora_state_dict
 from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, write_checkpoint
@@ -51,7 +51,6 @@ from ltxf.validation import Validator, offload_to_host_
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -156,7 +155,7 @@ def plan_run(cfg: TrainConfig, dist: DistInfo) -> RunPlan:
     if cfg.validation.enabled and cfg.validation.offload_optimizer and fsdp:
         logger.warning("validation.offload_optimizer is ignored under FSDP (the optimizer state is sharded)")
     return RunPlan(cfg=cfg, dist=dist, output_dir=output_dir, config_dict=config_dict,
-                   compute_dtype=DTYPES[cfg.model.dtype], full=full, fsdp=fsdp)
+                   compute_dtype=torch_dtype(cfg.model.dtype), full=full, fsdp=fsdp)
 
 
 def build_validator(plan: RunPlan) -> Validator | None:
@@ -195,7 +194,7 @@ def build_model(plan: RunPlan) -> Model:
         logger.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(targets))
     parallelize(transformer, fsdp=plan.fsdp, activation_checkpointing=cfg.parallel.activation_checkpointing,
                 compile=cfg.parallel.compile, param_dtype=plan.compute_dtype,
-                reduce_dtype=DTYPES[cfg.parallel.reduce_dtype])
+                reduce_dtype=torch_dtype(cfg.parallel.reduce_dtype))
     transformer.train()
     return Model(transformer=transformer, text_processor=text_processor,
                  checkpoint_config=read_config(checkpoint_path))
@@ -496,7 +495,7 @@ def export(run: Run, step: int) -> Path:
     (``text_connectors_step_N.safetensors``). Collective under FSDP (parameters are gathered); rank 0 writes."""
     plan, model = run.plan, run.model
     cfg, is_main = plan.cfg, plan.dist.is_main
-    dtype = DTYPES[cfg.checkpoints.export_dtype]
+    dtype = torch_dtype(cfg.checkpoints.export_dtype)
     exports = plan.output_dir / "exports"
     if plan.full:
         weights = _gather_full(model.transformer.state_dict(), keep=is_main, dtype=dtype)
