@@ -10,7 +10,9 @@ K x (base + adapters + optimizer + activations) for K separate runs side by side
 bytes of each part (activations: the bytes autograd saves for backward in one step) and the process's peak RSS.
 Alpha follows the rank (alpha = rank, scale 1), as the demo preset.
 
-Run: ``python -m experiments.lora_sweep --steps 100`` (CPU, the demo's tiny model and data).
+Run: ``python -m experiments.lora_sweep --steps 100`` (CPU, the demo's tiny model and data);
+``--compare-separate`` then trains each variant alone with ``ltxf.train.main`` in its own process (loading the base
+each time, as K separate runs do) and prints their time and peak RSS.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import math
 import resource
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -142,12 +146,36 @@ def print_table(runs: list[VariantRun], figures: dict[str, float]) -> None:
 DEFAULT_VARIANTS = [Variant(learning_rate=lr, rank=rank, seed=seed)
                     for lr, rank, seed in [(5e-3, 16, 42), (2e-3, 16, 42), (5e-3, 8, 42), (5e-3, 16, 7)]]
 
+def train_alone(cfg: TrainConfig, index: int, steps: int) -> None:
+    """Variant ``index`` trained by ``ltxf.train.main`` (this process: one of K separate runs)."""
+    from ltxf.train import main
+
+    start = time.perf_counter()
+    variant_cfg = DEFAULT_VARIANTS[index].config(cfg)
+    result = main(replace(variant_cfg, output_dir=cfg.output_dir / f"alone_{index}",
+                          optim=replace(variant_cfg.optim, steps=steps), log=replace(variant_cfg.log, every=1)))
+    print(f"alone {index}: final loss {result.losses[-1]:.4f}, {time.perf_counter() - start:.1f} s, peak RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/lora_sweep"))
+    parser.add_argument("--compare-separate", action="store_true")
+    parser.add_argument("--alone", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     base = demo()
     base = prepare_demo(replace(base, output_dir=args.output_dir, validation=replace(base.validation, interval=None),
-                                optim=replace(base.optim, warmup_steps=0)))
+                                optim=replace(base.optim, warmup_steps=0, steps=args.steps),
+                                log=replace(base.log, every=args.steps)))
+    if args.alone is not None:
+        train_alone(base, args.alone, args.steps)
+        sys.exit(0)
     print_table(*sweep(base, DEFAULT_VARIANTS, args.steps))
+    if args.compare_separate:
+        start = time.perf_counter()
+        for i in range(len(DEFAULT_VARIANTS)):
+            subprocess.run([sys.executable, "-m", "experiments.lora_sweep", "--alone", str(i), "--steps",
+                            str(args.steps), "--output-dir", str(args.output_dir)], check=True)
+        print(f"{len(DEFAULT_VARIANTS)} separate runs: {time.perf_counter() - start:.1f} s in all")
