@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from ltxf.config import TrainConfig
 from ltxf.models.text import TextContext
 from ltxf.optim import GradientTransformation, apply_updates, last_learning_rate
-from ltxf.parallel import DistInfo, all_reduce_mean_
+from ltxf.parallel import DistInfo
 from ltxf.rng import make_generator
 from ltxf.state import TrainState
 from ltxf.strategies import prepare_text_to_video, prepare_video_to_video
@@ -45,9 +45,10 @@ class StepContext:
     cfg: TrainConfig
     dist: DistInfo
     fsdp: bool
+    """The model is under FSDP2 (any mesh: sharded, replicated or both); gradients are reduced by its hooks."""
     compute_dtype: torch.dtype
     text_params: tuple[str, ...] = ()
-    """Keys of ``state.params`` that belong to the text connectors (replicated even under FSDP)."""
+    """Keys of ``state.params`` that belong to the text connectors."""
 
 
 def text_context(ctx: StepContext, batch: dict[str, torch.Tensor]) -> TextContext:
@@ -128,8 +129,10 @@ def train_step(
     for i, batch in enumerate(micro_batches):
         generators = sample_generators(ctx, step, i, batch["video_latents"].shape[0])
         if ctx.fsdp:
-            # Reduce-scatter gradients only once, after the last micro-batch.
+            # FSDP2 reduces gradients during backward: only once, in the last micro-batch's.
             ctx.transformer.set_requires_gradient_sync(i == num_micro - 1)
+            if ctx.text_params:
+                ctx.text_processor.set_requires_gradient_sync(i == num_micro - 1)
         loss, losses, sigma_B = loss_fn(ctx, batch, generators)
         (loss / num_micro).backward()
         with torch.no_grad():
@@ -148,8 +151,6 @@ def train_step(
         if param.grad is None:
             param.grad = torch.zeros_like(param)
         grads[key] = param.grad
-    replicated = [grads[k] for k in grads if not ctx.fsdp or k in ctx.text_params]
-    all_reduce_mean_(replicated)
 
     # One host sync per step: the loss and the gradient norm must be finite before anything is updated in
     # place (the optimizer moments included).

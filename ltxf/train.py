@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from ltxf import checkpoint as run_checkpoint
 from ltxf.config import TrainConfig, check_paths
@@ -28,16 +29,26 @@ from ltxf.lora import (
     LoraConfig,
     init_lora_parameters,
     inject_lora,
+    is_lora_key,
     load_lora_weights,
     lora_parameters,
     lora_state_dict,
 )
 from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, write_checkpoint
-from ltxf.models.text import load_embeddings_processor
-from ltxf.models.transformer import load_transformer
+from ltxf.models.text import build_embeddings_processor_on_meta, load_embeddings_processor_weights_
+from ltxf.models.transformer import build_transformer_on_meta, load_transformer_weights_
 from ltxf.monitor import Monitor, memory_metrics
 from ltxf.optim import adamw, adamw_8bit, chain, clip_by_global_norm, make_schedule
-from ltxf.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize, shutdown_distributed
+from ltxf.parallel import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    build_mesh,
+    init_distributed,
+    parallelize,
+    parallelize_text_connectors,
+    shutdown_distributed,
+)
 from ltxf.rng import make_generator
 from ltxf.state import TrainState, init_state, state_to_dict, trainable_parameters
 from ltxf.step import SIGMA_BUCKET_NAMES, NonFiniteLossError, StepContext, train_step
@@ -145,6 +156,55 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def build_data_parallel_mesh(cfg: TrainConfig, dist_info: DistInfo) -> DeviceMesh | None:
+    """The (replicate x shard) mesh of this run (:mod:`ltxf.parallel`), or None for a plain one-process run."""
+    mode = cfg.parallel.data_parallel
+    sharded = mode == "fsdp" or (mode == "auto" and cfg.model.training_mode == "full")
+    if dist_info.world_size == 1 and mode != "fsdp":
+        return None
+    shard_size = cfg.parallel.shard_size or (dist_info.world_size if sharded else 1)
+    return build_mesh(dist_info.world_size, shard_size, dist_info.device)
+
+
+def build_model(cfg: TrainConfig, dist_info: DistInfo, mesh: DeviceMesh | None) -> tuple[nn.Module, nn.Module]:
+    """The transformer and the text connectors, created on meta, shaped for training, then loaded.
+
+    On the meta device (no weight exists yet): build from the checkpoint's config -> LoRA injection and freezing
+    -> activation checkpointing, compile and FSDP2 on ``mesh`` (:func:`ltxf.parallel.parallelize`). Then each
+    rank reads from the file only the tensors it holds, block by block, cast to their dtype on the way
+    (:mod:`ltxf.models.materialize`), and the adapters are initialised from the derived seed (same on every rank,
+    each keeps its shard). Full fine-tuning keeps fp32 master weights (FSDP2 casts to the compute dtype; one
+    process uses autocast); adapters stay fp32 on a base in the compute dtype.
+    """
+    device, compute_dtype = dist_info.device, DTYPES[cfg.model.dtype]
+    full = cfg.model.training_mode == "full"
+    path = Path(cfg.model.checkpoint)
+    logger.info("loading the transformer from %s", path)
+    transformer = build_transformer_on_meta(path).to(torch.float32 if full else compute_dtype)
+    transformer.requires_grad_(full)
+    if not full:
+        # fp32 adapters (and AdamW moments): bf16 moments cannot decay and small updates round away.
+        targets = inject_lora(transformer, cfg.lora, dtype=torch.float32)
+        logger.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(targets))
+    parallelize(transformer, mesh=mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                compile=cfg.parallel.compile, param_dtype=compute_dtype,
+                reduce_dtype=DTYPES[cfg.parallel.reduce_dtype])
+    load_transformer_weights_(transformer, path, device=device, not_in_file=is_lora_key)
+    if not full:
+        # Same derived seed on every rank: identical adapters with no broadcast.
+        init_lora_parameters(transformer, make_generator(cfg.seed, 0, 0, "lora_init", device=device))
+        if cfg.model.init_lora is not None:
+            apply_initial_lora(transformer, cfg.model.init_lora, cfg.lora)
+
+    trained = cfg.model.train_connectors
+    text_processor = build_embeddings_processor_on_meta(path, with_feature_extractor=False)
+    text_processor.to(torch.float32 if trained else compute_dtype).requires_grad_(trained)
+    if trained:
+        parallelize_text_connectors(text_processor, mesh=mesh, reduce_dtype=DTYPES[cfg.parallel.reduce_dtype])
+    load_embeddings_processor_weights_(text_processor, path, device=device)
+    return transformer, text_processor.eval()
+
+
 def main(cfg: TrainConfig) -> RunResult:
     """Run (or resume) training as configured; returns where the outputs are."""
     dist_info = init_distributed()
@@ -177,17 +237,10 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     device = dist_info.device
     compute_dtype = DTYPES[cfg.model.dtype]
     full = cfg.model.training_mode == "full"
-    fsdp = cfg.parallel.data_parallel == "fsdp" or (cfg.parallel.data_parallel == "auto" and full
-                                                    and dist_info.world_size > 1)
-    # Full fine-tuning keeps fp32 master weights (FSDP2 casts to bf16 for compute; one process uses autocast).
-    weights_dtype = torch.float32 if full else compute_dtype
+    mesh = build_data_parallel_mesh(cfg, dist_info)
+    fsdp = mesh is not None
     checkpoint_path = Path(cfg.model.checkpoint)
     model_config = read_config(checkpoint_path)
-
-    if fsdp and cfg.model.train_connectors:
-        raise ValueError("model.train_connectors is not supported with FSDP (parallel.data_parallel='fsdp', or "
-                         "'auto' with full fine-tuning on several processes); use parallel.data_parallel="
-                         "'replicate' or train the transformer only")
 
     validator = None
     if cfg.validation.enabled:
@@ -195,29 +248,10 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
         # on the training model's.
         validator = Validator.build(cfg.validation, checkpoint=checkpoint_path, device=device, dtype=compute_dtype)
         if cfg.validation.offload_optimizer and fsdp:
-            logger.warning("validation.offload_optimizer is ignored under FSDP (the optimizer state is sharded)")
+            logger.warning("validation.offload_optimizer is ignored under FSDP2 (several processes, or "
+                           "parallel.data_parallel='fsdp')")
 
-    logger.info("loading the transformer from %s", checkpoint_path)
-    transformer = load_transformer(checkpoint_path, dtype=weights_dtype, device=device)
-    text_processor = load_embeddings_processor(checkpoint_path, dtype=compute_dtype, device=device,
-                                               with_feature_extractor=False)
-    transformer.requires_grad_(full)
-    text_processor.requires_grad_(cfg.model.train_connectors)
-    if cfg.model.train_connectors:
-        text_processor.float()
-
-    if not full:
-        # Adapters (and their AdamW moments) stay fp32 on a bf16 base: bf16 moments cannot decay and small
-        # updates round away.
-        targets = inject_lora(transformer, cfg.lora, dtype=torch.float32)
-        # Same derived seed on every rank: identical adapters with no broadcast.
-        init_lora_parameters(transformer, make_generator(cfg.seed, 0, 0, "lora_init", device=device))
-        if cfg.model.init_lora is not None:
-            apply_initial_lora(transformer, cfg.model.init_lora, cfg.lora)
-        logger.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(targets))
-    parallelize(transformer, fsdp=fsdp, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                compile=cfg.parallel.compile, param_dtype=compute_dtype,
-                reduce_dtype=DTYPES[cfg.parallel.reduce_dtype])
+    transformer, text_processor = build_model(cfg, dist_info, mesh)
     transformer.train()
 
     params = lora_parameters(transformer) if not full else trainable_parameters(transformer)
