@@ -35,14 +35,14 @@ differs.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from ltxf.models import checkpoint
 
@@ -53,6 +53,61 @@ TensorTransform = Callable[[str, torch.Tensor], torch.Tensor]
 
 UnitCallback = Callable[[str, nn.Module], None]
 """``on_unit(unit_name, unit_module)``: called once each unit (a block, then the remainder ``""``) is loaded."""
+
+
+
+# safetensors dtype names -> torch dtypes (the format's own table).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class TensorFile:
+    """Reads single tensors, or row ranges of them, from a safetensors file with plain file reads into memory
+    the returned tensor owns.
+
+    Why not ``safe_open``: its tensors are views of a memory map of the file, so every page a load touches stays
+    mapped into the process (counted in its RSS) while any tensor read from it lives, and a parameter assigned
+    from one keeps the file mapped for the whole run. Reading into fresh tensors keeps a rank's memory at what it
+    holds. The header has been validated by :mod:`ltxf.models.checkpoint` before this is used.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by close() / the context manager)
+        header_size = int.from_bytes(self._file.read(8), "little")
+        self._header = json.loads(self._file.read(header_size))
+        self._header.pop("__metadata__", None)
+        self._data_start = 8 + header_size
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``key``, or only its rows ``[start, stop)`` along dim 0 (contiguous in the file)."""
+        entry = self._header[key]
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: tensor {key} has the unsupported dtype {entry['dtype']}")
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        shape = list(entry["shape"])
+        begin, end = entry["data_offsets"]
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape[0] = rows[1] - rows[0]
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        self._file.seek(self._data_start + begin)
+        if end > begin and self._file.readinto(data.numpy()) != end - begin:
+            raise ValueError(f"{self.path} is truncated: tensor {key} ends past the end of the file")
+        return data.view(dtype).reshape(shape)
 
 
 def block_units(module: nn.Module, block_list: str) -> list[str]:
@@ -99,27 +154,69 @@ def _check_keys(
         raise ValueError("\n  ".join(parts))
 
 
-def _store(module: nn.Module, key: str, target: torch.Tensor, value: torch.Tensor, *, device: torch.device,
-           is_buffer: bool) -> None:
-    """Put ``value`` (a full tensor) where ``target`` (the module's tensor for ``key``) is."""
-    if isinstance(target, DTensor):
-        if value.dtype != target.dtype:
-            raise ValueError(f"{key}: a transform changed the dtype to {value.dtype} on a sharded (FSDP2) module "
-                             f"whose shard was allocated as {target.dtype}; sharded parameters keep their dtype")
-        # Every rank read the same file: slice the local shard without communication, then drop the full tensor.
-        shard = distribute_tensor(value.to(target.device), target.device_mesh, target.placements,
-                                  src_data_rank=None)
-        target.detach().copy_(shard)
-        return
-    if not target.is_meta:
-        target.detach().copy_(value)
-        return
+def _local_rows(target: DTensor) -> tuple[int, int] | None:
+    """Rows ``[start, stop)`` of the full tensor that this rank holds, when the placements shard dim 0 only
+    (FSDP2's ``Shard(0)``, ``torch.chunk`` sizes) and replicate elsewhere; None for any other layout."""
+    if target.ndim == 0:
+        return None
+    start, stop = 0, target.shape[0]
+    for mesh_dim, placement in enumerate(target.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if not (isinstance(placement, Shard) and placement.dim == 0):
+            return None
+        num_shards, index = target.device_mesh.size(mesh_dim), target.device_mesh.get_local_rank(mesh_dim)
+        length = stop - start
+        chunk = -(-length // num_shards)
+        start, stop = start + min(index * chunk, length), start + min((index + 1) * chunk, length)
+    return start, stop
+
+
+def _assign(module: nn.Module, key: str, target: torch.Tensor, value: torch.Tensor, *, is_buffer: bool) -> None:
+    """Replace the meta tensor ``target`` at ``key`` by ``value`` (a parameter keeps ``requires_grad``)."""
     owner, leaf = _owner(module, key)
-    value = value.to(device)
     if is_buffer:
         owner._buffers[leaf] = value
     else:
         setattr(owner, leaf, nn.Parameter(value, requires_grad=target.requires_grad))
+
+
+def _read(file: TensorFile, file_key: str, key: str, target: torch.Tensor, transform: TensorTransform | None,
+          rows: tuple[int, int] | None, source: str) -> torch.Tensor:
+    """One tensor (or its ``rows``), cast to ``target``'s dtype, through ``transform`` (full tensors only)."""
+    value = file.read(file_key, rows)
+    if value.is_floating_point() and value.dtype != target.dtype:
+        value = value.to(target.dtype)
+    if transform is not None:
+        value = transform(key, value)
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{source}: the load transform changed {key} from shape {tuple(target.shape)} to "
+                             f"{tuple(value.shape)}")
+    return value
+
+
+def _load_tensor(module: nn.Module, file: TensorFile, file_key: str, key: str, target: torch.Tensor, *,
+                 device: torch.device, is_buffer: bool, transform: TensorTransform | None, source: str) -> None:
+    if not isinstance(target, DTensor):
+        value = _read(file, file_key, key, target, transform, None, source).to(device)
+        if target.is_meta:
+            _assign(module, key, target, value, is_buffer=is_buffer)
+        else:
+            target.detach().copy_(value)
+        return
+    local = target.to_local()
+    rows = _local_rows(target) if transform is None else None
+    if rows is not None and (rows[1] - rows[0], *target.shape[1:]) == tuple(local.shape):
+        # Only this rank's rows are read from the file.
+        local.copy_(_read(file, file_key, key, target, None, rows, source))
+        return
+    value = _read(file, file_key, key, target, transform, None, source)
+    if value.dtype != target.dtype:
+        raise ValueError(f"{source}: the load transform changed {key} to {value.dtype} on a sharded (FSDP2) module "
+                         f"whose shard was allocated as {target.dtype}; sharded parameters keep their dtype")
+    # Every rank read the same file: slice the local shard without communication, then drop the full tensor.
+    shard = distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    local.copy_(shard.to_local())
 
 
 @torch.no_grad()
@@ -168,31 +265,19 @@ def materialize_(
     for key in tensors:
         by_unit[_unit_of(key, units)].append(key)
     num_loaded = 0
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for unit in order:
-                for key in by_unit[unit]:
-                    target = tensors[key]
-                    if key not in expected:
-                        if target.is_meta:
-                            _store(module, key, target, torch.empty(target.shape, dtype=target.dtype),
-                                   device=torch.device(device), is_buffer=key in buffers)
-                        continue
-                    value = f.get_tensor(file_keys[key])
-                    if value.is_floating_point() and value.dtype != target.dtype:
-                        value = value.to(target.dtype)
-                    if transform is not None:
-                        value = transform(key, value)
-                        if tuple(value.shape) != tuple(target.shape):
-                            raise ValueError(f"{source}: the load transform changed {key} from shape "
-                                             f"{tuple(target.shape)} to {tuple(value.shape)}")
-                    _store(module, key, target, value, device=torch.device(device), is_buffer=key in buffers)
-                    del value
+    with TensorFile(path) as file:
+        for unit in order:
+            for key in by_unit[unit]:
+                target = tensors[key]
+                if key in expected:
+                    _load_tensor(module, file, file_keys[key], key, target, device=torch.device(device),
+                                 is_buffer=key in buffers, transform=transform, source=source)
                     num_loaded += 1
-                if on_unit is not None:
-                    on_unit(unit, module.get_submodule(unit) if unit else module)
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{source} is not a readable safetensors file: {exc}") from exc
+                elif target.is_meta:
+                    _assign(module, key, target, torch.empty(target.shape, dtype=target.dtype, device=device),
+                            is_buffer=key in buffers)
+            if on_unit is not None:
+                on_unit(unit, module.get_submodule(unit) if unit else module)
     _check_nothing_on_meta(module, source)
     logger.debug("materialised %d tensors from %s in %d units", num_loaded, source, len(order))
     return module
