@@ -21,7 +21,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from ltxf.config import ModelConfig, ParallelConfig, TrainConfig
 from ltxf.models.transformer import Modality, build_transformer_on_meta
 from ltxf.parallel import init_distributed, shutdown_distributed
-from ltxf.train import build_data_parallel_mesh, build_model
+from ltxf.train import RunPlan, build_data_parallel_mesh, build_model
 
 FIELDS = ("positions", "timesteps", "sigma")
 
@@ -62,7 +62,10 @@ def main(checkpoint: Path, out_dir: Path) -> None:
     cfg = TrainConfig(model=ModelConfig(checkpoint=checkpoint, training_mode="full", dtype="bfloat16"),
                       parallel=ParallelConfig(data_parallel="fsdp", activation_checkpointing=False))
     mesh = build_data_parallel_mesh(cfg, dist_info)
-    transformer, _ = build_model(cfg, dist_info, mesh)
+    plan = RunPlan(cfg=cfg, dist=dist_info, output_dir=out_dir, config_dict={}, compute_dtype=torch.bfloat16,
+                   full=True, mesh=mesh)
+    model = build_model(plan)
+    transformer = model.transformer
     control = build_transformer_on_meta(checkpoint)
     fully_shard(control, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
     control.to_empty(device="cpu")

@@ -22,7 +22,7 @@ from ltxf.config import ModelConfig, ParallelConfig, TrainConfig
 from ltxf.models.text import build_embeddings_processor_on_meta
 from ltxf.models.transformer import build_transformer_on_meta
 from ltxf.parallel import init_distributed, shutdown_distributed
-from ltxf.train import build_data_parallel_mesh, build_model
+from ltxf.train import RunPlan, build_data_parallel_mesh, build_model
 
 
 def _status_kib(field: str) -> int:
@@ -45,7 +45,10 @@ def main(checkpoint: Path, out_dir: Path) -> None:
     # Reset the high-water mark to the current RSS: the peak measured below is the loading's alone.
     Path("/proc/self/clear_refs").write_text("5")
     baseline = _status_kib("VmRSS")
-    transformer, text_processor = build_model(cfg, dist_info, mesh)
+    plan = RunPlan(cfg=cfg, dist=dist_info, output_dir=out_dir, config_dict={}, compute_dtype=torch.bfloat16,
+                   full=True, mesh=mesh)
+    model = build_model(plan)
+    transformer, text_processor = model.transformer, model.text_processor
     peak = _status_kib("VmHWM")
     held = 0
     for module in (transformer, text_processor):
