@@ -4,6 +4,11 @@
   like 1 process with the same global batch of 4. Tolerance: fp32, gradients summed in another order
   (reduce-scatter within a pair, all-reduce across pairs, vs one batch); 1e-5 relative over 3 steps, as in
   test_train_distributed.py, which still catches a missing or doubled reduction (1e-2 level).
+- A LoRA run checkpointed at step 2 on 1 process with batch 2 and resumed on 2 processes with batch 1 (the same
+  global batch) ends with the weights of the uninterrupted 1-process run: the data order is a function of the
+  global batch, and the sampler's position counts global batches. Tolerance: fp32, the gradients of step 3 are
+  summed across processes in another order: rtol 1e-5 / atol 1e-7. The sampler of before (which rescaled the
+  position by the number of processes) fails it.
 - Under FSDP2 on 2 ranks with bf16 compute, positions, timesteps and sigma reach the model in fp32; the control
   (FSDP2's default policy) shows the probe does see a cast when there is one.
 """
@@ -12,12 +17,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from ltxf.checkpoint import latest_checkpoint, load_lora_file
 from ltxf.demo import build_demo_checkpoint
 from tests.distributed.test_train_distributed import REPO, _free_port, _train
 
@@ -41,6 +49,24 @@ def test_hsdp_2x2_mesh_matches_one_process(tmp_path):
     for step in one:
         assert hsdp[step] == pytest.approx(one[step], rel=1e-5), (step, one, hsdp)
     assert one[STEPS] != one[1]
+
+
+def test_resume_on_two_processes_continues_a_one_process_run(tmp_path):
+    flags = ("--checkpoints.interval", "2", "--checkpoints.export_dtype", "float32")
+    _train(tmp_path / "reference", 1, *flags)
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "reference", resumed_dir)
+    for leftover in (latest_checkpoint(resumed_dir), resumed_dir / "exports"):
+        shutil.rmtree(leftover)
+    assert latest_checkpoint(resumed_dir).name == "step_00000002"
+    _train(resumed_dir, 2, *flags)
+
+    name = f"lora_weights_step_{STEPS:06d}.safetensors"
+    reference = load_lora_file(tmp_path / "reference" / "exports" / name).tensors
+    resumed = load_lora_file(resumed_dir / "exports" / name).tensors
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
 def test_forward_inputs_stay_fp32_under_fsdp(tmp_path):
