@@ -6,8 +6,9 @@ Typical loop::
     for step in range(start_step + 1, total + 1):
         state, metrics = train_step(state, batch)
         monitor.end_step(step, num_samples=global_batch)     # host clock only, no device sync
-        if step % cfg.log.every == 0 or step == total:
-            monitor.log_scalars(step, {"loss/train": metrics["loss"], "lr": lr})   # one host sync
+        window.add(metrics)
+        if log_due(step, cfg.log.every, total):
+            monitor.log_scalars(step, window.summarize())    # one collective, one host sync
         if saving:
             save_checkpoint(...)
             monitor.restart_timer()                          # keep the save out of the step-time average
@@ -158,6 +159,79 @@ class StepTimer:
             out["throughput/samples_per_s"] = self.samples_per_s
         if self.tokens_per_s is not None:
             out["throughput/tokens_per_s"] = self.tokens_per_s
+        return out
+
+
+SIGMA_BUCKET_NAMES = ("0.00-0.25", "0.25-0.50", "0.50-0.75", "0.75-1.00")
+"""Loss is also reported per sigma bucket: [0, .25), [.25, .5), [.5, .75), [.75, 1]."""
+
+_ROW_MEANS = (("loss/train", "loss"), ("loss/video", "video_loss"), ("loss/audio", "audio_loss"),
+              ("train/skipped_steps", "skipped"))
+
+
+def log_due(step: int, every: int, last_step: int) -> bool:
+    """Whether a logging window ends at ``step``: every multiple of ``every``, and the last step. Windows depend on
+    nothing else (not on where a run started), so a resumed run logs the same windows as an uninterrupted one."""
+    return step % every == 0 or step == last_step
+
+
+class LogWindow:
+    """The training metrics of the steps since the last log.
+
+    :meth:`add` keeps each step's device tensors (no host sync). They become host rows, summed across processes
+    in one collective, when the window is summarised (:meth:`summarize`) or checkpointed (:meth:`state_dict`):
+    a run resumed from a checkpoint taken mid-window restores those rows (:meth:`load_state_dict`) and writes
+    exactly the values the uninterrupted run writes. Means are taken over steps in float64 on the host, in
+    step order, so the split of a window between runs changes nothing.
+    """
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.rows: list[list[float]] = []
+        self._pending: list[Mapping[str, torch.Tensor | float]] = []
+        self._last: Mapping[str, torch.Tensor | float] | None = None
+
+    def add(self, metrics: Mapping[str, torch.Tensor | float]) -> None:
+        self._pending.append(metrics)
+
+    def _flush(self) -> None:
+        """Move the pending steps into rows: [means..., bucket loss sums..., bucket counts...] summed over ranks."""
+        from ltxf.parallel import all_reduce_sum
+
+        if not self._pending:
+            return
+        rows = torch.stack([torch.cat([torch.stack([torch.as_tensor(m[key]).float() for _, key in _ROW_MEANS]),
+                                       m["sigma_bucket_loss_sum"].float(), m["sigma_bucket_count"].float()])
+                            for m in self._pending])
+        self.rows.extend(all_reduce_sum(rows).tolist())
+        self._last = self._pending[-1]
+        self._pending = []
+
+    def state_dict(self) -> list[list[float]]:
+        """The window's rows so far (JSON-able; a collective with several processes)."""
+        self._flush()
+        return [list(row) for row in self.rows]
+
+    def load_state_dict(self, rows: list[list[float]]) -> None:
+        self._pending = []
+        self.rows = [[float(v) for v in row] for row in rows]
+
+    def summarize(self) -> dict[str, float]:
+        """The window's scalars (means over its steps and processes; the gradient norm and learning rate of its
+        last step), and an empty window after it (a collective with several processes)."""
+        self._flush()
+        num_means, num_buckets = len(_ROW_MEANS), len(SIGMA_BUCKET_NAMES)
+        columns = list(zip(*self.rows, strict=True))
+        out = {tag: math.fsum(columns[i]) / len(self.rows) / self.world_size for i, (tag, _) in enumerate(_ROW_MEANS)}
+        for i, name in enumerate(SIGMA_BUCKET_NAMES):
+            count = math.fsum(columns[num_means + num_buckets + i])
+            if count > 0:
+                out[f"loss/sigma_{name}"] = math.fsum(columns[num_means + i]) / count
+        if self._last is not None:
+            out["grad/global_norm"] = float(self._last["grad_norm"])
+            if "lr" in self._last:
+                out["lr"] = float(self._last["lr"])
+        self.rows = []
         return out
 
 

@@ -22,6 +22,7 @@ Step counters live on the CPU (as ``torch.optim.AdamW`` keeps its ``state_steps`
 evaluate a schedule or a bias correction never synchronises with the accelerator.
 """
 
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -46,6 +47,8 @@ __all__ = [
     "ScaleByScheduleState",
     "chain",
     "identity",
+    "call_update",
+    "global_norm",
     "clip_by_global_norm",
     "scale_by_adam",
     "scale_by_adam_8bit",
@@ -169,17 +172,34 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(tx.init(params) for tx in transforms)
 
     def update(
-        updates: Updates, state: tuple[OptState, ...], params: Params | None = None
+        updates: Updates, state: tuple[OptState, ...], params: Params | None = None, **extra: Any
     ) -> tuple[Updates, tuple[OptState, ...]]:
         if len(state) != len(transforms):
             raise ValueError(f"chain: state has {len(state)} parts but the chain has {len(transforms)} transforms")
         new_states = []
         for tx, s in zip(transforms, state, strict=True):
-            updates, s = tx.update(updates, s, params)
+            updates, s = call_update(tx, updates, s, params, **extra)
             new_states.append(s)
         return updates, tuple(new_states)
 
     return GradientTransformation(init, update)
+
+
+def call_update(
+    tx: GradientTransformation, updates: Updates, state: OptState, params: Params | None = None, **extra: Any
+) -> tuple[Updates, OptState]:
+    """``tx.update(updates, state, params, **extra)``, passing only the keyword arguments its ``update`` declares
+    (optax's extra-args convention): e.g. ``grad_norm=`` reaches ``clip_by_global_norm`` through a ``chain``."""
+    accepted = _extra_args(tx.update)
+    return tx.update(updates, state, params, **{k: v for k, v in extra.items() if accepted is None or k in accepted})
+
+
+def _extra_args(update: Callable) -> frozenset[str] | None:
+    """The keyword-only parameters ``update`` declares; None when it takes ``**kwargs`` (it accepts all)."""
+    parameters = inspect.signature(update).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 def identity() -> GradientTransformation:
@@ -212,6 +232,16 @@ def last_learning_rate(opt_state: OptState) -> Tensor | None:
 # clipping
 
 
+def global_norm(updates: Updates) -> Tensor:
+    """The global L2 norm of ``updates`` (foreach kernels via ``torch.nn.utils.get_total_norm``; for DTensors the
+    partial norms are reduced across the mesh with ``full_tensor``), a 0-d tensor on their device."""
+    tensors = list(updates.values())
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    norm = torch.nn.utils.get_total_norm(tensors, norm_type=2.0, foreach=True)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale updates by ``min(1, max_norm / (norm + 1e-6))``, ``norm`` being their global L2 norm.
 
@@ -230,14 +260,15 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 
     @torch.no_grad()
     def update(
-        updates: Updates, state: ClipByGlobalNormState, params: Params | None = None
+        updates: Updates, state: ClipByGlobalNormState, params: Params | None = None, *,
+        grad_norm: Tensor | None = None,
     ) -> tuple[Updates, ClipByGlobalNormState]:
+        """``grad_norm``: the global norm of ``updates`` if the caller already computed it (the training step
+        does, to check it is finite), so it is computed once."""
         grads = list(updates.values())
         if not grads:
             return updates, state
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        norm = global_norm(updates) if grad_norm is None else grad_norm
         state.global_norm.copy_(norm)
         if math.isfinite(max_norm):
             coef = torch.clamp(max_norm / (norm.float() + 1e-6), max=1.0)

@@ -1,9 +1,26 @@
-"""The training step: ``train_step(state, micro_batches, ctx) -> (state, metrics)``.
+"""The loss and the training step.
 
-Gradients come from autograd (``loss.backward()``), not ``torch.func.grad``: only autograd composes with FSDP2
-hooks and activation checkpointing (style-anchors.md section B). Everything random is derived from
-(seed, step, rank, purpose), so a step is a pure function of the state and the batch: a resumed run repeats the
-uninterrupted one exactly.
+``loss_fn(params, batch, key, ctx) -> (loss, aux)`` is the loss of one micro-batch at ``params``:
+
+- PURE on the non-sharded path: the transformer (and, when trained, the text connectors) runs through
+  ``torch.func.functional_call`` on ``params``; frozen weights come from the modules, which are only read. So
+  calling it with other params gives the loss at those params, and ``torch.func.grad`` / ``jacrev`` apply. Its
+  randomness is ``key`` (int64 [B], one derived seed per sample, :func:`micro_batch_key`), never a global
+  generator. ``torch.func.vmap`` over samples composes with :func:`loss_from_inputs` (the model and the loss):
+  ``loss_fn = loss_from_inputs o model_inputs``, and :func:`model_inputs` draws noise from per-sample
+  ``torch.Generator`` s, which vmap cannot batch, so draw the inputs first (``experiments/per_sample_grads.py``).
+  Under vmap build the transformer with ``max_distinct_timesteps=None`` (its timestep deduplication checks a
+  value on the host).
+- NOT a function of ``params`` where PyTorch cannot swap parameters: under FSDP2 the parameters are the module's
+  sharded DTensors, which FSDP2's hooks gather and reduce themselves, and activation checkpointing re-runs the
+  forward in backward with the module's own attributes (after ``functional_call`` has restored them). There
+  ``params`` must be the module's own parameters (checked by identity; anything else is a ``ValueError``) and
+  the module is called directly.
+
+``train_step(state, micro_batches, ctx) -> (state, metrics)`` takes one optimizer step with ``loss_fn``: gradients
+from ``torch.autograd.grad`` on the non-sharded path (no ``.grad`` is written), from ``backward()`` under FSDP2
+(its reduce-scatter writes ``.grad``; the step reads and clears them, so no ``.grad`` survives a step either way).
+Everything random is derived from (seed, step, sample index), so a resumed run repeats the uninterrupted one.
 
 Shape legend: B batch, T tokens, C channels, S text tokens.
 """
@@ -12,31 +29,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ltxf.config import TrainConfig
 from ltxf.models.text import TextContext
-from ltxf.optim import GradientTransformation, apply_updates, last_learning_rate
+from ltxf.monitor import SIGMA_BUCKET_NAMES
+from ltxf.optim import (
+    GradientTransformation,
+    ScaleByScheduleState,
+    apply_updates,
+    call_update,
+    find_states,
+    global_norm,
+    last_learning_rate,
+)
 from ltxf.parallel import DistInfo
 from ltxf.rng import sample_keys
-from ltxf.state import TrainState
-from ltxf.strategies.base import StepLosses, Strategy
+from ltxf.state import TrainState, trainable_parameters
+from ltxf.strategies.base import ModelInputs, Strategy
 
-# Loss is also reported per sigma bucket: [0, .25), [.25, .5), [.5, .75), [.75, 1].
-SIGMA_BUCKET_NAMES = ("0.00-0.25", "0.25-0.50", "0.50-0.75", "0.75-1.00")
+TEXT_PARAM_PREFIX = "text_processor."
+"""Prefix of the text connectors' keys in ``params`` (``model.train_connectors``); the rest are transformer keys."""
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a step produced a non-finite loss or gradient norm; the state was not updated."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class StepContext:
     """What the step needs besides the state and the batch. ``transformer`` and ``text_processor`` hold the
-    frozen weights; the trainable ones are ``state.params`` (the same tensors)."""
+    frozen weights (only read); the trainable ones are ``params`` / ``state.params``."""
 
     transformer: nn.Module
     text_processor: nn.Module
@@ -45,29 +72,40 @@ class StepContext:
     strategy: Strategy
     dist: DistInfo
     fsdp: bool
-    """The model is under FSDP2 (any mesh: sharded, replicated or both); gradients are reduced by its hooks."""
+    """The model is under FSDP2 (any mesh: sharded, replicated or both); its hooks reduce the gradients."""
     compute_dtype: torch.dtype
     text_params: tuple[str, ...] = ()
-    """Keys of ``state.params`` that belong to the text connectors."""
+    """Keys of ``state.params`` that belong to the text connectors (an FSDP2 unit of their own under FSDP2)."""
+
+    @property
+    def needs_module_params(self) -> bool:
+        """Whether ``params`` must be the modules' own parameters (FSDP2 or activation checkpointing)."""
+        return self.fsdp or self.cfg.parallel.activation_checkpointing
+
+    @cached_property
+    def module_params(self) -> dict[str, torch.Tensor]:
+        """The modules' trainable parameters, keyed as in ``state.params`` (recorded once, compared by identity)."""
+        text = {TEXT_PARAM_PREFIX + k: v for k, v in trainable_parameters(self.text_processor).items()}
+        return {**trainable_parameters(self.transformer), **text}
 
 
-def text_context(ctx: StepContext, batch: dict[str, torch.Tensor]) -> TextContext:
-    """Run the text connectors on the cached Gemma features (under no_grad unless they are trained).
+def check_module_params(params: dict[str, torch.Tensor], ctx: StepContext) -> None:
+    """``ValueError`` unless ``params`` are exactly the modules' trainable parameters (same keys, same objects).
 
-    With learnable registers every text position is attended, so the mask is dropped (None lets SDPA pick a
-    fused kernel)."""
-    with torch.set_grad_enabled(bool(ctx.text_params)):
-        # The connectors' own dtype: fp32 when they are trained, the compute dtype otherwise.
-        dtype = next(ctx.text_processor.video_connector.parameters()).dtype
-        audio_features = batch.get("audio_prompt_embeds")
-        context = ctx.text_processor(
-            batch["video_prompt_embeds"].to(dtype),
-            None if audio_features is None else audio_features.to(dtype),
-            batch["prompt_attention_mask"],
-        )
-    if ctx.text_processor.video_connector.learnable_registers is not None:
-        context = context._replace(context_mask=None)
-    return context
+    Under FSDP2 (or activation checkpointing) the model reads its own parameters, so a state holding copies
+    would train nothing while looking fine; this identity check (one ``is`` per tensor) refuses it."""
+    owned = ctx.module_params
+    if params.keys() != owned.keys():
+        missing, extra = sorted(owned.keys() - params.keys()), sorted(params.keys() - owned.keys())
+        raise ValueError(f"state.params do not match the model's trainable parameters: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}")
+    foreign = [k for k, v in params.items() if v is not owned[k]]
+    if foreign:
+        raise ValueError(
+            f"state.params are not the model's own parameters ({len(foreign)} differ, e.g. {foreign[0]!r}): under "
+            "FSDP2 or activation checkpointing the step trains the module's parameters in place, so the state "
+            "must hold them, not copies; build it with init_state(trainable_parameters(model), tx) and do not "
+            "copy it")
 
 
 def micro_batch_key(ctx: StepContext, step: int, micro_batch: int, batch_size: int) -> torch.Tensor:
@@ -79,18 +117,72 @@ def micro_batch_key(ctx: StepContext, step: int, micro_batch: int, batch_size: i
     return sample_keys(ctx.cfg.seed, step, first, batch_size)
 
 
-def loss_fn(
-    ctx: StepContext, batch: dict[str, torch.Tensor], key: torch.Tensor
-) -> tuple[torch.Tensor, StepLosses, torch.Tensor]:
-    """Mean loss of one micro-batch, its per-sample terms, and the sigmas [B] it was drawn at."""
-    context = text_context(ctx, batch)
-    inputs = ctx.strategy.prepare_inputs(batch, context, key, dtype=ctx.compute_dtype)
+def _call(module: nn.Module, params: dict[str, torch.Tensor], ctx: StepContext, **inputs: Any) -> Any:
+    """``module(**inputs)`` with ``params`` in place of its trainable parameters."""
+    if ctx.needs_module_params:
+        return module(**inputs)  # the caller checked that params are the module's own
+    return torch.func.functional_call(module, params, (), inputs, strict=False, tie_weights=False)
+
+
+def text_context(params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], ctx: StepContext) -> TextContext:
+    """Run the text connectors on the cached Gemma features (under no_grad unless they are trained).
+
+    With learnable registers every text position is attended, so the mask is dropped (None lets SDPA pick a
+    fused kernel)."""
+    text_params = {k.removeprefix(TEXT_PARAM_PREFIX): v for k, v in params.items() if k.startswith(TEXT_PARAM_PREFIX)}
+    with torch.set_grad_enabled(bool(text_params) and torch.is_grad_enabled()):
+        # The connectors' own dtype: fp32 when they are trained, the compute dtype otherwise.
+        dtype = next(ctx.text_processor.video_connector.parameters()).dtype
+        audio_features = batch.get("audio_prompt_embeds")
+        inputs = {"video_features_BSC": batch["video_prompt_embeds"].to(dtype),
+                  "audio_features_BSC": None if audio_features is None else audio_features.to(dtype),
+                  "mask_BS": batch["prompt_attention_mask"]}
+        if text_params:
+            context = _call(ctx.text_processor, text_params, ctx, **inputs)
+        else:
+            context = ctx.text_processor(**inputs)
+    if ctx.text_processor.video_connector.learnable_registers is not None:
+        context = context._replace(context_mask=None)
+    return context
+
+
+def model_inputs(
+    params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], key: torch.Tensor, ctx: StepContext
+) -> ModelInputs:
+    """The strategy's transformer inputs and targets for ``batch``; depends on ``params`` only through trained
+    text connectors. Pure: all randomness comes from ``key``."""
+    context = text_context(params, batch, ctx)
+    return ctx.strategy.prepare_inputs(batch, context, key, dtype=ctx.compute_dtype)
+
+
+def loss_from_inputs(
+    params: dict[str, torch.Tensor], inputs: ModelInputs, ctx: StepContext
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The transformer at ``params`` on prepared ``inputs``: ``(mean loss, aux)``, aux holding the per-sample
+    ``loss_B``, ``video_loss_B`` (and ``audio_loss_B`` with audio) and the ``sigma_B`` drawn."""
+    transformer_params = {k: v for k, v in params.items() if not k.startswith(TEXT_PARAM_PREFIX)}
     device_type = inputs.video.latent.device.type
+    # One process computes in the compute dtype by autocast; FSDP2 casts parameters itself (MixedPrecisionPolicy).
     autocast = ctx.compute_dtype != torch.float32 and not ctx.fsdp
     with torch.autocast(device_type, dtype=ctx.compute_dtype, enabled=autocast):
-        video_pred, audio_pred = ctx.transformer(video=inputs.video, audio=inputs.audio)
+        video_pred, audio_pred = _call(ctx.transformer, transformer_params, ctx, video=inputs.video,
+                                       audio=inputs.audio)
     losses = ctx.strategy.per_sample_losses(inputs, video_pred, audio_pred)
-    return losses.total_B.mean(), losses, inputs.sigma_B
+    aux = {"loss_B": losses.total_B, "video_loss_B": losses.video_B, "sigma_B": inputs.sigma_B}
+    if losses.audio_B is not None:
+        aux["audio_loss_B"] = losses.audio_B
+    return losses.total_B.mean(), aux
+
+
+def loss_fn(
+    params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], key: torch.Tensor, ctx: StepContext
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean loss of one micro-batch at ``params`` (the trainable tensors, keyed like ``state.params``) and its aux
+    (per-sample terms and sigmas, see :func:`loss_from_inputs`). Pure on the non-sharded path; see the module
+    docstring for FSDP2 and activation checkpointing, where ``params`` must be the modules' own."""
+    if ctx.needs_module_params:
+        check_module_params(params, ctx)
+    return loss_from_inputs(params, model_inputs(params, batch, key, ctx), ctx)
 
 
 def _bucket_index(sigma_B: torch.Tensor) -> torch.Tensor:
@@ -99,92 +191,128 @@ def _bucket_index(sigma_B: torch.Tensor) -> torch.Tensor:
     return (sigma_B.float() * len(SIGMA_BUCKET_NAMES)).long().clamp_(0, len(SIGMA_BUCKET_NAMES) - 1)
 
 
+class _Sums:
+    """Device-side sums of one step's per-sample losses (no host sync until the caller reads them)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.video = torch.zeros((), device=device)
+        self.audio = torch.zeros((), device=device)
+        self.bucket_loss = torch.zeros(len(SIGMA_BUCKET_NAMES), device=device)
+        self.bucket_count = torch.zeros(len(SIGMA_BUCKET_NAMES), device=device)
+        self.num_samples = 0
+        self.num_tokens = 0
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, aux: dict[str, torch.Tensor], video_latents: torch.Tensor) -> None:
+        self.loss += loss.detach()
+        self.video += aux["video_loss_B"].detach().mean()
+        if "audio_loss_B" in aux:
+            self.audio += aux["audio_loss_B"].detach().mean()
+        index_B = _bucket_index(aux["sigma_B"])
+        self.bucket_loss.index_add_(0, index_B, aux["loss_B"].detach().float())
+        self.bucket_count.index_add_(0, index_B, torch.ones_like(aux["sigma_B"], dtype=torch.float32))
+        self.num_samples += video_latents.shape[0]
+        self.num_tokens += math.prod(video_latents.shape[2:]) * video_latents.shape[0]
+
+
+def compute_gradients(
+    params: dict[str, torch.Tensor], micro_batches: list[dict[str, torch.Tensor]], step: int, ctx: StepContext
+) -> tuple[dict[str, torch.Tensor], _Sums]:
+    """Gradients of the mean micro-batch loss with respect to ``params`` (accumulated over ``micro_batches``),
+    and the loss sums. Non-sharded: ``torch.autograd.grad`` of :func:`loss_fn` (no ``.grad`` written). FSDP2:
+    ``backward()`` (its hooks reduce-scatter into ``.grad``, synchronised after the last micro-batch only); the
+    ``.grad`` are taken and cleared here."""
+    num_micro = len(micro_batches)
+    sums = _Sums(ctx.dist.device)
+    keys, tensors = list(params), list(params.values())
+    grads: list[torch.Tensor] | None = None
+    for i, batch in enumerate(micro_batches):
+        key = micro_batch_key(ctx, step, i, batch["video_latents"].shape[0])
+        if ctx.fsdp:
+            # FSDP2 reduces the gradients during backward: only in the last micro-batch's.
+            ctx.transformer.set_requires_gradient_sync(i == num_micro - 1)
+            if ctx.text_params:
+                ctx.text_processor.set_requires_gradient_sync(i == num_micro - 1)
+        loss, aux = loss_fn(params, batch, key, ctx)
+        if ctx.fsdp:
+            (loss / num_micro).backward()
+        else:
+            micro = torch.autograd.grad(loss / num_micro, tensors, allow_unused=True, materialize_grads=True)
+            grads = list(micro) if grads is None else [g.add_(m) for g, m in zip(grads, micro, strict=True)]
+        sums.add(loss, aux, batch["video_latents"])
+    if ctx.fsdp:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
+        for p in tensors:
+            p.grad = None
+    return dict(zip(keys, grads, strict=True)), sums
+
+
 def train_step(
     state: TrainState, micro_batches: list[dict[str, torch.Tensor]], ctx: StepContext
 ) -> tuple[TrainState, dict[str, torch.Tensor | float]]:
     """One optimizer step over ``micro_batches`` (gradient accumulation inside the step).
 
-    The input ``state`` is DONATED: its parameter and optimizer tensors are updated in place (they are the
-    model's own parameters) and it must not be used after the call; use the returned state. Metrics are
-    device tensors summed over this process's micro-batches (``*_sum`` / ``*_count``) so the caller can reduce
-    them across processes only when it logs; ``num_samples`` / ``num_tokens`` are host-side counts (floats).
+    DONATED: the input ``state`` is updated in place (parameters and optimizer moments; under FSDP2 or activation
+    checkpointing they must be, and are checked to be, the model's own parameters); use the returned state, not
+    the input one. On the non-sharded path the state is the truth: the loss is evaluated at ``state.params``
+    through ``functional_call``.
+
+    Metrics are named means over this process's samples, device tensors read only when logging: ``loss``,
+    ``video_loss``, ``audio_loss``, ``grad_norm`` (the global norm, computed once and handed to the optimizer's
+    clipping), ``skipped`` (1.0 for a skipped update); ``sigma_bucket_loss_sum`` / ``sigma_bucket_count`` [4]
+    (sums, so windows can be combined); ``lr`` (a host tensor); ``num_samples`` / ``num_tokens`` (floats).
 
     Raises :class:`NonFiniteLossError` before touching the parameters if the loss or the gradient norm is not
-    finite (with ``nonfinite_loss='skip'`` the update is skipped instead and the step still advances).
+    finite. With ``nonfinite_loss='skip'`` the update is skipped instead: parameters and Adam moments stay, and
+    ``state.step`` and the learning-rate schedule both advance (the schedule's count always equals
+    ``state.step``, so step k uses ``schedule(k)`` whether or not an earlier step was skipped).
     """
+    if ctx.needs_module_params:
+        check_module_params(state.params, ctx)
     step = int(state.step)
-    cfg = ctx.cfg
-    num_micro = len(micro_batches)
-    device = ctx.dist.device
-    loss_sum = torch.zeros((), device=device)
-    video_sum = torch.zeros((), device=device)
-    audio_sum = torch.zeros((), device=device)
-    bucket_sum = torch.zeros(len(SIGMA_BUCKET_NAMES), device=device)
-    bucket_count = torch.zeros(len(SIGMA_BUCKET_NAMES), device=device)
-    num_samples = 0
-    num_tokens = 0
-
-    for i, batch in enumerate(micro_batches):
-        key = micro_batch_key(ctx, step, i, batch["video_latents"].shape[0])
-        if ctx.fsdp:
-            # FSDP2 reduces gradients during backward: only once, in the last micro-batch's.
-            ctx.transformer.set_requires_gradient_sync(i == num_micro - 1)
-            if ctx.text_params:
-                ctx.text_processor.set_requires_gradient_sync(i == num_micro - 1)
-        loss, losses, sigma_B = loss_fn(ctx, batch, key)
-        (loss / num_micro).backward()
-        with torch.no_grad():
-            loss_sum += loss.detach()
-            video_sum += losses.video_B.detach().mean()
-            if losses.audio_B is not None:
-                audio_sum += losses.audio_B.detach().mean()
-            index_B = _bucket_index(sigma_B)
-            bucket_sum.index_add_(0, index_B, losses.total_B.detach().float())
-            bucket_count.index_add_(0, index_B, torch.ones_like(sigma_B, dtype=torch.float32))
-        num_samples += batch["video_latents"].shape[0]
-        num_tokens += math.prod(batch["video_latents"].shape[2:]) * batch["video_latents"].shape[0]
-
-    grads = {}
-    for key, param in state.params.items():
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        grads[key] = param.grad
+    grads, sums = compute_gradients(state.params, micro_batches, step, ctx)
 
     # One host sync per step: the loss and the gradient norm must be finite before anything is updated in
     # place (the optimizer moments included).
-    norm = torch.nn.utils.get_total_norm(list(grads.values()), foreach=True) if grads else torch.zeros(())
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    finite = bool(torch.isfinite(loss_sum) & torch.isfinite(norm))
+    norm = global_norm(grads).to(ctx.dist.device)
+    finite = bool(torch.isfinite(sums.loss) & torch.isfinite(norm))
     opt_state = state.opt_state
     if finite:
-        updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = call_update(ctx.tx, grads, state.opt_state, state.params, grad_norm=norm)
         apply_updates(state.params, updates)
-    _clear_grads(state)
-    if not finite and cfg.nonfinite_loss == "stop":
+    elif ctx.cfg.nonfinite_loss == "skip":
+        _advance_schedules(opt_state)
+    del grads
+    if not finite and ctx.cfg.nonfinite_loss == "stop":
         raise NonFiniteLossError(
-            f"step {step}: non-finite loss ({float(loss_sum) / num_micro}) or gradient norm ({float(norm)}); "
-            "the parameters were not updated"
+            f"step {step}: non-finite loss ({float(sums.loss) / len(micro_batches)}) or gradient norm "
+            f"({float(norm)}); the parameters were not updated"
         )
+    return replace(state, opt_state=opt_state, step=state.step + 1), _step_metrics(sums, norm, finite, opt_state,
+                                                                                 len(micro_batches))
 
+
+def _advance_schedules(opt_state: Any) -> None:
+    """A skipped update still uses up its step of the learning-rate schedule (moments are left alone)."""
+    for schedule_state in find_states(opt_state, ScaleByScheduleState):
+        schedule_state.count.add_(1)
+
+
+def _step_metrics(sums: _Sums, norm: torch.Tensor, finite: bool, opt_state: Any,
+                  num_micro: int) -> dict[str, torch.Tensor | float]:
     metrics = {
-        "loss_sum": loss_sum / num_micro,
-        "video_loss_sum": video_sum / num_micro,
-        "audio_loss_sum": audio_sum / num_micro,
-        "sigma_bucket_loss_sum": bucket_sum,
-        "sigma_bucket_count": bucket_count,
-        "num_samples": float(num_samples),
-        "num_tokens": float(num_tokens),
-        "skipped": torch.zeros((), device=device) if finite else torch.ones((), device=device),
+        "loss": sums.loss / num_micro,
+        "video_loss": sums.video / num_micro,
+        "audio_loss": sums.audio / num_micro,
+        "grad_norm": norm.detach().float(),
+        "skipped": torch.zeros_like(sums.loss) if finite else torch.ones_like(sums.loss),
+        "sigma_bucket_loss_sum": sums.bucket_loss,
+        "sigma_bucket_count": sums.bucket_count,
+        "num_samples": float(sums.num_samples),
+        "num_tokens": float(sums.num_tokens),
     }
-    metrics["grad_norm"] = norm.detach().float().to(device)
     lr = last_learning_rate(opt_state)
     if lr is not None:
         metrics["lr"] = lr.detach().clone().float()  # a host tensor: read only when logging
-    new_state = replace(state, opt_state=opt_state, step=state.step + 1)
-    return new_state, metrics
-
-
-def _clear_grads(state: TrainState) -> None:
-    for param in state.params.values():
-        param.grad = None
+    return metrics

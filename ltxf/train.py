@@ -47,7 +47,7 @@ from ltxf.lora import (
 from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, write_checkpoint
 from ltxf.models.text import build_embeddings_processor_on_meta, load_embeddings_processor_weights_
 from ltxf.models.transformer import build_transformer_on_meta, load_transformer_weights_
-from ltxf.monitor import Monitor, memory_metrics
+from ltxf.monitor import LogWindow, Monitor, log_due, memory_metrics
 from ltxf.optim import GradientTransformation, adamw, adamw_8bit, chain, clip_by_global_norm, make_schedule
 from ltxf.parallel import (
     DistInfo,
@@ -61,7 +61,7 @@ from ltxf.parallel import (
 )
 from ltxf.rng import make_generator
 from ltxf.state import TrainState, init_state, state_to_dict, trainable_parameters
-from ltxf.step import SIGMA_BUCKET_NAMES, NonFiniteLossError, StepContext, train_step
+from ltxf.step import TEXT_PARAM_PREFIX, NonFiniteLossError, StepContext, train_step
 from ltxf.strategies.base import Strategy
 from ltxf.strategies.registry import build_strategy
 from ltxf.validation import Validator, offload_to_host_
@@ -69,8 +69,6 @@ from ltxf.validation import Validator, offload_to_host_
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-TEXT_PARAM_PREFIX = "text_processor."
-"""Prefix of the text connectors' keys in ``state.params`` (``model.train_connectors``)."""
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -109,6 +107,7 @@ class RunPlan:
         return self.mesh is not None
 
 
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Model:
     """The loaded, adapted and parallelized model; the frozen weights live here, outside the state."""
@@ -136,6 +135,8 @@ class Run:
     data: Data
     ctx: StepContext
     monitor: Monitor
+    log_window: LogWindow
+    """The training metrics since the last log (checkpointed, so a resumed run logs the same windows)."""
     validator: Validator | None = None
 
 
@@ -285,10 +286,10 @@ def build_data(plan: RunPlan, strategy: Strategy) -> Data:
     return Data(dataset=dataset, loader=loader, export_metadata=strategy.export_metadata(dataset.samples))
 
 
-def init_or_resume(plan: RunPlan, params: dict[str, torch.Tensor], tx: GradientTransformation,
-                   data: Data) -> TrainState:
+def init_or_resume(plan: RunPlan, params: dict[str, torch.Tensor], tx: GradientTransformation, data: Data,
+                   log_window: LogWindow | None = None) -> TrainState:
     """A fresh state over ``params``, or (``checkpoints.resume``) the newest checkpoint's state loaded into it in
-    place, with the data position restored."""
+    place, with the data position (and the open logging window) restored."""
     cfg, output_dir = plan.cfg, plan.output_dir
     state = init_state(params, tx)
     if not cfg.checkpoints.resume:
@@ -299,6 +300,8 @@ def init_or_resume(plan: RunPlan, params: dict[str, torch.Tensor], tx: GradientT
     restored = run_checkpoint.resume_checkpoint(output_dir, state_to_dict(state), config=plan.config_dict)
     if restored is not None:
         data.loader.load_state_dict(restored.extra["data"])
+        if log_window is not None:
+            log_window.load_state_dict(restored.extra.get("log_window", []))
         logger.info("resuming at step %d", int(state.step))
     return state
 
@@ -314,7 +317,8 @@ def build_run(
     tx = tx if tx is not None else build_optimizer(cfg)
     strategy = strategy if strategy is not None else build_strategy(cfg)
     data = build_data(plan, strategy)
-    state = init_or_resume(plan, params, tx, data)
+    log_window = LogWindow(dist.world_size)
+    state = init_or_resume(plan, params, tx, data, log_window)
     start_step = int(state.step)
     text_keys = tuple(k for k in state.params if k.startswith(TEXT_PARAM_PREFIX))
     ctx = StepContext(transformer=model.transformer, text_processor=model.text_processor, tx=tx, cfg=cfg,
@@ -324,7 +328,9 @@ def build_run(
                       console_every_s=cfg.log.console_every_s, purge_step=start_step + 1 if start_step else None)
     if start_step == 0:
         monitor.log_config(plan.config_dict)
-    return Run(plan=plan, model=model, data=data, ctx=ctx, monitor=monitor, validator=validator), state
+    run = Run(plan=plan, model=model, data=data, ctx=ctx, monitor=monitor, log_window=log_window,
+              validator=validator)
+    return run, state
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -336,7 +342,6 @@ def train_loop(run: Run, state: TrainState) -> LoopOutcome:
     after the current step (see :func:`finish` for the final checkpoint and export)."""
     cfg = run.plan.cfg
     outcome = LoopOutcome(state=state, step=int(state.step), start_step=int(state.step))
-    pending: list[dict] = []
     batches = iter(run.data.loader)
     try:
         with _Interrupt() as interrupt:
@@ -345,10 +350,9 @@ def train_loop(run: Run, state: TrainState) -> LoopOutcome:
             while outcome.step < cfg.optim.steps:
                 outcome.state, metrics = run_step(run, outcome.state, batches)
                 outcome.step = step = int(outcome.state.step)
-                pending.append(metrics)
-                if _log_due(cfg, step, outcome.start_step):
-                    outcome.losses.append(log_metrics(run, step, pending))
-                    pending = []
+                run.log_window.add(metrics)
+                if log_due(step, cfg.log.every, cfg.optim.steps):
+                    outcome.losses.append(log_metrics(run, step))
                 if _checkpoint_due(cfg, step):
                     save_checkpoint(run, outcome.state, step)
                 if _stop_requested(interrupt, run.plan.dist):
@@ -377,10 +381,6 @@ def run_step(run: Run, state: TrainState, batches: Iterator[dict]) -> tuple[Trai
     return state, metrics
 
 
-def _log_due(cfg: TrainConfig, step: int, start_step: int) -> bool:
-    return step % cfg.log.every == 0 or step == cfg.optim.steps or step == start_step + 1
-
-
 def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:
     interval = cfg.checkpoints.interval
     return bool(interval) and step % interval == 0 and step < cfg.optim.steps
@@ -396,9 +396,10 @@ def _stop_requested(interrupt: _Interrupt, dist: DistInfo) -> bool:
     return _any_rank(interrupt.requested, dist)
 
 
-def log_metrics(run: Run, step: int, pending: list[dict]) -> float:
-    """Reduce the steps since the last log and write them to TensorBoard and the console; returns the loss."""
-    values = _reduce_metrics(pending, run.plan.dist)
+def log_metrics(run: Run, step: int) -> float:
+    """Summarise the logging window ending at ``step`` (means over its steps and processes) and write it to
+    TensorBoard and the console; returns the training loss."""
+    values = run.log_window.summarize()
     values.update(memory_metrics(run.plan.dist.device))
     run.monitor.log_scalars(step, values)
     return values["loss/train"]
@@ -407,9 +408,9 @@ def log_metrics(run: Run, step: int, pending: list[dict]) -> float:
 def save_checkpoint(run: Run, state: TrainState, step: int) -> None:
     """A resumable checkpoint of the state and the data position (collective)."""
     cfg = run.plan.cfg
-    run_checkpoint.save_checkpoint(run.plan.output_dir, step, state_to_dict(state),
-                                   extra={"data": run.data.loader.state_dict()}, config=run.plan.config_dict,
-                                   keep_last_n=cfg.checkpoints.keep_last_n)
+    extra = {"data": run.data.loader.state_dict(), "log_window": run.log_window.state_dict()}
+    run_checkpoint.save_checkpoint(run.plan.output_dir, step, state_to_dict(state), extra=extra,
+                                   config=run.plan.config_dict, keep_last_n=cfg.checkpoints.keep_last_n)
     run.monitor.restart_timer()
 
 
@@ -507,35 +508,6 @@ def _any_rank(flag: bool, dist_info: DistInfo) -> bool:
 
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _reduce_metrics(pending: list[dict[str, torch.Tensor]], dist_info: DistInfo) -> dict[str, float]:
-    """Average the steps since the last log over steps and processes (one collective, one host sync)."""
-    keys = ["loss_sum", "video_loss_sum", "audio_loss_sum", "skipped"]
-    scalars = torch.stack([torch.stack([m[k].float() for k in keys]) for m in pending]).mean(0)
-    buckets = torch.stack([m["sigma_bucket_loss_sum"] for m in pending]).sum(0)
-    counts = torch.stack([m["sigma_bucket_count"] for m in pending]).sum(0)
-    packed = all_reduce_sum(torch.cat([scalars, buckets, counts]))
-    world = dist_info.world_size
-    values_list = packed.tolist()
-    n = len(keys)
-    out = {
-        "loss/train": values_list[0] / world,
-        "loss/video": values_list[1] / world,
-        "loss/audio": values_list[2] / world,
-        "train/skipped_steps": values_list[3] / world,
-    }
-    for i, name in enumerate(SIGMA_BUCKET_NAMES):
-        count = values_list[n + len(SIGMA_BUCKET_NAMES) + i]
-        if count > 0:
-            out[f"loss/sigma_{name}"] = values_list[n + i] / count
-    last = pending[-1] if pending else None
-    if last is not None:
-        if "grad_norm" in last:
-            out["grad/global_norm"] = float(last["grad_norm"])
-        if "lr" in last:
-            out["lr"] = float(last["lr"])
-    return out
 
 
 def _gather_full(

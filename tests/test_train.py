@@ -3,7 +3,9 @@ resume after a kill, Ctrl-C, non-finite loss and activation checkpointing."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,14 +29,15 @@ from ltxf.train import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def small_demo(output_dir: Path, *, steps: int = 4, validation_interval: int | None = None, **optim) -> TrainConfig:
+def small_demo(output_dir: Path, *, steps: int = 4, validation_interval: int | None = None, log_every: int = 1,
+               **optim) -> TrainConfig:
     """The demo, shortened; validation off unless ``validation_interval`` is given."""
     cfg = demo()
     return prepare_demo(replace(
         cfg,
         output_dir=output_dir,
         optim=replace(cfg.optim, steps=steps, warmup_steps=0, batch_size=2, **optim),
-        log=replace(cfg.log, every=1),
+        log=replace(cfg.log, every=log_every),
         checkpoints=replace(cfg.checkpoints, interval=2),
         validation=replace(cfg.validation, interval=validation_interval),
     ))
@@ -155,27 +158,47 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240.0) -> Non
         time.sleep(0.01)
 
 
+def loss_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every logged loss scalar (train, video, audio, per sigma bucket), read back from the event files."""
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]
+            if tag.startswith(("loss/", "grad/", "lr", "train/skipped"))}
+
+
 def test_killed_run_resumes_to_the_same_losses_and_weights(tmp_path):
-    """SIGKILL a real training process after its step-2 checkpoint, resume, and compare with an uninterrupted
-    run: the per-step losses after the resume point and the final LoRA weights are identical (CPU). The killed
-    run samples a validation clip at step 0 and the others do not: that changes nothing either."""
+    """SIGKILL a real training process after a checkpoint, resume, and compare with an uninterrupted run: every
+    logged loss scalar read back from the TensorBoard files (windows of 3 steps, checkpoints every 2, so the
+    resume point falls inside a window), the losses returned and the final LoRA weights are identical (CPU).
+    The killed run samples a validation clip at step 0 and the others do not: that changes nothing either."""
     steps = 20
-    reference = main(small_demo(tmp_path / "reference", steps=steps))
+    reference = main(small_demo(tmp_path / "reference", steps=steps, log_every=3))
 
     killed_dir = tmp_path / "killed"
-    proc = _run_cli(killed_dir, "--optim.steps", str(steps))
-    _wait_for(killed_dir / "checkpoints" / "step_00000002" / "metadata.json", proc)
+    proc = _run_cli(killed_dir, "--optim.steps", str(steps), "--log.every", "3", "--checkpoints.keep_last_n", "0")
+    _wait_for(killed_dir / "checkpoints" / "step_00000004" / "metadata.json", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    # The process may have gone on past step 4: drop its later checkpoints, so the resume point is step 4, inside
+    # the logging window 4..6 (its TensorBoard events after step 4 are purged by the resumed run).
+    for later in (killed_dir / "checkpoints").glob("step_*"):
+        if int(later.name.split("_")[1]) > 4:
+            shutil.rmtree(later)
     resume_from = latest_checkpoint(killed_dir)
-    assert resume_from is not None
+    assert resume_from.name == "step_00000004"
+    assert len(json.loads((resume_from / "metadata.json").read_text())["extra"]["log_window"]) == 1
     assert (killed_dir / "samples" / "step_000000_1.mp4").is_file()
 
-    resumed = main(small_demo(killed_dir, steps=steps))
+    resumed = main(small_demo(killed_dir, steps=steps, log_every=3))
     start = int(resume_from.name.split("_")[1])
     assert start < steps, "the kill landed after the last step: nothing was resumed"
-    assert resumed.final_step == steps and len(resumed.losses) == steps - start
-    assert resumed.losses == reference.losses[start:]
+    assert resumed.final_step == steps
+    logged_steps = [s for s in range(1, steps + 1) if s % 3 == 0 or s == steps]
+    assert len(reference.losses) == len(logged_steps)
+    assert resumed.losses == reference.losses[-len(resumed.losses):]
+    expected, got = loss_scalars(tmp_path / "reference"), loss_scalars(killed_dir)
+    assert sorted(expected["loss/train"]) == logged_steps
+    assert expected == got
     a, b = load_lora_file(reference.export_path), load_lora_file(resumed.export_path)
     assert a.tensors.keys() == b.tensors.keys()
     for key in a.tensors:

@@ -35,6 +35,9 @@ def reciprocal_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class _RMSNorm(torch.autograd.Function):
+    # torch.func.vmap runs forward/backward per sample (per-sample gradients in experiments/).
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x, weight, eps):
         rstd = reciprocal_rms(x, eps)

@@ -172,6 +172,9 @@ def _rotate(x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_type
 
 
 class _Rotate(torch.autograd.Function):
+    # torch.func.vmap runs forward/backward per sample (per-sample gradients in experiments/).
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x_BTD, cos, sin, rope_type):
         return _rotate(x_BTD, cos, sin, rope_type, inverse=False)

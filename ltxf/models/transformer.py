@@ -529,6 +529,9 @@ class _ModulatedRMSNorm(torch.autograd.Function):
     ops below only touch temporaries created here.
     """
 
+    # torch.func.vmap runs forward/backward per sample (per-sample gradients in experiments/).
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(x_BTD, scale_BKD, shift_BKD, index_BT, eps):
         rstd_BT1 = reciprocal_rms(x_BTD, eps)
@@ -558,6 +561,9 @@ class _ModulatedRMSNorm(torch.autograd.Function):
 
 class _GatedAdd(torch.autograd.Function):
     """``x + out * gate[index]``; saves ``out`` and the gate rows only."""
+
+    # torch.func.vmap runs forward/backward per sample (per-sample gradients in experiments/).
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x_BTD, out_BTD, gate_BKD, index_BT):
