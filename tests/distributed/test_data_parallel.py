@@ -1,9 +1,9 @@
 """The one data-parallel path (FSDP2 on a (replicate x shard) mesh), with real ``torchrun`` processes (gloo, CPU).
 
 - A 2 x 2 mesh (4 processes: parameters sharded over pairs, replicated across the pairs, HSDP) trains the demo
-  like 1 process with the same global batch of 4. Tolerance: fp32, gradients summed in another order
-  (reduce-scatter within a pair, all-reduce across pairs, vs one batch); 1e-5 relative over 3 steps, as in
-  test_train_distributed.py, which still catches a missing or doubled reduction (1e-2 level).
+  (full fine-tune and text connectors) like 1 process with the same global batch of 4. Tolerance: fp32,
+  gradients summed in another order (reduce-scatter within a pair, all-reduce across pairs, vs one batch); 1e-5
+  relative over 3 steps, as in test_train_distributed.py, which still catches a missing or doubled reduction.
 - A LoRA run checkpointed at step 2 on 1 process with batch 2 and resumed on 2 processes with batch 1 (the same
   global batch) ends with the weights of the uninterrupted 1-process run: the data order is a function of the
   global batch, and the sampler's position counts global batches. Tolerance: fp32, the gradients of step 3 are
@@ -41,7 +41,8 @@ def _torchrun(nproc: int, *args: str) -> None:
 
 
 def test_hsdp_2x2_mesh_matches_one_process(tmp_path):
-    flags = ("--model.training_mode", "full", "--optim.learning_rate", "1e-4")
+    # The text connectors train too: their FSDP2 unit is reduced by the same hooks.
+    flags = ("--model.training_mode", "full", "--model.train_connectors", "True", "--optim.learning_rate", "1e-4")
     one = _train(tmp_path / "one", 1, *flags, global_batch=4)
     hsdp = _train(tmp_path / "hsdp", 4, *flags, "--parallel.data_parallel", "fsdp", "--parallel.shard_size", "2",
                   global_batch=4)
