@@ -21,6 +21,19 @@ if TYPE_CHECKING:
     from ltxf.sampling import GuidanceConfig
 
 DType = Literal["bfloat16", "float32"]
+"""The dtype names a config accepts (each the name of the torch dtype)."""
+
+if TYPE_CHECKING:
+    import torch
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config dtype name ('bfloat16', 'float32'): the one dtype table of ltxf."""
+    import torch  # here, not at the top: reading a config must not import torch
+
+    if name not in ("bfloat16", "float32"):
+        raise ValueError(f"unknown dtype {name!r}; expected 'bfloat16' or 'float32'")
+    return getattr(torch, name)
 
 DEFAULT_NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jittery, distorted"
 """The official trainer's default negative prompt for validation samples."""

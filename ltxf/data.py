@@ -32,7 +32,6 @@ keeps the exact position of the last batch handed to the training loop.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import random
@@ -45,6 +44,9 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ltxf.latents import audio_latent_length, video_latent_size
+from ltxf.rng import fold_in
+
 logger = logging.getLogger(__name__)
 
 PRECOMPUTED_DIR_NAME = ".precomputed"
@@ -54,11 +56,6 @@ AUDIO_FREQUENCY_BINS = 16
 TEXT_MAX_TOKENS = 1024
 # The official trainer's fallback when a latent file has no "fps" key.
 DEFAULT_FPS = 24.0
-VAE_SPATIAL_FACTOR = 32
-VAE_TEMPORAL_FACTOR = 8
-AUDIO_SAMPLE_RATE = 16_000
-AUDIO_HOP_LENGTH = 160
-AUDIO_TEMPORAL_FACTOR = 4
 
 Role = Literal["latents", "conditions", "audio_latents", "reference_latents"]
 ROLES: tuple[str, ...] = ("latents", "conditions", "audio_latents", "reference_latents")
@@ -544,12 +541,6 @@ def collate(samples: Sequence[Mapping[str, Any]], *, max_audio_crop: int = 1) ->
 # Batch sampling
 
 
-def _derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from the parts, stable across Python versions and platforms (no ``hash()``)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 class BucketBatchSampler:
     """Deterministic, resumable, data-parallel batch sampler where every batch is one bucket, and whose order does
     not depend on the number of processes.
@@ -631,7 +622,7 @@ class BucketBatchSampler:
     def global_batches(self, epoch: int) -> list[list[int]]:
         """The global batches (dataset indices) of ``epoch``: a pure function of ``(seed, epoch, global batch
         size)`` and the buckets, whatever the number of processes."""
-        rng = random.Random(_derive_seed(self.seed, epoch, "bucket-batch-sampler"))
+        rng = random.Random(fold_in(self.seed, epoch, "bucket-batch-sampler"))
         group_size = self.global_batch_size
         groups: list[list[int]] = []
         for indices in self._buckets:
@@ -775,31 +766,6 @@ class ResumableLoader:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing the official layout
-
-
-def latent_video_shape(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """Latent ``(F', H', W')`` of a pixel clip; raises unless ``F % 8 == 1`` and H, W are multiples of 32."""
-    if num_frames < 1 or num_frames % VAE_TEMPORAL_FACTOR != 1:
-        raise ValueError(f"num_frames must be 8k + 1 (1, 9, 17, ...), got {num_frames}")
-    if height <= 0 or width <= 0 or height % VAE_SPATIAL_FACTOR or width % VAE_SPATIAL_FACTOR:
-        raise ValueError(f"height and width must be positive multiples of 32, got {height}x{width}")
-    return (
-        (num_frames - 1) // VAE_TEMPORAL_FACTOR + 1,
-        height // VAE_SPATIAL_FACTOR,
-        width // VAE_SPATIAL_FACTOR,
-    )
-
-
-def audio_latent_length(duration: float) -> int:
-    """Audio latent steps the audio VAE encoder yields for ``duration`` seconds.
-
-    ``floor(duration * 16000)`` samples give ``samples // 160 + 1`` mel frames (centred STFT), and the encoder's
-    causal 4x downsampling gives ``(mel - 1) // 4 + 1`` steps, about 25 per second (4.84 s gives 122).
-    """
-    if duration <= 0:
-        raise ValueError(f"duration must be positive, got {duration}")
-    num_mel = int(duration * AUDIO_SAMPLE_RATE) // AUDIO_HOP_LENGTH + 1
-    return (num_mel - 1) // AUDIO_TEMPORAL_FACTOR + 1
 
 
 def save_pt(data: dict[str, Any], path: Path) -> None:
@@ -952,7 +918,7 @@ class DummyDataset(Dataset):
         if not fps > 0:
             raise ValueError(f"fps must be positive, got {fps}")
         self.num_samples = num_samples
-        self.video_shape = (latent_channels, *latent_video_shape(num_frames, height, width))
+        self.video_shape = (latent_channels, *video_latent_size(num_frames, height, width))
         self.reference_shape = None
         if with_reference:
             if (
@@ -965,11 +931,11 @@ class DummyDataset(Dataset):
                 )
             self.reference_shape = (
                 latent_channels,
-                *latent_video_shape(
+                *video_latent_size(
                     num_frames, height // reference_downscale_factor, width // reference_downscale_factor
                 ),
             )
-        self.audio_length = audio_latent_length(num_frames / fps) if with_audio else None
+        self.audio_length = audio_latent_length(num_frames, fps) if with_audio else None
         self.fps = float(fps)
         self.text_length = text_length
         self.num_text_tokens = num_text_tokens
@@ -987,7 +953,7 @@ class DummyDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for {self.num_samples} samples")
-        gen = torch.Generator().manual_seed(_derive_seed(self.seed, index, "dummy-dataset"))
+        gen = torch.Generator().manual_seed(fold_in(self.seed, index, "dummy-dataset"))
         mask = torch.zeros(self.text_length, dtype=torch.bool)
         mask[self.text_length - self.num_text_tokens :] = True
         sample: dict[str, Any] = {

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from ltxf.data import audio_latent_length, write_precomputed_sample
+from ltxf.data import write_precomputed_sample
+from ltxf.latents import audio_latent_length
 from ltxf.models.audio_vae import AudioDecoder, AudioEncoder, AudioVAEConfig
 from ltxf.models.checkpoint import (
     AUDIO_CONNECTOR_PREFIX,
@@ -45,6 +46,7 @@ from ltxf.models.transformer import AVTransformer, TransformerConfig
 from ltxf.models.video_vae import VideoDecoder, VideoEncoder, VideoVAEConfig
 from ltxf.models.vocoder import build_vocoder, vocoder_config_from_checkpoint
 from ltxf.parallel import barrier, init_distributed
+from ltxf.rng import fold_in
 from ltxf.validation import save_prompt_features
 
 if TYPE_CHECKING:
@@ -240,7 +242,7 @@ def build_demo_checkpoint(path: Path, *, seed: int) -> Path:
     config = demo_checkpoint_config()
     tensors = random_model_tensors(config, seed=seed)
     # The media parts draw from their own stream, so the transformer and the text side depend on the seed only.
-    tensors.update(demo_media_tensors(seed=seed + 1))
+    tensors.update(demo_media_tensors(seed=fold_in(seed, "demo_media")))
     return write_checkpoint(path, tensors, config)
 
 
@@ -268,8 +270,9 @@ def build_demo_dataset(root: Path, *, num_samples: int = 32, seed: int) -> Path:
         latents = torch.einsum("ck,kfhw->cfhw", channel_mix[scene], basis)
         latents = latents + 0.1 * torch.randn(latents.shape, generator=generator)
 
-        duration = (8 * (frames - 1) + 1) / DEMO_FPS
-        audio_len = audio_latent_length(duration)
+        num_pixel_frames = 8 * (frames - 1) + 1
+        duration = num_pixel_frames / DEMO_FPS
+        audio_len = audio_latent_length(num_pixel_frames, DEMO_FPS)
         tone = torch.sin(torch.linspace(0, 6.28 * (scene + 1), audio_len))
         audio = tone[None, :, None] * channel_mix[scene, :8, :1, None] + 0.1 * torch.randn(
             8, audio_len, 16, generator=generator)

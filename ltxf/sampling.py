@@ -30,6 +30,7 @@ import torch
 
 from ltxf.latents import patchify_video, video_positions
 from ltxf.models.transformer import Modality, Perturbations
+from ltxf.timesteps import noise_latents
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,7 @@ def noise_state(state: LatentState, noise_BTC: torch.Tensor, *, noise_scale: flo
         raise ValueError(
             f"noise has shape {tuple(noise_BTC.shape)}, expected the latent's {tuple(state.clean_latent.shape)}"
         )
-    mask_BT1 = (state.denoise_mask * noise_scale).unsqueeze(-1)
-    latent = noise_BTC * mask_BT1 + state.clean_latent * (1 - mask_BT1)
+    latent = noise_latents(state.clean_latent, noise_BTC, state.denoise_mask * noise_scale)
     return dataclasses.replace(state, latent=latent.to(state.clean_latent.dtype))
 
 

@@ -230,10 +230,7 @@ def compute_gradients(
     for i, batch in enumerate(micro_batches):
         key = micro_batch_key(ctx, step, i, batch["video_latents"].shape[0])
         if ctx.fsdp:
-            # FSDP2 reduces the gradients during backward: only in the last micro-batch's.
-            ctx.transformer.set_requires_gradient_sync(i == num_micro - 1)
-            if ctx.text_params:
-                ctx.text_processor.set_requires_gradient_sync(i == num_micro - 1)
+            _set_gradient_sync(ctx, i == num_micro - 1)
         loss, aux = loss_fn(params, batch, key, ctx)
         if ctx.fsdp:
             (loss / num_micro).backward()
@@ -246,6 +243,13 @@ def compute_gradients(
         for p in tensors:
             p.grad = None
     return dict(zip(keys, grads, strict=True)), sums
+
+
+def _set_gradient_sync(ctx: StepContext, enabled: bool) -> None:
+    """FSDP2 reduces gradients in backward: only in the last micro-batch's (every FSDP2 module of the model)."""
+    for module in (ctx.transformer, ctx.text_processor):
+        if hasattr(module, "set_requires_gradient_sync"):
+            module.set_requires_gradient_sync(enabled)
 
 
 def train_step(

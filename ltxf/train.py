@@ -34,7 +34,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ltxf import checkpoint as run_checkpoint
-from ltxf.config import LoraConfig, TrainConfig, check_paths
+from ltxf.config import LoraConfig, TrainConfig, check_paths, torch_dtype
 from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
 from ltxf.lora import (
     init_lora_parameters,
@@ -68,7 +68,6 @@ from ltxf.validation import Validator, offload_to_host_
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -175,7 +174,7 @@ def plan_run(cfg: TrainConfig, dist: DistInfo) -> RunPlan:
         logger.warning("validation.offload_optimizer is ignored under FSDP2 (several processes, or "
                        "parallel.data_parallel='fsdp')")
     return RunPlan(cfg=cfg, dist=dist, output_dir=output_dir, config_dict=config_dict,
-                   compute_dtype=DTYPES[cfg.model.dtype], full=full, mesh=mesh)
+                   compute_dtype=torch_dtype(cfg.model.dtype), full=full, mesh=mesh)
 
 
 def build_data_parallel_mesh(cfg: TrainConfig, dist: DistInfo) -> DeviceMesh | None:
@@ -220,7 +219,7 @@ def build_model(plan: RunPlan) -> Model:
         # fp32 adapters (and AdamW moments): bf16 moments cannot decay and small updates round away.
         targets = inject_lora(transformer, cfg.lora, dtype=torch.float32)
         logger.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(targets))
-    reduce_dtype = DTYPES[cfg.parallel.reduce_dtype]
+    reduce_dtype = torch_dtype(cfg.parallel.reduce_dtype)
     parallelize(transformer, mesh=mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
                 compile=cfg.parallel.compile, param_dtype=plan.compute_dtype, reduce_dtype=reduce_dtype)
     load_transformer_weights_(transformer, path, device=device, not_in_file=is_lora_key)
@@ -535,7 +534,7 @@ def export(run: Run, step: int) -> Path:
     (``text_connectors_step_N.safetensors``). Collective under FSDP (parameters are gathered); rank 0 writes."""
     plan, model = run.plan, run.model
     cfg, is_main = plan.cfg, plan.dist.is_main
-    dtype = DTYPES[cfg.checkpoints.export_dtype]
+    dtype = torch_dtype(cfg.checkpoints.export_dtype)
     exports = plan.output_dir / "exports"
     if plan.full:
         weights = _gather_full(model.transformer.state_dict(), keep=is_main, dtype=dtype)

@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ltxf.checkpoint import load_lora_file  # noqa: E402
+from ltxf.config import torch_dtype  # noqa: E402
 from ltxf.generate import (  # noqa: E402
     DEFAULT_NEGATIVE_PROMPT,
     GeneratedClip,
@@ -47,9 +48,6 @@ from ltxf.media import write_audio  # noqa: E402
 from ltxf.sampling import GuidanceConfig  # noqa: E402
 
 logger = logging.getLogger("ltxf.tools.inference")
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
 
 @dataclass(frozen=True, kw_only=True)
 class InferenceArgs:
@@ -168,7 +166,7 @@ def run(args: InferenceArgs) -> InferenceResult:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     lora = load_lora_file(args.lora_path) if args.lora_path is not None else None
     guidance = GuidanceConfig(cfg_scale=args.guidance_scale, stg_scale=args.stg_scale, stg_blocks=args.stg_blocks,
                               stg_mode=args.stg_mode, guidance_rescale=args.guidance_rescale)

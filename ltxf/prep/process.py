@@ -39,6 +39,7 @@ import torch
 import tyro
 
 from ltxf import media
+from ltxf.config import torch_dtype
 from ltxf.data import save_pt
 from ltxf.monitor import Progress
 from ltxf.prep.buckets import Bucket, choose_bucket, fit_to_bucket, format_buckets, parse_buckets
@@ -123,7 +124,7 @@ def resolve_dtype(name: DTypeName, device: torch.device) -> torch.dtype:
     """``auto``: bfloat16 on CUDA (as the official scripts), float32 elsewhere."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    return torch_dtype(name)
 
 
 def output_file(root: Path, entry: DatasetEntry, suffix: str = ".pt") -> Path:

@@ -22,7 +22,7 @@ import torch
 from ltxf.config import FlowConfig, StrategyConfig
 from ltxf.latents import patchify_video
 from ltxf.models.transformer import Modality
-from ltxf.timesteps import shifted_logit_normal_sigmas, uniform_sigmas
+from ltxf.timesteps import noise_latents, shifted_logit_normal_sigmas, uniform_sigmas
 
 if TYPE_CHECKING:
     from ltxf.data import SampleInfo
@@ -87,14 +87,6 @@ def first_frame_mask(
     return draws_B[:, None] & frame0_T[None, :]
 
 
-def noisy_tokens(
-    x0_BTC: torch.Tensor, noise_BTC: torch.Tensor, sigma_BT: torch.Tensor
-) -> torch.Tensor:
-    """Rectified-flow interpolation x_t = (1 - sigma) x0 + sigma * noise, with a per-token sigma."""
-    s = sigma_BT[..., None]
-    return (1 - s) * x0_BTC + s * noise_BTC
-
-
 @dataclass(frozen=True, kw_only=True)
 class NoisedVideo:
     """The generated video part of a batch after noising: clean tokens, noise, sigmas and the first-frame
@@ -122,7 +114,7 @@ def noise_video(
     cond_BT = first_frame_mask(height * width, num_tokens, first_frame_p, generators).to(device)
     sigma_BT = torch.where(cond_BT, 0.0, sigma_B[:, None].expand(batch_size, num_tokens))
     return NoisedVideo(x0_BTC=x0_BTC, noise_BTC=noise_BTC, sigma_B=sigma_B, sigma_BT=sigma_BT, cond_BT=cond_BT,
-                       xt_BTC=noisy_tokens(x0_BTC, noise_BTC, sigma_BT))
+                       xt_BTC=noise_latents(x0_BTC, noise_BTC, sigma_BT))
 
 
 def masked_mse_per_sample(pred_BTC: torch.Tensor, target_BTC: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,10 @@ from ltxf.strategies.base import (
     compute_losses,
     generators_from_key,
     noise_video,
-    noisy_tokens,
     per_sample_noise,
     sample_sigmas,
 )
+from ltxf.timesteps import noise_latents
 
 if TYPE_CHECKING:
     from ltxf.data import SampleInfo
@@ -82,7 +82,7 @@ def prepare_text_to_video(
         num_audio = a0_BAC.shape[1]
         audio_sigma_BA = audio_sigma_B[:, None].expand(batch_size, num_audio)
         audio = Modality(
-            latent=noisy_tokens(a0_BAC, audio_noise, audio_sigma_BA).to(dtype),
+            latent=noise_latents(a0_BAC, audio_noise, audio_sigma_BA).to(dtype),
             sigma=audio_sigma_B,
             timesteps=audio_sigma_BA,
             positions=audio_positions(batch_size, num_audio, device=device),
