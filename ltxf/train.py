@@ -45,6 +45,7 @@ from ltxf.lora import (
     lora_state_dict,
 )
 from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, write_checkpoint
+from ltxf.models.materialize import TensorTransform, UnitCallback
 from ltxf.models.text import build_embeddings_processor_on_meta, load_embeddings_processor_weights_
 from ltxf.models.transformer import build_transformer_on_meta, load_transformer_weights_
 from ltxf.monitor import LogWindow, Monitor, log_due, memory_metrics
@@ -199,7 +200,8 @@ def build_validator(plan: RunPlan) -> Validator | None:
                            dtype=plan.compute_dtype)
 
 
-def build_model(plan: RunPlan) -> Model:
+def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_unit: UnitCallback | None = None
+                ) -> Model:
     """The transformer and the text connectors, created on meta, shaped for training, then loaded: the one place
     weights are loaded.
 
@@ -209,6 +211,9 @@ def build_model(plan: RunPlan) -> Model:
     (:mod:`ltxf.models.materialize`), and the adapters are initialised from the derived seed (the same on every
     rank; each keeps its shard). Full fine-tuning keeps fp32 master weights (FSDP2 casts to the compute dtype; one
     process uses autocast); adapters stay fp32 on a base in the compute dtype.
+
+    ``transform(name, tensor)`` and ``on_unit(unit_name, module)`` are the loader's hooks for the transformer
+    (quantisation on load; contract in :mod:`ltxf.models.materialize`).
     """
     cfg, device, mesh = plan.cfg, plan.dist.device, plan.mesh
     path = Path(cfg.model.checkpoint)
@@ -222,7 +227,8 @@ def build_model(plan: RunPlan) -> Model:
     reduce_dtype = torch_dtype(cfg.parallel.reduce_dtype)
     parallelize(transformer, mesh=mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
                 compile=cfg.parallel.compile, param_dtype=plan.compute_dtype, reduce_dtype=reduce_dtype)
-    load_transformer_weights_(transformer, path, device=device, not_in_file=is_lora_key)
+    load_transformer_weights_(transformer, path, device=device, not_in_file=is_lora_key, transform=transform,
+                              on_unit=on_unit)
     if not plan.full:
         # Same derived seed on every rank: identical adapters with no broadcast.
         init_lora_parameters(transformer, make_generator(cfg.seed, 0, 0, "lora_init", device=device))
