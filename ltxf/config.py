@@ -392,8 +392,14 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
     data_parallel: Literal["auto", "fsdp", "replicate"] = "auto"
-    """How to spread work over processes: 'fsdp' shards parameters (FSDP2), 'replicate' keeps a full copy per
-    process and all-reduces gradients, 'auto' uses replicate for LoRA and fsdp for full fine-tuning."""
+    """How to spread work over processes, all through FSDP2 on a (replicate x shard) device mesh: 'fsdp' shards
+    parameters over parallel.shard_size processes (default all) and replicates across the groups (HSDP),
+    'replicate' keeps a full copy per process (shard size 1), 'auto' is replicate for LoRA and fsdp for full
+    fine-tuning. One process without 'fsdp' runs the plain model."""
+
+    shard_size: int | None = None
+    """Processes per shard group (the mesh's inner dimension; it must divide the number of processes), e.g. the
+    GPUs of one node to shard inside nodes and replicate across them. None: all processes under 'fsdp'."""
 
     activation_checkpointing: bool = True
     """Recompute each transformer block in the backward pass to save activation memory."""
@@ -403,6 +409,13 @@ class ParallelConfig:
 
     reduce_dtype: DType = "float32"
     """Dtype of gradient reduction across processes."""
+
+    def __post_init__(self) -> None:
+        if self.shard_size is not None and self.shard_size < 1:
+            raise ValueError(f"parallel.shard_size must be >= 1 or None, got {self.shard_size}")
+        if self.shard_size not in (None, 1) and self.data_parallel == "replicate":
+            raise ValueError(f"parallel.shard_size={self.shard_size} contradicts parallel.data_parallel='replicate' "
+                             "(a full copy per process); use 'fsdp' to shard")
 
 
 @dataclass(frozen=True, kw_only=True)

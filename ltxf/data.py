@@ -542,19 +542,23 @@ def collate(samples: Sequence[Mapping[str, Any]], *, max_audio_crop: int = 1) ->
 
 
 class BucketBatchSampler:
-    """Deterministic, resumable, data-parallel batch sampler where every batch is one bucket.
+    """Deterministic, resumable, data-parallel batch sampler where every batch is one bucket, and whose order does
+    not depend on the number of processes.
 
-    Epoch ``e`` is planned from ``(seed, e)`` alone: the indices of each bucket are shuffled, cut into groups of
-    ``batch_size * world_size``, and the groups of all buckets are shuffled together; rank ``r`` takes the
-    ``r``-th batch of each group. So every rank gets distinct batches, the same number of them, and at each step
-    all ranks hold batches of the same bucket (equal shapes keep the ranks in lockstep). A bucket's remainder that
-    does not fill a group is dropped for that epoch (a different remainder each epoch, since buckets are
-    reshuffled); a bucket smaller than a group is never used, with a warning.
+    The unit is the global batch of ``global_batch_size = batch_size * world_size`` samples. Epoch ``e`` is planned
+    from ``(seed, e, global_batch_size)`` alone (:meth:`global_batches`): the indices of each bucket are shuffled,
+    cut into global batches, and the global batches of all buckets are shuffled together. Rank ``r`` takes the
+    ``r``-th slice of ``batch_size`` samples of each global batch. So 1 process with batch 2 and 2 processes with
+    batch 1 see the same global batches in the same order, every rank gets distinct samples, and at each step all
+    ranks hold samples of the same bucket (equal shapes keep the ranks in lockstep). A bucket's remainder that does
+    not fill a global batch is dropped for that epoch (a different remainder each epoch, since buckets are
+    reshuffled); a bucket smaller than a global batch is never used, with a warning.
 
     Iterating (``iter(sampler)`` or :meth:`iter_batches`) runs forever across epochs and advances the position,
-    which :meth:`state_dict` / :meth:`load_state_dict` save and restore: a restored sampler yields exactly the
-    batches that would have followed. With a prefetching ``DataLoader`` the sampler runs ahead of the training
-    loop; use :class:`ResumableLoader`, which counts consumed batches, to checkpoint the position.
+    counted in global batches, which :meth:`state_dict` / :meth:`load_state_dict` save and restore: a restored
+    sampler yields exactly the batches that would have followed, at any world size with the same global batch size.
+    With a prefetching ``DataLoader`` the sampler runs ahead of the training loop; use :class:`ResumableLoader`,
+    which counts consumed batches, to checkpoint the position.
     """
 
     def __init__(
@@ -576,6 +580,7 @@ class BucketBatchSampler:
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
+        self.global_batch_size = batch_size * world_size
         # Buckets in order of first appearance: deterministic without requiring sortable keys.
         buckets: dict[Hashable, list[int]] = {}
         for index, key in enumerate(bucket_keys):
@@ -611,15 +616,14 @@ class BucketBatchSampler:
         self._plan_cache: tuple[int, list[list[int]]] | None = None
 
     def __len__(self) -> int:
-        """Batches per epoch for each rank."""
+        """Global batches per epoch (each rank takes one slice of each)."""
         return self._num_groups
 
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        """This rank's batches (dataset indices) for ``epoch``, a pure function of ``(seed, epoch)``."""
-        if self._plan_cache is not None and self._plan_cache[0] == epoch:
-            return self._plan_cache[1]
+    def global_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches (dataset indices) of ``epoch``: a pure function of ``(seed, epoch, global batch
+        size)`` and the buckets, whatever the number of processes."""
         rng = random.Random(fold_in(self.seed, epoch, "bucket-batch-sampler"))
-        group_size = self.batch_size * self.world_size
+        group_size = self.global_batch_size
         groups: list[list[int]] = []
         for indices in self._buckets:
             order = list(indices)
@@ -628,15 +632,22 @@ class BucketBatchSampler:
             groups.extend(order[g : g + group_size] for g in range(0, len(order) - group_size + 1, group_size))
         if self.shuffle:
             rng.shuffle(groups)
+        return groups
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's slice of each global batch of ``epoch``."""
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
         start = self.rank * self.batch_size
-        batches = [group[start : start + self.batch_size] for group in groups]
+        batches = [group[start : start + self.batch_size] for group in self.global_batches(epoch)]
         self._plan_cache = (epoch, batches)
         return batches
 
     def advance(self, position: Mapping[str, int], num_batches: int) -> dict[str, int]:
         """The position ``num_batches`` batches after ``position`` (``{"epoch", "batch_index"}``)."""
         flat = position["epoch"] * len(self) + position["batch_index"] + num_batches
-        return {"epoch": flat // len(self), "batch_index": flat % len(self), "world_size": self.world_size}
+        return {"epoch": flat // len(self), "batch_index": flat % len(self),
+                "global_batch_size": self.global_batch_size}
 
     def iter_batches(self) -> Iterator[list[int]]:
         """Yield this rank's batches forever from the current position, advancing it before each yield."""
@@ -655,15 +666,16 @@ class BucketBatchSampler:
         return self.iter_batches()
 
     def state_dict(self) -> dict[str, int]:
-        """The position of the next batch: ``{"epoch", "batch_index", "world_size"}`` (plain ints)."""
-        return {"epoch": self._epoch, "batch_index": self._batch_index, "world_size": self.world_size}
+        """The position of the next global batch: ``{"epoch", "batch_index", "global_batch_size"}`` (plain ints)."""
+        return {"epoch": self._epoch, "batch_index": self._batch_index, "global_batch_size": self.global_batch_size}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
-        """Restore a position from :meth:`state_dict`.
+        """Restore a position from :meth:`state_dict`, saved at any number of processes.
 
-        Saved under a different ``world_size``, the position is rescaled to the same number of global batches
-        (the epoch's plan differs, so some samples of that epoch may repeat or be skipped); from the next epoch
-        on the run is exactly the new world size's.
+        With the same global batch size the run continues exactly (the epoch's plan is the same). Saved with
+        another global batch size, the position is rescaled to the same number of samples into the epoch (whose
+        plan differs, so some of its samples may repeat or be skipped), with a warning. A state from before global
+        positions (``world_size`` instead of ``global_batch_size``) is read as ``batch_size * world_size``.
         """
         missing = [key for key in ("epoch", "batch_index") if key not in state]
         if missing:
@@ -671,13 +683,19 @@ class BucketBatchSampler:
         epoch, batch_index = int(state["epoch"]), int(state["batch_index"])
         if epoch < 0 or batch_index < 0:
             raise ValueError(f"sampler state must be non-negative, got {dict(state)}")
-        saved_world_size = int(state.get("world_size", self.world_size))
-        if saved_world_size != self.world_size:
-            batch_index = batch_index * saved_world_size // self.world_size
+        if "global_batch_size" in state:
+            saved_global = int(state["global_batch_size"])
+        else:
+            saved_global = self.batch_size * int(state.get("world_size", self.world_size))
+        if saved_global < 1:
+            raise ValueError(f"sampler state has a global batch size of {saved_global}: {dict(state)}")
+        if saved_global != self.global_batch_size:
+            batch_index = -(-batch_index * saved_global // self.global_batch_size)
             logger.warning(
-                "resuming the sampler at world_size %d from a state saved at %d: epoch %d continues at batch %d",
-                self.world_size,
-                saved_world_size,
+                "resuming the sampler with a global batch of %d samples from a state saved with %d: epoch %d "
+                "continues at global batch %d (its order differs from the saved run's)",
+                self.global_batch_size,
+                saved_global,
                 epoch,
                 batch_index,
             )

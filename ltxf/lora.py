@@ -191,6 +191,11 @@ def init_lora_parameters(model: nn.Module, generator: torch.Generator | None = N
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
+def is_lora_key(key: str) -> bool:
+    """True for the state-dict key of an adapter weight (what a base checkpoint does not hold)."""
+    return key.endswith(_LORA_SUFFIXES)
+
+
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapter Parameters keyed by state-dict FQN, sorted: the objects themselves (DTensors under FSDP2),
     not copies, so they can be the ``params`` of a ``TrainState``."""

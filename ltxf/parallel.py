@@ -1,23 +1,36 @@
-"""Process groups and the parallelisation of the transformer, applied in one fixed order.
+"""Process groups, the data-parallel device mesh, and the parallelisation of a model, applied in one fixed order.
 
-``parallelize`` runs: activation checkpointing per block -> optional ``torch.compile`` per block -> FSDP2
-``fully_shard`` per block, then the root. LoRA injection and freezing must already have happened (FSDP2 must see
-the final trainable set; pytorch/pytorch#186998). Replicated data parallel (the LoRA default) shards nothing and
-all-reduces the trainable gradients after backward.
+One data-parallel path: every multi-process run is FSDP2 ``fully_shard`` on a 2-D device mesh
+``(replicate, shard)``. Parameters are sharded over the ``shard`` dimension and replicated over the ``replicate``
+dimension (HSDP); pure replication is a shard dimension of 1 and pure FSDP a replicate dimension of 1. FSDP2's
+hooks reduce the gradients during backward (reduce-scatter over ``shard``, all-reduce over ``replicate``), so the
+training step never reduces anything itself and does not know which flavour runs. A one-process run without
+``--parallel.data_parallel fsdp`` has no mesh: the model stays a plain module (the path ``torch.func``
+composes with).
+
+``parallelize`` runs: activation checkpointing per block -> optional ``torch.compile`` per block -> ``fully_shard``
+per block, then the root. LoRA injection and freezing must already have happened (FSDP2 must see the final
+trainable set; pytorch/pytorch#186998). All of it works on a model built on the ``meta`` device: weights are
+loaded afterwards, each rank reading only what it holds (:mod:`ltxf.models.materialize`).
 
 Activation checkpointing uses the composable ``torch.distributed._composable.checkpoint``, which keeps parameter
 names unchanged (``checkpoint_wrapper`` would insert ``._checkpoint_wrapped_module.`` into them).
+
+FSDP2's mixed precision keeps the forward inputs' dtypes (``cast_forward_inputs=False``): positions, timesteps
+and sigma reach the model in fp32, as on the one-process path; the model casts its activations itself.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 logger = logging.getLogger(__name__)
 
@@ -79,29 +92,57 @@ def apply_compile(blocks: nn.ModuleList) -> None:
         block.compile(fullgraph=False)
 
 
+MESH_DIM_NAMES = ("replicate", "shard")
+
+
+def build_mesh(world_size: int, shard_size: int, device: torch.device) -> DeviceMesh:
+    """The 2-D data-parallel mesh ``(world_size // shard_size, shard_size)`` named ("replicate", "shard").
+
+    Ranks that share a shard group are consecutive (the shard dimension is the inner one), so with
+    ``shard_size`` = GPUs per node the parameters are sharded inside a node and replicated across nodes.
+    A world of one without a process group gets an in-memory one (FSDP2 needs a group even alone).
+    """
+    if shard_size < 1 or world_size % shard_size:
+        raise ValueError(f"parallel.shard_size must divide the number of processes ({world_size}), got {shard_size}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        if world_size != 1:
+            raise ValueError(f"a mesh over {world_size} processes needs torchrun (no process group is initialised)")
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return init_device_mesh(device.type, (world_size // shard_size, shard_size), mesh_dim_names=MESH_DIM_NAMES)
+
+
 def apply_fsdp(
-    model: nn.Module, blocks: nn.ModuleList, *, param_dtype: torch.dtype | None, reduce_dtype: torch.dtype
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    *,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype,
 ) -> None:
-    """FSDP2: shard each block, then the root (which owns the embeddings, AdaLN and output heads)."""
+    """FSDP2 on a 2-D ``(replicate, shard)`` mesh: shard each block, then the root (which owns the embeddings,
+    AdaLN and output heads). Forward inputs keep their dtypes (module docstring)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
-        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def parallelize(
     model: nn.Module,
     *,
-    fsdp: bool,
+    mesh: DeviceMesh | None,
     activation_checkpointing: bool,
     compile: bool,
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype,
 ) -> nn.Module:
-    """Apply AC, compile and FSDP2 (in that order) to a model with a ``transformer_blocks`` ModuleList."""
+    """Apply AC, compile and FSDP2 (in that order) to a model with a ``transformer_blocks`` ModuleList; no FSDP
+    when ``mesh`` is None (a plain one-process module). Works on a ``meta`` model."""
     blocks = model.transformer_blocks
     if activation_checkpointing:
         apply_ac(blocks)
@@ -110,26 +151,20 @@ def parallelize(
             logger.warning("parallel.compile is ignored on CPU")
         else:
             apply_compile(blocks)
-    if fsdp:
-        if not dist.is_initialized():
-            # FSDP2 in a plain single-process run: a world of one needs no rendezvous.
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        apply_fsdp(model, blocks, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if mesh is not None:
+        apply_fsdp(model, blocks, mesh=mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     return model
 
 
-def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average tensors across processes in place (replicated data parallel), in one flat bucket."""
-    if not dist.is_initialized() or dist.get_world_size() == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(flat[offset : offset + n].view_as(t))
-        offset += n
+def parallelize_text_connectors(text_processor: nn.Module, *, mesh: DeviceMesh | None, reduce_dtype: torch.dtype
+                                ) -> nn.Module:
+    """Trained text connectors take the same data-parallel path as the transformer: each connector is an FSDP2
+    unit on ``mesh`` under the processor as root (the parameters keep their dtype for compute; the step feeds
+    them features in it). Frozen connectors need no gradient reduction: do not call this for them."""
+    if mesh is not None:
+        connectors = [text_processor.video_connector, text_processor.audio_connector]
+        apply_fsdp(text_processor, connectors, mesh=mesh, param_dtype=None, reduce_dtype=reduce_dtype)
+    return text_processor
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ from ltxf.optim import (
     global_norm,
     last_learning_rate,
 )
-from ltxf.parallel import DistInfo, all_reduce_mean_
+from ltxf.parallel import DistInfo
 from ltxf.rng import sample_keys
 from ltxf.state import TrainState, trainable_parameters
 from ltxf.strategies.base import ModelInputs, Strategy
@@ -72,9 +72,10 @@ class StepContext:
     strategy: Strategy
     dist: DistInfo
     fsdp: bool
+    """The model is under FSDP2 (any mesh: sharded, replicated or both); its hooks reduce the gradients."""
     compute_dtype: torch.dtype
     text_params: tuple[str, ...] = ()
-    """Keys of ``state.params`` that belong to the text connectors (replicated even under FSDP)."""
+    """Keys of ``state.params`` that belong to the text connectors (an FSDP2 unit of their own under FSDP2)."""
 
     @property
     def needs_module_params(self) -> bool:
@@ -251,11 +252,6 @@ def _set_gradient_sync(ctx: StepContext, enabled: bool) -> None:
             module.set_requires_gradient_sync(enabled)
 
 
-def _all_reduce_replicated(grads: dict[str, torch.Tensor], ctx: StepContext) -> None:
-    """Replicated data parallel: average the gradients that are not sharded across processes, in place."""
-    all_reduce_mean_([g for k, g in grads.items() if not ctx.fsdp or k in ctx.text_params])
-
-
 def train_step(
     state: TrainState, micro_batches: list[dict[str, torch.Tensor]], ctx: StepContext
 ) -> tuple[TrainState, dict[str, torch.Tensor | float]]:
@@ -280,7 +276,6 @@ def train_step(
         check_module_params(state.params, ctx)
     step = int(state.step)
     grads, sums = compute_gradients(state.params, micro_batches, step, ctx)
-    _all_reduce_replicated(grads, ctx)
 
     # One host sync per step: the loss and the gradient norm must be finite before anything is updated in
     # place (the optimizer moments included).

@@ -31,17 +31,35 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from ltxf import checkpoint as run_checkpoint
 from ltxf.config import LoraConfig, TrainConfig, check_paths, torch_dtype
 from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
-from ltxf.lora import init_lora_parameters, inject_lora, load_lora_weights, lora_parameters, lora_state_dict
+from ltxf.lora import (
+    init_lora_parameters,
+    inject_lora,
+    is_lora_key,
+    load_lora_weights,
+    lora_parameters,
+    lora_state_dict,
+)
 from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, write_checkpoint
-from ltxf.models.text import load_embeddings_processor
-from ltxf.models.transformer import load_transformer
+from ltxf.models.materialize import TensorTransform, UnitCallback
+from ltxf.models.text import build_embeddings_processor_on_meta, load_embeddings_processor_weights_
+from ltxf.models.transformer import build_transformer_on_meta, load_transformer_weights_
 from ltxf.monitor import LogWindow, Monitor, log_due, memory_metrics
 from ltxf.optim import GradientTransformation, adamw, adamw_8bit, chain, clip_by_global_norm, make_schedule
-from ltxf.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize, shutdown_distributed
+from ltxf.parallel import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    build_mesh,
+    init_distributed,
+    parallelize,
+    parallelize_text_connectors,
+    shutdown_distributed,
+)
 from ltxf.rng import make_generator
 from ltxf.state import TrainState, init_state, state_to_dict, trainable_parameters
 from ltxf.step import TEXT_PARAM_PREFIX, NonFiniteLossError, StepContext, train_step
@@ -80,8 +98,14 @@ class RunPlan:
     compute_dtype: torch.dtype
     full: bool
     """Full fine-tuning (every transformer weight trains) rather than LoRA."""
-    fsdp: bool
-    """Parameters sharded with FSDP2 (otherwise every process holds the whole model)."""
+    mesh: DeviceMesh | None
+    """The (replicate x shard) data-parallel mesh of FSDP2 (:mod:`ltxf.parallel`); None: a plain one-process model."""
+
+    @property
+    def fsdp(self) -> bool:
+        """The model is under FSDP2 (sharded, replicated or both): gradients are reduced by its hooks."""
+        return self.mesh is not None
+
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -144,21 +168,29 @@ def plan_run(cfg: TrainConfig, dist: DistInfo) -> RunPlan:
     """Check the inputs, create the run directory and write the resolved ``config.json`` (rank 0)."""
     check_paths(cfg)
     full = cfg.model.training_mode == "full"
-    mode = cfg.parallel.data_parallel
-    fsdp = mode == "fsdp" or (mode == "auto" and full and dist.world_size > 1)
-    if fsdp and cfg.model.train_connectors:
-        raise ValueError("model.train_connectors is not supported with FSDP (parallel.data_parallel='fsdp', or "
-                         "'auto' with full fine-tuning on several processes); use parallel.data_parallel="
-                         "'replicate' or train the transformer only")
+    mesh = build_data_parallel_mesh(cfg, dist)
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     config_dict = cfg.to_dict()
     if dist.is_main:
         (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
-    if cfg.validation.enabled and cfg.validation.offload_optimizer and fsdp:
-        logger.warning("validation.offload_optimizer is ignored under FSDP (the optimizer state is sharded)")
+    if cfg.validation.enabled and cfg.validation.offload_optimizer and mesh is not None:
+        logger.warning("validation.offload_optimizer is ignored under FSDP2 (several processes, or "
+                       "parallel.data_parallel='fsdp')")
     return RunPlan(cfg=cfg, dist=dist, output_dir=output_dir, config_dict=config_dict,
-                   compute_dtype=torch_dtype(cfg.model.dtype), full=full, fsdp=fsdp)
+                   compute_dtype=torch_dtype(cfg.model.dtype), full=full, mesh=mesh)
+
+
+def build_data_parallel_mesh(cfg: TrainConfig, dist: DistInfo) -> DeviceMesh | None:
+    """The (replicate x shard) mesh of this run (:mod:`ltxf.parallel`), or None for a plain one-process run:
+    'fsdp' shards over ``parallel.shard_size`` processes (default all), 'replicate' over 1, 'auto' is 'fsdp' for
+    full fine-tuning and 'replicate' for LoRA."""
+    mode = cfg.parallel.data_parallel
+    if dist.world_size == 1 and mode != "fsdp":
+        return None
+    sharded = mode == "fsdp" or (mode == "auto" and cfg.model.training_mode == "full")
+    shard_size = cfg.parallel.shard_size or (dist.world_size if sharded else 1)
+    return build_mesh(dist.world_size, shard_size, dist.device)
 
 
 def build_validator(plan: RunPlan) -> Validator | None:
@@ -171,36 +203,49 @@ def build_validator(plan: RunPlan) -> Validator | None:
                            dtype=plan.compute_dtype)
 
 
-def build_model(plan: RunPlan) -> Model:
-    """Load the transformer and the text connectors, freeze what does not train, inject and initialise LoRA, and
-    parallelize (activation checkpointing, compile, FSDP2). The one place weights are loaded."""
-    cfg, device = plan.cfg, plan.dist.device
-    checkpoint_path = Path(cfg.model.checkpoint)
-    # Full fine-tuning keeps fp32 master weights (FSDP2 casts to bf16 for compute; one process uses autocast).
-    weights_dtype = torch.float32 if plan.full else plan.compute_dtype
-    logger.info("loading the transformer from %s", checkpoint_path)
-    transformer = load_transformer(checkpoint_path, dtype=weights_dtype, device=device)
-    text_processor = load_embeddings_processor(checkpoint_path, dtype=plan.compute_dtype, device=device,
-                                               with_feature_extractor=False)
+def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_unit: UnitCallback | None = None
+                ) -> Model:
+    """The transformer and the text connectors, created on meta, shaped for training, then loaded: the one place
+    weights are loaded.
+
+    On the meta device (no weight exists yet): build from the checkpoint's config -> freeze what does not train,
+    inject LoRA -> activation checkpointing, compile and FSDP2 on the run's mesh (:func:`ltxf.parallel.parallelize`).
+    Then each rank reads from the file only the tensors it holds, block by block, cast to their dtype on the way
+    (:mod:`ltxf.models.materialize`), and the adapters are initialised from the derived seed (the same on every
+    rank; each keeps its shard). Full fine-tuning keeps fp32 master weights (FSDP2 casts to the compute dtype; one
+    process uses autocast); adapters stay fp32 on a base in the compute dtype.
+
+    ``transform(name, tensor)`` and ``on_unit(unit_name, module)`` are the loader's hooks for the transformer
+    (quantisation on load; contract in :mod:`ltxf.models.materialize`).
+    """
+    cfg, device, mesh = plan.cfg, plan.dist.device, plan.mesh
+    path = Path(cfg.model.checkpoint)
+    logger.info("loading the transformer from %s", path)
+    transformer = build_transformer_on_meta(path).to(torch.float32 if plan.full else plan.compute_dtype)
     transformer.requires_grad_(plan.full)
-    text_processor.requires_grad_(cfg.model.train_connectors)
-    if cfg.model.train_connectors:
-        text_processor.float()
     if not plan.full:
-        # Adapters (and their AdamW moments) stay fp32 on a bf16 base: bf16 moments cannot decay and small
-        # updates round away.
+        # fp32 adapters (and AdamW moments): bf16 moments cannot decay and small updates round away.
         targets = inject_lora(transformer, cfg.lora, dtype=torch.float32)
+        logger.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(targets))
+    reduce_dtype = torch_dtype(cfg.parallel.reduce_dtype)
+    parallelize(transformer, mesh=mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                compile=cfg.parallel.compile, param_dtype=plan.compute_dtype, reduce_dtype=reduce_dtype)
+    load_transformer_weights_(transformer, path, device=device, not_in_file=is_lora_key, transform=transform,
+                              on_unit=on_unit)
+    if not plan.full:
         # Same derived seed on every rank: identical adapters with no broadcast.
         init_lora_parameters(transformer, make_generator(cfg.seed, 0, 0, "lora_init", device=device))
         if cfg.model.init_lora is not None:
             apply_initial_lora(transformer, cfg.model.init_lora, cfg.lora)
-        logger.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(targets))
-    parallelize(transformer, fsdp=plan.fsdp, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                compile=cfg.parallel.compile, param_dtype=plan.compute_dtype,
-                reduce_dtype=torch_dtype(cfg.parallel.reduce_dtype))
     transformer.train()
-    return Model(transformer=transformer, text_processor=text_processor,
-                 checkpoint_config=read_config(checkpoint_path))
+
+    trained = cfg.model.train_connectors
+    text_processor = build_embeddings_processor_on_meta(path, with_feature_extractor=False)
+    text_processor.to(torch.float32 if trained else plan.compute_dtype).requires_grad_(trained)
+    if trained:
+        parallelize_text_connectors(text_processor, mesh=mesh, reduce_dtype=reduce_dtype)
+    load_embeddings_processor_weights_(text_processor, path, device=device)
+    return Model(transformer=transformer, text_processor=text_processor.eval(), checkpoint_config=read_config(path))
 
 
 def apply_initial_lora(transformer: nn.Module, path: Path, lora: LoraConfig) -> None:

@@ -439,7 +439,7 @@ def test_sampler_resume_continues_with_the_next_batch():
     iterator = iter(sampler)
     consumed = _take(iterator, 7)  # crosses the epoch boundary (5 batches per epoch)
     state = sampler.state_dict()
-    assert state == {"epoch": 1, "batch_index": 2, "world_size": 1}
+    assert state == {"epoch": 1, "batch_index": 2, "global_batch_size": 3}
     expected = _take(iterator, 9)
     resumed = data.BucketBatchSampler(KEYS, batch_size=3, seed=11)
     resumed.load_state_dict(state)
@@ -458,9 +458,38 @@ def test_sampler_state_is_checked():
         next(iterator)
     with pytest.raises(ValueError, match="lacks"):
         sampler.load_state_dict({"epoch": 0})
-    # A state saved with 2 ranks at per-rank batch 1 (2 global batches consumed) resumes at batch 2 on 1 rank.
+    # A global batch of 6 (one consumed) resumes at global batch 2 of 3 samples: the same samples into the epoch.
+    sampler.load_state_dict({"epoch": 3, "batch_index": 1, "global_batch_size": 6})
+    assert sampler.state_dict() == {"epoch": 3, "batch_index": 2, "global_batch_size": 3}
+    # A state from before global positions: 2 ranks of batch 3.
     sampler.load_state_dict({"epoch": 3, "batch_index": 1, "world_size": 2})
-    assert sampler.state_dict() == {"epoch": 3, "batch_index": 2, "world_size": 1}
+    assert sampler.state_dict() == {"epoch": 3, "batch_index": 2, "global_batch_size": 3}
+    with pytest.raises(ValueError, match="global batch size of 0"):
+        sampler.load_state_dict({"epoch": 0, "batch_index": 0, "global_batch_size": 0})
+
+
+def test_sampler_order_does_not_depend_on_the_number_of_processes():
+    """1 process with batch 4 and 2 (or 4) processes with batch 2 (or 1) see the same global batches in the same
+    order; a position saved at one world size continues exactly at another with the same global batch."""
+    one = data.BucketBatchSampler(KEYS, batch_size=4, seed=7)
+    for world_size in (2, 4):
+        ranks = [data.BucketBatchSampler(KEYS, batch_size=4 // world_size, seed=7, rank=r, world_size=world_size)
+                 for r in range(world_size)]
+        for epoch in range(3):
+            assert all(s.global_batches(epoch) == one.global_batches(epoch) for s in ranks)
+            joined = [sum(slices, []) for slices in zip(*(s.epoch_batches(epoch) for s in ranks), strict=True)]
+            assert joined == one.epoch_batches(epoch)
+
+    iterator = iter(one)
+    _take(iterator, 3)  # 3 batches per epoch: the next is epoch 1, batch 0
+    _take(iterator, 1)
+    state = one.state_dict()
+    expected = _take(iterator, 5)
+    ranks = [data.BucketBatchSampler(KEYS, batch_size=2, seed=7, rank=r, world_size=2) for r in range(2)]
+    for sampler in ranks:
+        sampler.load_state_dict(state)
+    resumed = [sum(pair, []) for pair in zip(*(_take(iter(s), 5) for s in ranks), strict=True)]
+    assert resumed == expected
 
 
 def test_sampler_errors_when_no_batch_fits():
@@ -535,12 +564,12 @@ def test_resumable_loader_counts_consumed_batches(num_workers):
     iterator = iter(loader)
     got = [next(iterator)["sample_id"] for _ in range(4)]  # 3 batches per epoch: crosses into epoch 1
     # Workers have prefetched further, but the position counts what the loop received.
-    assert loader.state_dict() == {"epoch": 1, "batch_index": 1, "world_size": 1}
+    assert loader.state_dict() == {"epoch": 1, "batch_index": 1, "global_batch_size": 2}
     expected = [next(iterator)["sample_id"] for _ in range(3)]
     del iterator
 
     resumed = data.ResumableLoader(dataset, data.BucketBatchSampler(keys, batch_size=2, seed=5), num_workers=0)
-    resumed.load_state_dict({"epoch": 1, "batch_index": 1, "world_size": 1})
+    resumed.load_state_dict({"epoch": 1, "batch_index": 1, "global_batch_size": 2})
     resumed_iter = iter(resumed)
     assert [next(resumed_iter)["sample_id"] for _ in range(3)] == expected
     plan = data.BucketBatchSampler(keys, batch_size=2, seed=5)

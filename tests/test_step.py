@@ -208,7 +208,7 @@ def test_copied_state_trains_the_copy_or_is_refused_under_fsdp(assets):
     """The issue's copied state. Non-sharded: the state is the truth, so the copy trains (non-zero gradient
     norm) and the module's parameters stay as they were. FSDP2: the step cannot evaluate the model at other
     tensors, so it refuses the copy with a clear error; the real state trains and leaves no .grad."""
-    from ltxf.parallel import parallelize, shutdown_distributed
+    from ltxf.parallel import build_mesh, parallelize, shutdown_distributed
 
     ctx, state, data, idx = _setup(assets)
     _nonzero_lora(state)
@@ -222,8 +222,8 @@ def test_copied_state_trains_the_copy_or_is_refused_under_fsdp(assets):
 
     ctx, state, data, idx = _setup(assets)
     try:
-        parallelize(ctx.transformer, fsdp=True, activation_checkpointing=False, compile=False, param_dtype=None,
-                    reduce_dtype=torch.float32)
+        parallelize(ctx.transformer, mesh=build_mesh(1, 1, torch.device("cpu")), activation_checkpointing=False,
+                    compile=False, param_dtype=None, reduce_dtype=torch.float32)
         ctx = replace(ctx, fsdp=True)
         state = init_state(lora_parameters(ctx.transformer), ctx.tx)
         foreign = init_state({k: v.detach().clone().requires_grad_() for k, v in state.params.items()}, ctx.tx)

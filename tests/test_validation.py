@@ -282,7 +282,7 @@ def _free_port() -> int:
 def _two_rank_worker(rank: int, world_size: int, root: str, port: int) -> None:
     import torch.distributed as dist
 
-    from ltxf.parallel import parallelize
+    from ltxf.parallel import build_mesh, parallelize
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -293,8 +293,8 @@ def _two_rank_worker(rank: int, world_size: int, root: str, port: int) -> None:
         config = validation_config(root_path / "features.pt", len(PROMPTS))
         validator = Validator.build(config, checkpoint=checkpoint, device="cpu", dtype=torch.float32)
         transformer = load_transformer(checkpoint)
-        parallelize(transformer, fsdp=True, activation_checkpointing=False, compile=False, param_dtype=None,
-                    reduce_dtype=torch.float32)
+        parallelize(transformer, mesh=build_mesh(world_size, world_size, torch.device("cpu")),
+                    activation_checkpointing=False, compile=False, param_dtype=None, reduce_dtype=torch.float32)
         processor = load_embeddings_processor(checkpoint, with_feature_extractor=False)
         monitor = Monitor(root_path / "two" / "tb", rank=rank, total_steps=10)
         clips: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}

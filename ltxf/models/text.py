@@ -38,16 +38,15 @@ from ltxf.models.checkpoint import (
     TEXT_PROJECTION_PREFIX,
     VIDEO_CONNECTOR_PREFIX,
     ModelVersion,
-    check_nothing_on_meta,
     config_section,
     detect_text_version,
     list_keys,
-    load_state_dict_strict,
     read_config,
     read_tensor_shapes,
-    read_tensors,
+    strip_prefix,
 )
 from ltxf.models.feed_forward import FeedForward
+from ltxf.models.materialize import TensorTransform, block_units, materialize_
 from ltxf.models.rope import ROPE_TYPES, RopeType, build_rope
 
 logger = logging.getLogger(__name__)
@@ -545,40 +544,23 @@ def _infer_num_hidden_states(
     return inferred
 
 
-def _select_text_tensors(with_feature_extractor: bool):
-    prefixes = [(VIDEO_CONNECTOR_PREFIX, "video_connector."), (AUDIO_CONNECTOR_PREFIX, "audio_connector.")]
-    if with_feature_extractor:
-        prefixes.append((TEXT_PROJECTION_PREFIX, "feature_extractor."))
-
-    def select(key: str) -> str | None:
-        for file_prefix, module_prefix in prefixes:
-            if key.startswith(file_prefix):
-                return module_prefix + key[len(file_prefix):]
-        return None
-
-    return select
-
-
-def load_embeddings_processor(
+def build_embeddings_processor_on_meta(
     path: str | Path,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
     *,
     with_feature_extractor: bool = True,
     gemma_hidden_size: int = GEMMA_HIDDEN_SIZE,
     gemma_num_hidden_states: int | None = None,
 ) -> EmbeddingsProcessor:
-    """Load the text embeddings processor (feature extractor + connectors) from an official checkpoint.
+    """The text embeddings processor (feature extractor + connectors) of an official checkpoint, built on the
+    ``meta`` device; fill it with :func:`load_embeddings_processor_weights_`.
 
     The version comes from the config metadata (the ``transformer`` section's V2 text keys) and is cross-checked
     against the weights: the aggregate-embed keys (V1 ``aggregate_embed`` vs V2 ``{video,audio}_aggregate_embed``)
     and each connector's layer count; a contradiction is a ``ValueError`` naming both sides. The module is built
-    on ``meta``, only the text-side tensors are read (cast to ``dtype`` on the fly), loading is strict, and
-    nothing is left on ``meta``.
+    on ``meta``; nothing is read but the header.
 
     Args:
         path: the ``.safetensors`` checkpoint.
-        dtype, device: of the loaded parameters.
         with_feature_extractor: False skips the aggregate projection (1-1.2 B parameters) when only cached
             features will be processed (training).
         gemma_hidden_size: Gemma width ``D``; the number of hidden states is inferred from the aggregate weight
@@ -630,21 +612,54 @@ def load_embeddings_processor(
         _check_aggregate_shapes(path, processor_config)
 
     with torch.device("meta"):
-        processor = EmbeddingsProcessor(processor_config, with_feature_extractor=with_feature_extractor)
-    tensors = read_tensors(path, _select_text_tensors(with_feature_extractor), dtype=dtype, device=device)
-    components: list[tuple[str, str, nn.Module | None]] = [
-        ("video_connector.", VIDEO_CONNECTOR_PREFIX, processor.video_connector),
-        ("audio_connector.", AUDIO_CONNECTOR_PREFIX, processor.audio_connector),
-        ("feature_extractor.", TEXT_PROJECTION_PREFIX, processor.feature_extractor),
+        return EmbeddingsProcessor(processor_config, with_feature_extractor=with_feature_extractor)
+
+
+def load_embeddings_processor_weights_(
+    processor: EmbeddingsProcessor,
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    transform: TensorTransform | None = None,
+) -> EmbeddingsProcessor:
+    """Fill a processor built by :func:`build_embeddings_processor_on_meta` (possibly sharded) from ``path``,
+    component by component and block by block, each tensor cast to its parameter's dtype; strict per component
+    (see :mod:`ltxf.models.materialize`)."""
+    path = Path(path)
+    components: list[tuple[str, nn.Module | None]] = [
+        (VIDEO_CONNECTOR_PREFIX, processor.video_connector),
+        (AUDIO_CONNECTOR_PREFIX, processor.audio_connector),
+        (TEXT_PROJECTION_PREFIX, processor.feature_extractor),
     ]
-    for module_prefix, file_prefix, module in components:
+    for file_prefix, module in components:
         if module is None:
             continue
-        part = {k[len(module_prefix):]: v for k, v in tensors.items() if k.startswith(module_prefix)}
-        load_state_dict_strict(module, part, source=f"{path} [{file_prefix}*]")
-    check_nothing_on_meta(processor, path)
-    logger.info("loaded %s text embeddings processor from %s (%s, feature extractor: %s)", version, path, dtype,
-                with_feature_extractor)
+        units = block_units(module, "transformer_1d_blocks") if hasattr(module, "transformer_1d_blocks") else ()
+        materialize_(module, path, strip_prefix(file_prefix), device=device, units=units, transform=transform,
+                     source=f"{path} [{file_prefix}*]")
+    return processor
+
+
+def load_embeddings_processor(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    *,
+    with_feature_extractor: bool = True,
+    gemma_hidden_size: int = GEMMA_HIDDEN_SIZE,
+    gemma_num_hidden_states: int | None = None,
+) -> EmbeddingsProcessor:
+    """Load the text embeddings processor (feature extractor + connectors) from an official checkpoint:
+    :func:`build_embeddings_processor_on_meta` (every consistency check), then the text-side tensors only, cast to
+    ``dtype`` as they are read, strictly, nothing left on ``meta``. Arguments as there; ``dtype``, ``device``: of
+    the loaded parameters."""
+    path = Path(path)
+    processor = build_embeddings_processor_on_meta(
+        path, with_feature_extractor=with_feature_extractor, gemma_hidden_size=gemma_hidden_size,
+        gemma_num_hidden_states=gemma_num_hidden_states).to(dtype)
+    load_embeddings_processor_weights_(processor, path, device=device)
+    logger.info("loaded %s text embeddings processor from %s (%s, feature extractor: %s)", processor.config.version,
+                path, dtype, with_feature_extractor)
     return processor.eval()
 
 
@@ -680,7 +695,9 @@ __all__ = [
     "FeatureExtractorV1",
     "FeatureExtractorV2",
     "TextContext",
+    "build_embeddings_processor_on_meta",
     "load_embeddings_processor",
+    "load_embeddings_processor_weights_",
     "normalize_hidden_states_v1",
     "normalize_hidden_states_v2",
     "replace_padding_with_registers",

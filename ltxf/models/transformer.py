@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,6 +46,7 @@ from ltxf.models import checkpoint
 from ltxf.models.attention import Attention, reciprocal_rms, rms_norm
 from ltxf.models.checkpoint import ModelVersion
 from ltxf.models.feed_forward import FeedForward
+from ltxf.models.materialize import TensorTransform, UnitCallback, block_units, materialize_
 from ltxf.models.rope import ROPE_TYPES, RopeType, build_rope
 
 logger = logging.getLogger(__name__)
@@ -1019,6 +1020,40 @@ def _cross_check_weights(config: TransformerConfig, path: Path) -> None:
             )
 
 
+def build_transformer_on_meta(
+    path: str | Path, *, max_distinct_timesteps: int | None = DEFAULT_MAX_DISTINCT_TIMESTEPS
+) -> AVTransformer:
+    """The transformer of an official checkpoint, built on the ``meta`` device (no memory, no weights read).
+
+    Reads the config from the file's metadata, detects the version with the reference rules and cross-checks it
+    against the weight names and shapes in the header. Inject LoRA, parallelize, then fill it with
+    :func:`load_transformer_weights_`.
+    """
+    path = Path(path)
+    config_dict = checkpoint.read_config(path)
+    config = TransformerConfig.from_checkpoint_config(checkpoint.config_section(config_dict, "transformer", path),
+                                                      path=path)
+    _cross_check_weights(config, path)
+    with torch.device("meta"):
+        return AVTransformer(config, max_distinct_timesteps=max_distinct_timesteps)
+
+
+def load_transformer_weights_(
+    model: AVTransformer,
+    path: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    not_in_file: Callable[[str], bool] = lambda key: False,
+    transform: TensorTransform | None = None,
+    on_unit: UnitCallback | None = None,
+) -> AVTransformer:
+    """Fill a transformer built by :func:`build_transformer_on_meta` (possibly LoRA-injected and sharded) from
+    ``path``, block by block, each tensor cast to its parameter's dtype (see :mod:`ltxf.models.materialize`)."""
+    return materialize_(model, path, _transformer_select, device=device,
+                        units=block_units(model, "transformer_blocks"), not_in_file=not_in_file,
+                        transform=transform, on_unit=on_unit)
+
+
 def load_transformer(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
@@ -1028,23 +1063,16 @@ def load_transformer(
 ) -> AVTransformer:
     """Load the transformer of an official single-file checkpoint (LTX-2 or LTX-2.3).
 
-    Reads the config from the file's metadata, detects the version with the reference rules and cross-checks it
-    against the weight names and shapes in the header; builds the model on ``meta``; then reads only the
-    transformer tensors (``model.diffusion_model.*`` minus the text connectors), casting each to ``dtype`` as it
-    is read, and loads them strictly. Any inconsistency is a ``ValueError`` naming the file.
+    Builds it on ``meta`` (:func:`build_transformer_on_meta`, which checks the config against the weights), then
+    reads only the transformer tensors (``model.diffusion_model.*`` minus the text connectors) block by block,
+    casting each to ``dtype`` as it is read, and loads them strictly. Any inconsistency is a ``ValueError``
+    naming the file.
     """
     path = Path(path)
-    config_dict = checkpoint.read_config(path)
-    config = TransformerConfig.from_checkpoint_config(checkpoint.config_section(config_dict, "transformer", path),
-                                                      path=path)
-    _cross_check_weights(config, path)
-    with torch.device("meta"):
-        model = AVTransformer(config, max_distinct_timesteps=max_distinct_timesteps)
-    state = checkpoint.read_tensors(path, _transformer_select, dtype=dtype, device=device)
-    checkpoint.load_state_dict_strict(model, state, source=path)
-    checkpoint.check_nothing_on_meta(model, path)
-    logger.info("loaded %s transformer (%d blocks, %.2fB parameters) from %s", config.version, config.num_layers,
-                sum(p.numel() for p in model.parameters()) / 1e9, path)
+    model = build_transformer_on_meta(path, max_distinct_timesteps=max_distinct_timesteps).to(dtype)
+    load_transformer_weights_(model, path, device=device)
+    logger.info("loaded %s transformer (%d blocks, %.2fB parameters) from %s", model.config.version,
+                model.config.num_layers, sum(p.numel() for p in model.parameters()) / 1e9, path)
     return model
 
 

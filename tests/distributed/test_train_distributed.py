@@ -28,8 +28,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(output_dir: Path, nproc: int, *flags: str) -> dict[int, float]:
-    batch = str(2 // nproc)
+def _train(output_dir: Path, nproc: int, *flags: str, global_batch: int = 2) -> dict[int, float]:
+    batch = str(global_batch // nproc)
     args = ["train.py", "demo", "--output_dir", str(output_dir), "--optim.steps", str(STEPS),
             "--optim.warmup_steps", "0", "--optim.batch_size", batch, "--log.every", "1", *flags]
     if nproc > 1:
