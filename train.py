@@ -3,17 +3,23 @@
 Presets live in experiments/presets.py; every field of ltxf.config.TrainConfig can be overridden, e.g.
 ``--model.checkpoint ltx-2.3.safetensors --data.root data/.precomputed --optim.learning_rate 2e-4``.
 ``python train.py demo`` runs the CPU demo. ``python train.py PRESET --help`` lists every flag.
+
+Exit codes (ltxf.faults): 0 finished, 1 unexpected error (with its traceback), 2 user error (one ``error:`` line),
+3 stopped on non-finite values, 75 interrupted by SIGINT/SIGTERM after saving a checkpoint (run it again to
+resume). ``--debug`` (or ``LTXF_DEBUG=1``) prints the traceback of every error.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 import tyro
 
 from experiments.presets import PRESETS
 from ltxf.config import TrainConfig
+from ltxf.faults import EXIT_INTERRUPTED, EXIT_OK, run_command
 from ltxf.train import main
 
 
@@ -31,5 +37,11 @@ def parse_config(args: Sequence[str] | None = None) -> TrainConfig:
     )
 
 
+def run(args: Sequence[str]) -> int:
+    """Parse, train, and return the exit code (75 when a stop signal interrupted the run)."""
+    result = main(parse_config(args))
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
+
+
 if __name__ == "__main__":
-    main(parse_config())
+    sys.exit(run_command(run))

@@ -11,6 +11,7 @@ Shape legend: B batch, T tokens, C channels, S text tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ltxf.config import TrainConfig
+from ltxf.faults import TrainingStopped, nonfinite_samples
 from ltxf.models.text import TextContext
 from ltxf.optim import GradientTransformation, apply_updates, last_learning_rate
 from ltxf.parallel import DistInfo, all_reduce_mean_
@@ -30,8 +32,15 @@ from ltxf.strategies.base import StepLosses, compute_losses
 SIGMA_BUCKET_NAMES = ("0.00-0.25", "0.25-0.50", "0.50-0.75", "0.75-1.00")
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised when a step produced a non-finite loss or gradient norm; the state was not updated."""
+class NonFiniteLossError(TrainingStopped):
+    """Raised when a step produced a non-finite loss or gradient norm; the state was not updated.
+    ``sample_ids`` are this process's samples whose own loss was not finite (all of its samples of the step when
+    only the gradients were)."""
+
+    def __init__(self, message: str, *, step: int = -1, sample_ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.step = step
+        self.sample_ids = list(sample_ids)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +133,7 @@ def train_step(
     bucket_count = torch.zeros(len(SIGMA_BUCKET_NAMES), device=device)
     num_samples = 0
     num_tokens = 0
+    nonfinite_B: list[torch.Tensor] = []  # per micro-batch, read only on the failure path (names the samples)
 
     for i, batch in enumerate(micro_batches):
         generators = sample_generators(ctx, step, i, batch["video_latents"].shape[0])
@@ -140,6 +150,7 @@ def train_step(
             index_B = _bucket_index(sigma_B)
             bucket_sum.index_add_(0, index_B, losses.total_B.detach().float())
             bucket_count.index_add_(0, index_B, torch.ones_like(sigma_B, dtype=torch.float32))
+            nonfinite_B.append(~torch.isfinite(losses.total_B.detach()))
         num_samples += batch["video_latents"].shape[0]
         num_tokens += math.prod(batch["video_latents"].shape[2:]) * batch["video_latents"].shape[0]
 
@@ -162,10 +173,15 @@ def train_step(
         updates, opt_state = ctx.tx.update(grads, state.opt_state, state.params)
         apply_updates(state.params, updates)
     _clear_grads(state)
+    culprits: list[str] = []
+    if not finite:
+        culprits, in_loss = nonfinite_samples(micro_batches, nonfinite_B)
+        where = "in the loss of" if in_loss else "in the gradients (every loss finite) of the step's"
     if not finite and cfg.nonfinite_loss == "stop":
         raise NonFiniteLossError(
-            f"step {step}: non-finite loss ({float(loss_sum) / num_micro}) or gradient norm ({float(norm)}); "
-            "the parameters were not updated"
+            f"step {step}: non-finite loss ({float(loss_sum) / num_micro}) or gradient norm ({float(norm)}) "
+            f"{where} samples {', '.join(culprits)}; the parameters were not updated",
+            step=step, sample_ids=culprits,
         )
 
     metrics = {
@@ -177,6 +193,7 @@ def train_step(
         "num_samples": float(num_samples),
         "num_tokens": float(num_tokens),
         "skipped": torch.zeros((), device=device) if finite else torch.ones((), device=device),
+        "nonfinite_samples": culprits,  # host list of sample ids; empty when the step was finite
     }
     metrics["grad_norm"] = norm.detach().float().to(device)
     lr = last_learning_rate(opt_state)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,8 +23,11 @@ from torch import nn
 from ltxf import checkpoint as run_checkpoint
 from ltxf.config import TrainConfig, check_paths
 from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
+from ltxf.data_check import check_dataset_fits_model, read_model_inputs
+from ltxf.faults import StopSignals, TrainingStopped, any_rank, describe_samples, gather_objects
 from ltxf.lora import (
     LoraConfig,
+    check_lora_tensors,
     init_lora_parameters,
     inject_lora,
     load_lora_weights,
@@ -58,6 +60,9 @@ class RunResult:
     tensorboard_dir: Path
     losses: tuple[float, ...]
     interrupted: bool = False
+    """Stopped by SIGINT/SIGTERM after saving (``train.py`` exits with ``ltxf.faults.EXIT_INTERRUPTED``)."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped for a non-finite loss (``nonfinite_loss='skip'``), resumes included."""
 
 
 def setup_logging(rank: int) -> None:
@@ -79,7 +84,12 @@ def build_optimizer(cfg: TrainConfig):
 def apply_initial_lora(transformer: nn.Module, path: Path, lora: LoraConfig) -> None:
     """Start from a LoRA file (ltxf, ComfyUI or PEFT layout): its effective update ``scale_file * B @ A`` is
     kept exactly, whatever the alpha/rank convention of the file and of this run."""
-    lora_file = run_checkpoint.load_lora_file(path)
+    try:
+        lora_file = run_checkpoint.load_lora_file(path)
+    except ValueError as exc:
+        raise ValueError(f"--model.init_lora: {exc}") from exc
+    expected = {key: tuple(p.shape) for key, p in lora_parameters(transformer).items()}
+    check_lora_tensors(expected, lora_file.tensors, source=f"--model.init_lora {path}")
     tensors = dict(lora_file.tensors)
     for module, scale in lora_file.scales.items():
         key = f"{module}.lora_B.weight"
@@ -120,42 +130,20 @@ def _gather_full(
     return out
 
 
-class _Interrupt:
-    """Turns the first Ctrl-C into a flag the loop checks after each step (it then saves and exits)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> _Interrupt:
-        def handler(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            logger.warning("interrupt received: saving a checkpoint after this step (Ctrl-C again to abort)")
-
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 def main(cfg: TrainConfig) -> RunResult:
     """Run (or resume) training as configured; returns where the outputs are."""
     dist_info = init_distributed()
     setup_logging(dist_info.rank)
-    try:
-        return _run(cfg, dist_info)
-    finally:
-        shutdown_distributed()
+    # From here on SIGINT/SIGTERM stop the run (at once while loading; after the current step, with a
+    # checkpoint, inside the loop): see ltxf.faults.
+    with StopSignals() as stop:
+        try:
+            return _run(cfg, dist_info, stop)
+        finally:
+            shutdown_distributed()
 
 
-def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
+def _run(cfg: TrainConfig, dist_info: DistInfo, stop: StopSignals) -> RunResult:
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     if cfg.demo_model:
         from ltxf.demo import DemoAssets, build_demo_assets
@@ -188,6 +176,15 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
         raise ValueError("model.train_connectors is not supported with FSDP (parallel.data_parallel='fsdp', or "
                          "'auto' with full fine-tuning on several processes); use parallel.data_parallel="
                          "'replicate' or train the transformer only")
+
+    # The dataset is scanned and checked against the checkpoint's config before any weight is loaded, so a dataset
+    # made for another model fails in seconds, naming the file.
+    model_inputs = read_model_inputs(checkpoint_path)
+    dataset = PrecomputedDataset(cfg.data.root, sources=_data_sources(cfg), skip_bad_samples=cfg.data.skip_bad_samples,
+                                 text_length=cfg.data.text_length, latent_channels=model_inputs.latent_channels,
+                                 check_finite=cfg.data.check_finite)
+    reference_factor = check_dataset_fits_model(dataset.samples, model_inputs, with_audio=cfg.strategy.with_audio,
+                                                reference=cfg.strategy.name == "video_to_video")
 
     validator = None
     if cfg.validation.enabled:
@@ -231,15 +228,13 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     num_trainable = sum(p.numel() for p in params.values())
     logger.info("trainable parameters: %s (%d tensors)", f"{num_trainable:,}", len(params))
 
-    dataset = PrecomputedDataset(cfg.data.root, sources=_data_sources(cfg), skip_bad_samples=cfg.data.skip_bad_samples,
-                                 text_length=cfg.data.text_length)
-    reference_factor = _reference_downscale_factor(cfg, dataset)
     sampler = BucketBatchSampler(dataset.bucket_keys(), batch_size=cfg.optim.batch_size, seed=cfg.seed,
                                  rank=dist_info.rank, world_size=dist_info.world_size)
     loader = ResumableLoader(dataset, sampler, num_workers=cfg.data.num_workers,
                              pin_memory=device.type == "cuda")
 
     start_step = 0
+    skipped_steps = 0
     if not cfg.checkpoints.resume and run_checkpoint.latest_checkpoint(output_dir) is not None:
         raise ValueError(f"{output_dir} already holds checkpoints and checkpoints.resume is False: choose another "
                          "output_dir or remove its checkpoints/ folder")
@@ -248,6 +243,7 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
         if restored is not None:
             start_step = int(state.step)
             loader.load_state_dict(restored.extra["data"])
+            skipped_steps = int(restored.extra.get("skipped_steps", 0))
             logger.info("resuming at step %d", start_step)
 
     ctx = StepContext(transformer=transformer, text_processor=text_processor, tx=tx, cfg=cfg, dist=dist_info,
@@ -257,10 +253,15 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     if start_step == 0:
         monitor.log_config(config_dict)
 
+    saved_step = start_step  # the initial or resumed state needs no new checkpoint
+
     def save(step: int) -> None:
-        extra = {"data": loader.state_dict()}
-        run_checkpoint.save_checkpoint(output_dir, step, state_to_dict(state), extra=extra, config=config_dict,
-                                       keep_last_n=cfg.checkpoints.keep_last_n)
+        nonlocal saved_step
+        extra = {"data": loader.state_dict(), "skipped_steps": skipped_steps}
+        with stop.saving():  # a signal now must not leave half a checkpoint behind
+            run_checkpoint.save_checkpoint(output_dir, step, state_to_dict(state), extra=extra, config=config_dict,
+                                           keep_last_n=cfg.checkpoints.keep_last_n)
+        saved_step = step
 
     def validate(step: int, state: TrainState) -> TrainState:
         """Sample the validation prompts (collective: every rank calls it); with ``validation.offload_optimizer``
@@ -278,20 +279,27 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
     interrupted = False
     batches = iter(loader)
     step = start_step
+    export_path = None
     try:
-        with _Interrupt() as interrupt:
+        with stop.deferring():
             if validator is not None and start_step == 0 and validator.should_run(0):
                 state = validate(0, state)
             while step < cfg.optim.steps:
+                # Every rank must take the same branch (a rank leaving for save() while another enters the next
+                # step's collectives would hang): agree on the stop request before each step.
+                if any_rank(stop.requested is not None, device):
+                    interrupted = True
+                    break
                 micro_batches = [_to_device(next(batches), device)
                                  for _ in range(cfg.optim.gradient_accumulation_steps)]
                 try:
                     state, metrics = train_step(state, micro_batches, ctx)
                 except NonFiniteLossError as error:
-                    logger.error("%s. Stopping; the last checkpoint in %s is intact and resumable.", error,
-                                 output_dir / "checkpoints")
-                    raise
+                    raise _nonfinite_stop(error, dataset, output_dir) from error
                 step = int(state.step)
+                if metrics.get("nonfinite_samples"):
+                    skipped_steps += 1
+                    _skipped_step(cfg, step, metrics["nonfinite_samples"], skipped_steps, dataset, output_dir)
                 monitor.end_step(step, num_samples=metrics["num_samples"] * dist_info.world_size,
                                  num_tokens=metrics["num_tokens"] * dist_info.world_size)
                 pending.append(metrics)
@@ -305,21 +313,18 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                 if interval and step % interval == 0 and step < cfg.optim.steps:
                     save(step)
                     monitor.restart_timer()
-                # Every rank must take the same branch (a rank leaving for save() while another enters the next
-                # step's collectives would hang): agree on the Ctrl-C flag.
-                if _any_rank(interrupt.requested, dist_info):
-                    interrupted = True
-                    break
                 if validator is not None and step < cfg.optim.steps and validator.should_run(step):
                     state = validate(step, state)
 
-        save(step)
-        if not interrupted and validator is not None and validator.should_run(step):
-            state = validate(step, state)
-        export_path = None
-        if not interrupted:
-            export_path = export_weights(cfg, transformer, text_processor, model_config, output_dir, step,
-                                         dist_info, full=full, reference_factor=reference_factor)
+            if step != saved_step:  # nothing to save when no step ran since the last checkpoint
+                save(step)
+            # A signal during the last step or the final save stops before validation and export too.
+            interrupted = interrupted or any_rank(stop.requested is not None, device)
+            if not interrupted and validator is not None and validator.should_run(step):
+                state = validate(step, state)
+            if not interrupted:
+                export_path = export_weights(cfg, transformer, text_processor, model_config, output_dir, step,
+                                             dist_info, full=full, reference_factor=reference_factor)
     finally:
         batches.close()
         monitor.close()
@@ -327,18 +332,44 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
         if len(losses) > 1:
             logger.info("logged training loss went from %.4f (step %d) to %.4f (step %d)", losses[0],
                         start_step + 1, losses[-1], step)
-        logger.info("run finished at step %d: checkpoints in %s, TensorBoard logs in %s%s", step,
-                    output_dir / "checkpoints", output_dir / "tensorboard",
-                    f", weights exported to {export_path}" if export_path else "")
+        if skipped_steps:
+            logger.warning("%d of %d steps were skipped for non-finite values (nonfinite_loss='skip'); the warnings "
+                           "above name the samples of each", skipped_steps, step)
+        if interrupted:
+            where = (f"checkpoint saved to {run_checkpoint.checkpoint_path(output_dir, step)}" if saved_step == step
+                     and step > 0 else "no step ran, nothing new to save")
+            logger.warning("run INTERRUPTED (%s) at step %d of %d: %s. Run the same command again to resume.",
+                           stop.requested or "stop signal on another rank", step, cfg.optim.steps, where)
+        else:
+            logger.info("run finished at step %d: checkpoints in %s, TensorBoard logs in %s%s", step,
+                        output_dir / "checkpoints", output_dir / "tensorboard",
+                        f", weights exported to {export_path}" if export_path else "")
     return RunResult(output_dir=output_dir, final_step=step, export_path=export_path,
-                     tensorboard_dir=output_dir / "tensorboard", losses=tuple(losses), interrupted=interrupted)
+                     tensorboard_dir=output_dir / "tensorboard", losses=tuple(losses), interrupted=interrupted,
+                     skipped_steps=skipped_steps)
 
 
-def _any_rank(flag: bool, dist_info: DistInfo) -> bool:
-    """True if ``flag`` is set on any process (one tiny all-reduce when there are several)."""
-    if dist_info.world_size == 1:
-        return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=dist_info.device)).item() > 0)
+def _nonfinite_stop(error: NonFiniteLossError, dataset: PrecomputedDataset, output_dir: Path) -> NonFiniteLossError:
+    """The non-finite stop, naming the sample files of every rank (collective: every rank stops at the same
+    step, since the gradient norm that decides it is reduced across ranks)."""
+    culprits = [sample for samples in gather_objects(error.sample_ids) for sample in samples]
+    return NonFiniteLossError(
+        f"{error}. Samples: {describe_samples(culprits, dataset.samples)}. Stopped; the last checkpoint in "
+        f"{output_dir / 'checkpoints'} is intact and resumable: fix or remove these samples first (a resumed run "
+        "replays the same batch), or set --nonfinite_loss skip", step=error.step, sample_ids=culprits)
+
+
+def _skipped_step(cfg: TrainConfig, step: int, sample_ids: list[str], skipped: int, dataset: PrecomputedDataset,
+                  output_dir: Path) -> None:
+    """Warn about a skipped update (each rank names its own samples) and stop past ``max_skipped_steps``."""
+    limit = cfg.max_skipped_steps
+    logger.warning("step %d: update SKIPPED, non-finite loss or gradient (nonfinite_loss='skip'; %d skipped so far, "
+                   "limit %s); samples: %s", step, skipped, limit, describe_samples(sample_ids, dataset.samples))
+    if limit is not None and skipped > limit:
+        raise TrainingStopped(
+            f"{skipped} steps were skipped for non-finite values, more than max_skipped_steps={limit}: stopping. "
+            f"The last checkpoint in {output_dir / 'checkpoints'} is intact; the warnings above name the samples of "
+            "each skipped step. Fix or remove them, or raise --max_skipped_steps")
 
 
 def _reduce_metrics(pending: list[dict[str, torch.Tensor]], dist_info: DistInfo) -> dict[str, float]:
@@ -411,15 +442,3 @@ def export_weights(
                              {TRANSFORMER_PREFIX + k: v.to(dtype) for k, v in connectors.items()}, model_config)
     barrier()
     return path
-
-
-def _reference_downscale_factor(cfg: TrainConfig, dataset: PrecomputedDataset) -> int | None:
-    """IC-LoRA: the reference downscale factor of the dataset (one value per run), for the LoRA metadata."""
-    if cfg.strategy.name != "video_to_video":
-        return None
-    from ltxf.strategies.video_to_video import reference_downscale_factor
-
-    factors = {reference_downscale_factor(info.video_shape, info.reference_shape) for info in dataset.samples}
-    if len(factors) != 1:
-        raise ValueError(f"the dataset mixes reference downscale factors {sorted(factors)}; use one per run")
-    return factors.pop()
