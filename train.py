@@ -19,6 +19,7 @@ import tyro
 
 from experiments.presets import PRESETS
 from ltxf.config import TrainConfig
+from ltxf.demo import prepare_demo
 from ltxf.faults import EXIT_INTERRUPTED, EXIT_OK, run_command
 from ltxf.train import main
 
@@ -39,7 +40,7 @@ def parse_config(args: Sequence[str] | None = None) -> TrainConfig:
 
 def run(args: Sequence[str]) -> int:
     """Parse, train, and return the exit code (75 when a stop signal interrupted the run)."""
-    result = main(parse_config(args))
+    result = main(prepare_demo(parse_config(args)))
     return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
 
 

@@ -332,6 +332,16 @@ def _rank_prefix() -> str:
     return f"[rank {rank}] " if rank not in (None, "0") else ""
 
 
+def report_error(exc: BaseException, code: int = EXIT_USER_ERROR) -> int:
+    """Print ``exc`` as one ``error: ...`` line on stderr (its traceback first with ``--debug`` / ``LTXF_DEBUG``)
+    and return ``code``: for tools that catch their own user errors."""
+    if debug_requested(sys.argv[1:]):
+        traceback.print_exception(exc)
+    print(f"{_rank_prefix()}error: {error_message(exc)}", file=sys.stderr)
+    sys.stderr.flush()
+    return code
+
+
 def run_command(command: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Run ``command(argv)`` (``--debug`` removed) and turn its outcome into an exit code, printing one
     ``error: ...`` line to stderr for user errors (2), non-finite stops (3) and interruptions (75); unexpected

@@ -22,7 +22,7 @@ import torch
 from experiments.presets import demo
 from ltxf import faults
 from ltxf.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_metadata, save_checkpoint
-from ltxf.demo import build_demo_assets
+from ltxf.demo import build_demo_assets, prepare_demo
 from ltxf.faults import (
     EXIT_INTERRUPTED,
     EXIT_NONFINITE,
@@ -168,7 +168,7 @@ def test_skipped_steps_total_is_reported_at_the_end(tmp_path, demo_assets, capsy
                   optim=replace(cfg.optim, steps=16, warmup_steps=0, batch_size=2),
                   data=replace(cfg.data, check_finite=False), checkpoints=replace(cfg.checkpoints, interval=None),
                   validation=replace(cfg.validation, interval=None))
-    result = main(cfg)  # its logging handler (set up by the run) writes to the captured stderr
+    result = main(prepare_demo(cfg))  # its logging handler (set up by the run) writes to the captured stderr
     assert result.skipped_steps == 1 and result.final_step == 16 and not result.interrupted
     assert "1 of 16 steps were skipped for non-finite values" in capsys.readouterr().err
     assert read_checkpoint_metadata(latest_checkpoint(run))["extra"]["skipped_steps"] == 1
@@ -429,7 +429,33 @@ def test_interrupted_before_the_first_step_saves_nothing_and_says_so(tmp_path, d
     start = time.monotonic()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(StopSignals, "deferring", deferring_with_a_pending_request)
-        result = main(cfg)
+        result = main(prepare_demo(cfg))
     assert result.interrupted and result.final_step == 0 and result.export_path is None
     assert latest_checkpoint(run) is None
     assert time.monotonic() - start < 120
+
+
+# -------------------------------------------------------------------------------------------------------------
+# 3. Resume from a damaged run
+
+
+def test_a_run_with_a_corrupt_newest_checkpoint_resumes_from_the_previous_one(tmp_path, demo_assets, capsys):
+    """A real run's newest checkpoint loses bytes of its shard: the rerun names it, moves it aside, resumes from
+    the previous checkpoint with a warning and trains to the end."""
+    run = _run_dir(tmp_path, demo_assets)
+    cfg = demo()
+    cfg = prepare_demo(replace(cfg, output_dir=run, optim=replace(cfg.optim, steps=4, warmup_steps=0, batch_size=2),
+                               checkpoints=replace(cfg.checkpoints, interval=2, keep_last_n=3),
+                               log=replace(cfg.log, every=1), validation=replace(cfg.validation, interval=None)))
+    assert main(cfg).final_step == 4
+    newest = run / "checkpoints" / "step_00000004"
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    capsys.readouterr()
+    result = main(replace(cfg, optim=replace(cfg.optim, steps=6)))
+    err = capsys.readouterr().err
+    assert result.final_step == 6 and len(result.losses) == 4  # steps 3..6 trained again from step 2
+    assert f"checkpoint {newest} cannot be used: loading failed" in err
+    assert "resuming from the older checkpoint" in err and "step_00000004 -> step_00000004.unreadable" in err
+    assert (run / "checkpoints" / "step_00000004.unreadable").is_dir()
+    assert latest_checkpoint(run).name == "step_00000006"

@@ -231,9 +231,12 @@ def main(argv: Sequence[str] | None = None) -> InferenceResult:
     return run(args)
 
 
+def _command(argv: Sequence[str]) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:
-        logger.error("%s", error)
-        sys.exit(2)
+    from ltxf.faults import run_command
+
+    sys.exit(run_command(_command))  # user errors: one "error:" line, exit 2 (see ltxf.faults)
