@@ -4,11 +4,11 @@ A script can call the steps one by one (``tests/test_train.py`` and ``experiment
 
     dist = init_distributed()
     plan = plan_run(cfg, dist)                    # run directory, resolved config, dtypes, FSDP or not
+    strategy = build_strategy(cfg)                # or any object following ltxf.strategies.base.Strategy
+    data = build_data(plan, strategy)             # dataset (checked against the checkpoint's header), loader
     validator = build_validator(plan)             # before the model: Gemma's peak does not stack on it
     model = build_model(plan)                     # transformer + connectors, LoRA, AC / compile / FSDP2
     params = build_trainables(plan, model)        # the trainable tensors, keyed by state-dict name
-    strategy = build_strategy(cfg)                # or any object following ltxf.strategies.base.Strategy
-    data = build_data(plan, strategy)             # dataset, resumable loader, export metadata
     state = init_or_resume(plan, params, tx, data)  # TrainState at step 0, or restored from the newest checkpoint
     run = Run(plan=plan, model=model, ...)         # (see build_run)
     outcome = train_loop(run, state)              # steps, logging, checkpoints, validation, SIGINT/SIGTERM
@@ -166,7 +166,11 @@ def plan_run(cfg: TrainConfig, dist: DistInfo) -> RunPlan:
                          "'auto' with full fine-tuning on several processes); use parallel.data_parallel="
                          "'replicate' or train the transformer only")
     output_dir = Path(cfg.output_dir).expanduser().resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, a read-only or full disk
+        raise ValueError(f"output_dir: cannot create {output_dir} ({exc.strerror or exc}"
+                         f"{': ' + str(exc.filename) if exc.filename else ''})") from exc
     config_dict = cfg.to_dict()
     if dist.is_main:
         (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2))

@@ -459,3 +459,13 @@ def test_a_run_with_a_corrupt_newest_checkpoint_resumes_from_the_previous_one(tm
     assert "resuming from the older checkpoint" in err and "step_00000004 -> step_00000004.unreadable" in err
     assert (run / "checkpoints" / "step_00000004.unreadable").is_dir()
     assert latest_checkpoint(run).name == "step_00000006"
+
+
+def test_an_output_dir_under_a_file_is_a_user_error(tmp_path, demo_assets):
+    from ltxf.config import DataConfig, ModelConfig, TrainConfig
+
+    (tmp_path / "a_file").write_text("")
+    cfg = TrainConfig(model=ModelConfig(checkpoint=demo_assets / "demo_model.safetensors"),
+                      data=DataConfig(root=demo_assets / "dataset"), output_dir=tmp_path / "a_file" / "run")
+    with pytest.raises(ValueError, match=rf"^output_dir: cannot create {tmp_path / 'a_file' / 'run'} \("):
+        main(cfg)
