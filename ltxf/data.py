@@ -170,8 +170,8 @@ def _audio_latents(data: Mapping[str, Any], path: Path) -> torch.Tensor:
     ):
         shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(
-            f"{path}: audio 'latents' must be [{AUDIO_LATENT_CHANNELS}, T, {AUDIO_FREQUENCY_BINS}] with T > 0, "
-            f"got {shape}"
+            f"{path}: audio 'latents' must be [{AUDIO_LATENT_CHANNELS}, T, {AUDIO_FREQUENCY_BINS}] with T > 0 (the "
+            f"audio VAE's latent layout), got {shape}; preprocessed for another model?"
         )
     return latents
 

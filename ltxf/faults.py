@@ -82,8 +82,9 @@ class StopSignals:
     Outside :meth:`deferring` a signal raises ``KeyboardInterrupt`` at once (model loading, data scan: nothing
     to save yet). Inside it, the first signal sets :attr:`requested` (the loop checks it after each step); a
     second one raises ``KeyboardInterrupt`` (abort without saving), except inside :meth:`saving`, where every
-    signal is only logged so the checkpoint is finished. Forked DataLoader workers inherit the handler and
-    ignore the signal.
+    signal is only logged so the checkpoint is finished. DataLoader workers ignore both signals (their
+    ``worker_init_fn``, :class:`ltxf.data.ResumableLoader`); a forked process that inherits this handler ignores
+    them too.
     """
 
     def __init__(self) -> None:
