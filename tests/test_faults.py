@@ -156,7 +156,10 @@ def test_skipped_steps_are_named_and_past_the_limit_stop_with_exit_3(tmp_path, d
     warnings = [line for line in err.splitlines() if "update SKIPPED" in line]
     assert len(warnings) == 2, err[-3000:]
     for line in warnings:
-        assert "clip_005 (" in line and str(run / "demo_assets" / "dataset" / "latents" / "clip_005.pt") in line
+        # Only the poisoned sample is named (per-sample losses), not its batch partner.
+        named = line.split("samples: ", 1)[1]
+        assert named.startswith("clip_005 (") and named.count(" (") == 1, line
+        assert str(run / "demo_assets" / "dataset" / "latents" / "clip_005.pt") in line
     assert "2 skipped so far" in warnings[1]
     assert _error_lines(err) == [_error_lines(err)[0]] and "more than max_skipped_steps=1" in _error_lines(err)[0]
     assert "Traceback" not in err
