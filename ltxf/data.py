@@ -268,7 +268,9 @@ class PrecomputedDataset(Dataset):
     skipped, logged and listed in :attr:`bad_samples`.
 
     ``text_length`` left-pads trimmed conditions files to that many tokens (1024, the tokenizer's length; None
-    keeps them as stored).
+    keeps them as stored). ``check_finite`` makes every loaded sample a ``ValueError`` naming the file if one of
+    its tensors holds NaN or Inf. Each sample's text-feature widths are recorded (``SampleInfo.text_widths``) for
+    the check against the model (:mod:`ltxf.data_check`).
     """
 
     def __init__(
@@ -778,7 +780,8 @@ class ResumableLoader:
     Wraps a ``torch.utils.data.DataLoader`` (``num_workers`` worker processes, in-order delivery) over
     ``sampler``. The position is counted on the consumer side, so prefetched but unconsumed batches do not count:
     ``state_dict()`` taken after the training loop received ``n`` batches resumes at batch ``n + 1``. Call
-    :meth:`load_state_dict` before starting to iterate.
+    :meth:`load_state_dict` before starting to iterate. Workers ignore SIGINT and SIGTERM (the main process
+    decides how to stop, :mod:`ltxf.faults`) and are shut down when the iterator is closed.
     """
 
     def __init__(
