@@ -20,7 +20,7 @@ import tyro
 from experiments.presets import PRESETS
 from ltxf.config import TrainConfig
 from ltxf.demo import prepare_demo
-from ltxf.faults import EXIT_INTERRUPTED, EXIT_OK, run_command
+from ltxf.faults import EXIT_INTERRUPTED, EXIT_OK, parse_errors_as_one_line, run_command
 from ltxf.train import main
 
 
@@ -29,13 +29,14 @@ def parse_config(args: Sequence[str] | None = None) -> TrainConfig:
     # Each preset's description is the first paragraph of its docstring.
     configs = {name: (" ".join((fn.__doc__ or name).strip().split("\n\n")[0].split()), fn())
                for name, fn in PRESETS.items()}
-    return tyro.extras.overridable_config_cli(
-        configs,
-        args=args,
-        use_underscores=True,
-        console_outputs=int(os.environ.get("RANK", "0")) == 0,
-        config=(tyro.conf.FlagConversionOff,),
-    )
+    with parse_errors_as_one_line():  # a bad flag is one "error:" line, like every other user error
+        return tyro.extras.overridable_config_cli(
+            configs,
+            args=args,
+            use_underscores=True,
+            console_outputs=int(os.environ.get("RANK", "0")) == 0,
+            config=(tyro.conf.FlagConversionOff,),
+        )
 
 
 def run(args: Sequence[str]) -> int:

@@ -28,14 +28,17 @@ process stops them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -341,6 +344,60 @@ def report_error(exc: BaseException, code: int = EXIT_USER_ERROR) -> int:
     print(f"{_rank_prefix()}error: {error_message(exc)}", file=sys.stderr)
     sys.stderr.flush()
     return code
+
+
+class FlagError(ValueError):
+    """A command-line flag the parser rejected (tyro's message, as one line)."""
+
+
+_BOX_CHARS = "│╭╮╰╯─┃━┏┓┗┛"
+
+
+def one_line_parse_error(text: str) -> str:
+    """tyro's boxed error message as one line: its first section, plus the flags it suggests and the choices it
+    lists; tyro's internal names are dropped. Handles rich's unicode box and its plain variant (no terminal)."""
+    lines = [raw for raw in text.splitlines() if raw.strip()]
+    if lines and not lines[0].strip().startswith("╭"):
+        lines = lines[1:]  # the plain variant's first line is the box title
+    sections: list[list[str]] = [[]]
+    for raw in lines:
+        if raw.strip().startswith(("╭", "╰")):
+            continue
+        if set(raw.strip()) <= set(_BOX_CHARS + "-+= "):
+            sections.append([])  # a separator line
+            continue
+        sections[-1].append(raw.strip(_BOX_CHARS + " \t"))
+    sections = [section for section in sections if section]
+    if not sections:
+        return text.strip() or "invalid command line (the parser's message is printed by rank 0)"
+    message = " ".join(sections[0])
+    message = re.sub(r"Error parsing (__tyro_dummy_inner__)?[\w.]*: (?=\S+ must)", "", message)
+    message = message.replace("__tyro_dummy_inner__.", "")
+    for section in sections[1:]:
+        if section[0].startswith("Perhaps you meant"):
+            flags = [line.split()[0] for line in section[1:] if line.startswith("--") and line.split()[0] != "--help"]
+            message += f" (did you mean {', '.join(list(dict.fromkeys(flags))[:4])}?)"
+        elif section[0].startswith("Available"):
+            message += f" ({' '.join(section)})"
+    return message + "; --help lists every flag"
+
+
+@contextlib.contextmanager
+def parse_errors_as_one_line() -> Iterator[None]:
+    """Turn a parser's error exit (tyro prints a box to stderr and exits 2) into a :class:`FlagError` holding the
+    message as one line (run_command prints it as ``error: ...``); ``--debug`` / ``LTXF_DEBUG`` keeps the box."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            sys.stderr.write(buffer.getvalue())
+            raise
+        if debug_requested(sys.argv[1:]):
+            sys.stderr.write(buffer.getvalue())
+        raise FlagError(one_line_parse_error(buffer.getvalue())) from None
+    sys.stderr.write(buffer.getvalue())
 
 
 def run_command(command: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:

@@ -474,3 +474,20 @@ def test_an_output_dir_under_a_file_is_a_user_error(tmp_path, demo_assets):
                       data=DataConfig(root=demo_assets / "dataset"), output_dir=tmp_path / "a_file" / "run")
     with pytest.raises(ValueError, match=rf"^output_dir: cannot create {tmp_path / 'a_file' / 'run'} \("):
         main(cfg)
+
+
+def test_a_bad_flag_is_one_error_line_too(capsys, monkeypatch):
+    """tyro's boxed parse errors become one ``error:`` line with exit 2 (the suggestions kept)."""
+    from train import run
+
+    monkeypatch.delenv(faults.DEBUG_ENV, raising=False)
+    cases = {
+        ("demo", "--optim.stepz", "3"): "error: Unrecognized options: --optim.stepz, 3 (did you mean --optim.steps",
+        ("demo", "--optim.steps", "0"): "error: optim.steps must be >= 1, got 0; --help lists every flag",
+        ("demo", "--nonfinite_loss", "maybe"): "error: invalid choice 'maybe' for argument '--nonfinite_loss'",
+        ("nopreset",): "error: Unrecognized options: nopreset (Available subcommands: demo, ",
+    }
+    for argv, expected in cases.items():
+        assert run_command(run, list(argv)) == EXIT_USER_ERROR
+        err = capsys.readouterr().err
+        assert err.startswith(expected) and err.count("\n") == 1, (argv, err)

@@ -220,7 +220,10 @@ def run(args: InferenceArgs) -> InferenceResult:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> InferenceArgs:
-    return tyro.cli(InferenceArgs, args=argv, description=__doc__.split("\n\n")[0])
+    from ltxf.faults import parse_errors_as_one_line
+
+    with parse_errors_as_one_line():  # a bad flag: one "error:" line and exit 2 (run_command)
+        return tyro.cli(InferenceArgs, args=argv, description=__doc__.split("\n\n")[0])
 
 
 def main(argv: Sequence[str] | None = None) -> InferenceResult:
