@@ -3,11 +3,16 @@
 Presets live in experiments/presets.py; every field of ltxf.config.TrainConfig can be overridden, e.g.
 ``--model.checkpoint ltx-2.3.safetensors --data.root data/.precomputed --optim.learning_rate 2e-4``.
 ``python train.py demo`` runs the CPU demo. ``python train.py PRESET --help`` lists every flag.
+
+Exit codes (ltxf.faults): 0 finished, 1 unexpected error (with its traceback), 2 user error (one ``error:`` line),
+3 stopped on non-finite values, 75 interrupted by SIGINT/SIGTERM after saving a checkpoint (run it again to
+resume). ``--debug`` (or ``LTXF_DEBUG=1``) prints the traceback of every error.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 
 import tyro
@@ -15,6 +20,7 @@ import tyro
 from experiments.presets import PRESETS
 from ltxf.config import TrainConfig
 from ltxf.demo import prepare_demo
+from ltxf.faults import EXIT_INTERRUPTED, EXIT_OK, parse_errors_as_one_line, run_command
 from ltxf.train import main
 
 
@@ -23,14 +29,21 @@ def parse_config(args: Sequence[str] | None = None) -> TrainConfig:
     # Each preset's description is the first paragraph of its docstring.
     configs = {name: (" ".join((fn.__doc__ or name).strip().split("\n\n")[0].split()), fn())
                for name, fn in PRESETS.items()}
-    return tyro.extras.overridable_config_cli(
-        configs,
-        args=args,
-        use_underscores=True,
-        console_outputs=int(os.environ.get("RANK", "0")) == 0,
-        config=(tyro.conf.FlagConversionOff,),
-    )
+    with parse_errors_as_one_line():  # a bad flag is one "error:" line, like every other user error
+        return tyro.extras.overridable_config_cli(
+            configs,
+            args=args,
+            use_underscores=True,
+            console_outputs=int(os.environ.get("RANK", "0")) == 0,
+            config=(tyro.conf.FlagConversionOff,),
+        )
+
+
+def run(args: Sequence[str]) -> int:
+    """Parse, train, and return the exit code (75 when a stop signal interrupted the run)."""
+    result = main(prepare_demo(parse_config(args)))
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
 
 
 if __name__ == "__main__":
-    main(prepare_demo(parse_config()))
+    sys.exit(run_command(run))

@@ -44,8 +44,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+from ltxf.faults import CheckpointSaveError, describe_exception, gather_objects, save_error_message
 from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, read_tensors, write_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ _DCP_METADATA_FILENAME = ".metadata"
 _STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_SUFFIX = ".tmp"
 _OLD_SUFFIX = ".old"
+_UNREADABLE_SUFFIX = ".unreadable"
 
 # Dotted config fields (fnmatch patterns) whose change between save and resume makes the saved state mean
 # something else: the set or shape of trainable tensors, the optimizer-state layout, the LoRA scale, the task.
@@ -106,7 +109,7 @@ def _broadcast_error(error: str | None) -> None:
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error is not None:
-        raise RuntimeError(f"rank 0 failed while finalising a checkpoint: {error}")
+        raise CheckpointSaveError(error)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -284,6 +287,43 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     return metadata
 
 
+def _incomplete_reason(path: Path) -> str | None:
+    """Why a ``step_X`` directory is not a complete checkpoint, or None if it is."""
+    missing = [name for name in (_DCP_METADATA_FILENAME, METADATA_FILENAME) if not (path / name).is_file()]
+    if not missing:
+        return None
+    if len(missing) == 2:
+        return f"it holds neither DCP's '{_DCP_METADATA_FILENAME}' nor '{METADATA_FILENAME}'"
+    if missing[0] == _DCP_METADATA_FILENAME:
+        return f"DCP's '{_DCP_METADATA_FILENAME}' is missing (a partial copy, or files deleted?)"
+    return f"'{METADATA_FILENAME}' is missing (a partial copy, or files deleted?)"
+
+
+def step_directories(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Every ``step_XXXXXXXX`` directory of a run, complete or not, as ``(step, path)``, oldest first."""
+    root = _checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR_RE.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename a checkpoint directory that cannot be used to ``<name>.unreadable`` (``.unreadable.N`` if taken):
+    out of the way of resume and of later saves, never deleted."""
+    target = path.with_name(path.name + _UNREADABLE_SUFFIX)
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}{_UNREADABLE_SUFFIX}.{n}")
+        n += 1
+    path.rename(target)
+    return target
+
+
 # -------------------------------------------------------------------------------------------------------------
 # Run checkpoints: save
 
@@ -319,6 +359,7 @@ def save_checkpoint(
     rank = _rank()
     started = time.perf_counter()
 
+    previous = latest_checkpoint(run_dir) if rank == 0 else None
     error = None
     if rank == 0:
         try:
@@ -326,19 +367,31 @@ def save_checkpoint(
             cleanup_incomplete(run_dir)
             tmp.mkdir()
         except OSError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = save_error_message(final, exc, previous=previous)
     _broadcast_error(error)  # also a barrier: no rank writes before the leftovers are gone
 
-    _dcp_call(dcp.save, state, checkpoint_id=tmp)
+    try:
+        _dcp_call(dcp.save, state, checkpoint_id=tmp)
+    except (OSError, CheckpointException) as exc:
+        # DCP gathers every rank's failure, so all ranks raise here together.
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees what the partial save took
+        raise CheckpointSaveError(save_error_message(final, exc, previous=previous)) from exc
     _barrier()
 
     error = None
     if rank == 0:
         try:
             _finalise(tmp, final, step=step, extra=extra, config=config)
-            _prune(run_dir, keep_last_n=keep_last_n, keep=final)
         except OSError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = save_error_message(final, exc, previous=previous)
+        if error is None:
+            try:
+                _prune(run_dir, keep_last_n=keep_last_n, keep=final)
+            except OSError as exc:
+                logger.warning("saved %s but could not delete older checkpoints (keep_last_n=%d): %s", final,
+                               keep_last_n, exc)
     # The broadcast also keeps every rank here until rank 0 has renamed the checkpoint into place.
     _broadcast_error(error)
     logger.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - started)
@@ -361,6 +414,11 @@ def _finalise(tmp: Path, final: Path, *, step: int, extra: dict, config: Mapping
     _write_json_atomic(tmp / METADATA_FILENAME, metadata)
     _fsync_dir(tmp)
     old = final.with_name(final.name + _OLD_SUFFIX)
+    if final.exists() and not is_complete_checkpoint(final):
+        # Never overwrite what may be someone's data (e.g. a partly copied checkpoint): keep it aside.
+        aside = _move_aside(final)
+        logger.warning("%s existed but is not a complete checkpoint (%s); moved it to %s before saving step %d",
+                       final, _incomplete_reason(aside), aside, step)
     if final.exists():
         # A directory cannot be renamed over a non-empty one: move the old one aside first. cleanup_incomplete
         # puts it back if we crash between the two renames.
@@ -428,7 +486,7 @@ def _has_path(tree: Any, path: tuple) -> bool:
 
 def _check_template(path: Path, template: dict[str, Any], *, strict: bool) -> None:
     """Compare the template with the checkpoint's DCP metadata and fail with every difference listed."""
-    saved = dcp.FileSystemReader(str(path)).read_metadata()
+    saved = _read_dcp_metadata(path)
     paths = saved.planner_data
     if not isinstance(paths, dict):
         return  # not written by the default planner: leave the checks to DCP
@@ -474,6 +532,19 @@ def _check_template(path: Path, template: dict[str, Any], *, strict: bool) -> No
         logger.warning("%s: tensors are cast on load: %s", path, _abbreviate(cast))
 
 
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint's files cannot be read (corrupt, truncated or missing), as opposed to a readable checkpoint
+    that does not fit the run (a config or shape mismatch)."""
+
+
+def _read_dcp_metadata(path: Path):
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as exc:  # pickle, EOF, OS errors...: whatever a damaged file raises
+        raise UnreadableCheckpointError(f"DCP's '{_DCP_METADATA_FILENAME}' cannot be read "
+                                        f"({describe_exception(exc)})") from exc
+
+
 def _abbreviate(items: list[str], limit: int = 20) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
@@ -514,27 +585,85 @@ def resume_checkpoint(
     config: Mapping[str, Any] | None = None,
     critical_fields: Sequence[str] = CRITICAL_CONFIG_FIELDS,
 ) -> Restored | None:
-    """Load the newest complete checkpoint of a run into ``state_template``; ``None`` if there is none.
+    """Load the newest complete and readable checkpoint of a run into ``state_template``; ``None`` if the run has
+    no checkpoint directory at all.
 
-    Collective (every rank calls it). Leftovers of interrupted saves are removed first. With ``config``, the
-    saved config is checked with :func:`check_config_compatible` before anything is loaded.
+    Collective (every rank calls it). Leftovers of interrupted saves are removed first. Checkpoints are tried
+    newest first: one that is incomplete (a ``step_X`` directory without DCP's ``.metadata`` or our
+    ``metadata.json``) or cannot be read (corrupt or truncated files) is reported with its reason, and once an
+    older one loads, each such directory is moved aside to ``step_X.unreadable`` (kept, never deleted or
+    overwritten) with a warning naming it and the checkpoint used instead. If none loads, a ``ValueError`` names
+    every one and why (nothing is moved). A readable checkpoint that does not fit (config change in a critical
+    field, checked with :func:`check_config_compatible` before anything is loaded, or tensor shapes) is an error
+    at once: an older checkpoint of the same run would not fit either.
     """
     if _rank() == 0:
         cleanup_incomplete(run_dir)
     _barrier()
-    path = latest_checkpoint(run_dir)
-    if path is None:
+    candidates = step_directories(run_dir)
+    if not candidates:
         return None
-    metadata = read_checkpoint_metadata(path)
+    failures: list[tuple[Path, str]] = []
+    for _, path in reversed(candidates):
+        # Every rank must take the same branch (a load is collective): agree on each outcome.
+        reason = _agreed(_precheck(path, state_template, config, critical_fields))
+        if reason is None:
+            try:
+                _dcp_call(dcp.load, state_template, checkpoint_id=path)
+            except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+                reason = f"loading failed: {describe_exception(exc)}"
+            reason = _agreed(reason)
+        if reason is not None:
+            logger.warning("checkpoint %s cannot be used: %s", path, reason)
+            failures.append((path, reason))
+            continue
+        metadata = read_checkpoint_metadata(path)
+        if failures:
+            moved = []
+            if _rank() == 0:
+                moved = [f"{bad} -> {_move_aside(bad).name} ({why})" for bad, why in failures]
+            _barrier()
+            logger.warning("resuming from the older checkpoint %s (step %d) because newer ones could not be used; "
+                           "they were moved aside (kept, not deleted): %s. The steps after %d will be trained again.",
+                           path, metadata["step"], "; ".join(moved) or "see rank 0", metadata["step"])
+        logger.info("resumed from %s (step %d)", path, metadata["step"])
+        return Restored(path=path, step=metadata["step"], state=state_template,
+                        extra=dict(metadata.get("extra") or {}))
+    listing = "\n  ".join(f"{path.name}: {why}" for path, why in failures)
+    raise ValueError(
+        f"cannot resume: no checkpoint in {_checkpoints_dir(run_dir)} can be loaded:\n  {listing}\nMove these "
+        "folders out of the way to start from scratch (or use another --output_dir); nothing was changed."
+    )
+
+
+def _agreed(reason: str | None) -> str | None:
+    """The first non-None reason of any rank (every rank gets the same answer)."""
+    return next((r for r in gather_objects(reason) if r is not None), None)
+
+
+def _precheck(
+    path: Path, template: dict[str, Any], config: Mapping[str, Any] | None, critical_fields: Sequence[str]
+) -> str | None:
+    """Why ``path`` cannot be read (None if it looks loadable). Raises ``ValueError`` if it is readable but does
+    not fit this run."""
+    reason = _incomplete_reason(path)
+    if reason is not None:
+        return reason
+    try:
+        metadata = read_checkpoint_metadata(path)
+    except ValueError as exc:
+        return str(exc)
     if config is not None:
         saved_config = metadata.get("config")
         if saved_config is None:
             logger.warning("%s was saved without a config; cannot check that the current config matches", path)
         elif metadata.get("config_fingerprint") != config_fingerprint(config):
             check_config_compatible(saved_config, config, critical_fields=critical_fields, source=path)
-    state, extra = load_checkpoint(path, state_template)
-    logger.info("resumed from %s (step %d)", path, metadata["step"])
-    return Restored(path=path, step=metadata["step"], state=state, extra=extra)
+    try:
+        _check_template(path, template, strict=True)
+    except UnreadableCheckpointError as exc:
+        return str(exc)
+    return None
 
 
 # -------------------------------------------------------------------------------------------------------------

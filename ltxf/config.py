@@ -384,6 +384,10 @@ class DataConfig:
     """Left-pad text features to this many tokens (the tokenizer length; trimmed conditions files from newer
     preprocessors need it for batches above 1). None keeps them as stored."""
 
+    check_finite: bool = True
+    """Check every loaded sample for NaN/Inf values and stop with an error naming the file (cheap next to a
+    training step; False skips the check)."""
+
     def __post_init__(self) -> None:
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
@@ -467,7 +471,12 @@ class TrainConfig:
     """Seed of every derived random stream (noise, sigmas, conditioning draws, data order)."""
 
     nonfinite_loss: Literal["stop", "skip"] = "stop"
-    """What a non-finite loss does: stop the run (last checkpoint intact) or skip the update."""
+    """What a non-finite loss does: stop the run (last checkpoint intact, exit code 3) or skip the update (a
+    warning names the step and its samples; the total is reported at the end)."""
+
+    max_skipped_steps: int | None = 20
+    """With nonfinite_loss='skip': stop the run (exit code 3) once more than this many steps were skipped in the
+    whole run, resumes included; None never stops."""
 
     demo_model: bool = False
     """Build a tiny random-initialised LTX-2.3-architecture checkpoint, a synthetic dataset and validation prompt
@@ -475,6 +484,8 @@ class TrainConfig:
     validation.prompt_features_path then point there."""
 
     def __post_init__(self) -> None:
+        if self.max_skipped_steps is not None and self.max_skipped_steps < 0:
+            raise ValueError(f"max_skipped_steps must be >= 0 or None, got {self.max_skipped_steps}")
         from ltxf.strategies.registry import resolve_strategy_config
 
         object.__setattr__(self, "strategy", resolve_strategy_config(self.strategy))

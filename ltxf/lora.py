@@ -234,6 +234,32 @@ def load_lora_weights(model: nn.Module, tensors: dict[str, Tensor], *, strength:
         _fill_(p, t.to(dtype=p.dtype))
 
 
+def check_lora_tensors(
+    expected: dict[str, tuple[int, ...]], tensors: dict[str, Tensor], *, source: str
+) -> None:
+    """A ``ValueError`` starting with ``source`` (e.g. ``--model.init_lora FILE``) when ``tensors`` do not fit the
+    model's adapters (``expected`` shapes, keys as :func:`lora_parameters`): it names the first mismatching key
+    with both shapes (and both ranks), or the first module only one side has."""
+    for key in sorted(expected.keys() & tensors.keys()):
+        found, wanted = tuple(tensors[key].shape), tuple(expected[key])
+        if found != wanted:
+            rank_dim = 0 if key.endswith(".lora_A.weight") else 1
+            ranks = ""
+            if len(found) == len(wanted) == 2 and found[1 - rank_dim] == wanted[1 - rank_dim]:
+                ranks = f" (the file has rank {found[rank_dim]}, this run --lora.rank {wanted[rank_dim]})"
+            raise ValueError(f"{source}: {key} has shape {found} in the file, this run expects {wanted}{ranks}")
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} adapter tensor(s) of this run are not in the file (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) of the file have no adapter in this run (first: "
+                         f"{unexpected[0]})")
+        raise ValueError(f"{source}: {'; '.join(parts)}; compare --lora.target_modules and --lora.exclude_audio "
+                         "with the run that wrote the file")
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> list[str]:
     """Fold each adapter into its base weight (``W += scaling * B @ A``, computed in fp32) and put back a

@@ -28,6 +28,7 @@ Shape legend: B batch, T tokens, C channels, S text tokens.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from ltxf.config import TrainConfig
+from ltxf.faults import TrainingStopped, nonfinite_samples
 from ltxf.models.text import TextContext
 from ltxf.monitor import SIGMA_BUCKET_NAMES
 from ltxf.optim import (
@@ -56,8 +58,15 @@ TEXT_PARAM_PREFIX = "text_processor."
 """Prefix of the text connectors' keys in ``params`` (``model.train_connectors``); the rest are transformer keys."""
 
 
-class NonFiniteLossError(RuntimeError):
-    """Raised when a step produced a non-finite loss or gradient norm; the state was not updated."""
+class NonFiniteLossError(TrainingStopped):
+    """Raised when a step produced a non-finite loss or gradient norm; the state was not updated.
+    ``sample_ids`` are this process's samples whose own loss was not finite (all of its samples of the step when
+    only the gradients were)."""
+
+    def __init__(self, message: str, *, step: int = -1, sample_ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.step = step
+        self.sample_ids = list(sample_ids)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -202,6 +211,7 @@ class _Sums:
         self.bucket_count = torch.zeros(len(SIGMA_BUCKET_NAMES), device=device)
         self.num_samples = 0
         self.num_tokens = 0
+        self.nonfinite_B: list[torch.Tensor] = []  # per micro-batch; read only on the failure path (names samples)
 
     @torch.no_grad()
     def add(self, loss: torch.Tensor, aux: dict[str, torch.Tensor], video_latents: torch.Tensor) -> None:
@@ -212,6 +222,7 @@ class _Sums:
         index_B = _bucket_index(aux["sigma_B"])
         self.bucket_loss.index_add_(0, index_B, aux["loss_B"].detach().float())
         self.bucket_count.index_add_(0, index_B, torch.ones_like(aux["sigma_B"], dtype=torch.float32))
+        self.nonfinite_B.append(~torch.isfinite(aux["loss_B"].detach()))
         self.num_samples += video_latents.shape[0]
         self.num_tokens += math.prod(video_latents.shape[2:]) * video_latents.shape[0]
 
@@ -288,13 +299,18 @@ def train_step(
     elif ctx.cfg.nonfinite_loss == "skip":
         _advance_schedules(opt_state)
     del grads
+    culprits: list[str] = []
+    if not finite:
+        culprits, in_loss = nonfinite_samples(micro_batches, sums.nonfinite_B)
+        where = "in the loss of" if in_loss else "in the gradients (every loss finite) of the step's"
     if not finite and ctx.cfg.nonfinite_loss == "stop":
         raise NonFiniteLossError(
             f"step {step}: non-finite loss ({float(sums.loss) / len(micro_batches)}) or gradient norm "
-            f"({float(norm)}); the parameters were not updated"
+            f"({float(norm)}) {where} samples {', '.join(culprits)}; the parameters were not updated",
+            step=step, sample_ids=culprits,
         )
-    return replace(state, opt_state=opt_state, step=state.step + 1), _step_metrics(sums, norm, finite, opt_state,
-                                                                                 len(micro_batches))
+    metrics = _step_metrics(sums, norm, finite, opt_state, len(micro_batches), culprits)
+    return replace(state, opt_state=opt_state, step=state.step + 1), metrics
 
 
 def _advance_schedules(opt_state: Any) -> None:
@@ -303,8 +319,8 @@ def _advance_schedules(opt_state: Any) -> None:
         schedule_state.count.add_(1)
 
 
-def _step_metrics(sums: _Sums, norm: torch.Tensor, finite: bool, opt_state: Any,
-                  num_micro: int) -> dict[str, torch.Tensor | float]:
+def _step_metrics(sums: _Sums, norm: torch.Tensor, finite: bool, opt_state: Any, num_micro: int,
+                  culprits: list[str]) -> dict[str, Any]:
     metrics = {
         "loss": sums.loss / num_micro,
         "video_loss": sums.video / num_micro,
@@ -315,6 +331,7 @@ def _step_metrics(sums: _Sums, norm: torch.Tensor, finite: bool, opt_state: Any,
         "sigma_bucket_count": sums.bucket_count,
         "num_samples": float(sums.num_samples),
         "num_tokens": float(sums.num_tokens),
+        "nonfinite_samples": culprits,  # host list of sample ids; empty when the step was finite
     }
     lr = last_learning_rate(opt_state)
     if lr is not None:

@@ -4,14 +4,14 @@ A script can call the steps one by one (``tests/test_train.py`` and ``experiment
 
     dist = init_distributed()
     plan = plan_run(cfg, dist)                    # run directory, resolved config, dtypes, FSDP or not
+    strategy = build_strategy(cfg)                # or any object following ltxf.strategies.base.Strategy
+    data = build_data(plan, strategy)             # dataset (checked against the checkpoint's header), loader
     validator = build_validator(plan)             # before the model: Gemma's peak does not stack on it
     model = build_model(plan)                     # transformer + connectors, LoRA, AC / compile / FSDP2
     params = build_trainables(plan, model)        # the trainable tensors, keyed by state-dict name
-    strategy = build_strategy(cfg)                # or any object following ltxf.strategies.base.Strategy
-    data = build_data(plan, strategy)             # dataset, resumable loader, export metadata
     state = init_or_resume(plan, params, tx, data)  # TrainState at step 0, or restored from the newest checkpoint
     run = Run(plan=plan, model=model, ...)         # (see build_run)
-    outcome = train_loop(run, state)              # steps, logging, checkpoints, validation, Ctrl-C
+    outcome = train_loop(run, state)              # steps, logging, checkpoints, validation, SIGINT/SIGTERM
     export_path = finish(run, outcome)            # final checkpoint, last validation, weights export
 
 Validation samples at step 0 (unless ``validation.skip_initial_validation``, and not on a resumed run) and then
@@ -22,11 +22,11 @@ without.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from ltxf import checkpoint as run_checkpoint
 from ltxf.config import LoraConfig, TrainConfig, check_paths, torch_dtype
 from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
+from ltxf.data_check import check_dataset_fits_model, read_model_inputs
+from ltxf.faults import StopSignals, TrainingStopped, any_rank, describe_samples, gather_objects
 from ltxf.lora import (
+    check_lora_tensors,
     init_lora_parameters,
     inject_lora,
     is_lora_key,
@@ -52,7 +55,6 @@ from ltxf.monitor import LogWindow, Monitor, log_due, memory_metrics
 from ltxf.optim import GradientTransformation, adamw, adamw_8bit, chain, clip_by_global_norm, make_schedule
 from ltxf.parallel import (
     DistInfo,
-    all_reduce_sum,
     barrier,
     build_mesh,
     init_distributed,
@@ -85,6 +87,9 @@ class RunResult:
     tensorboard_dir: Path
     losses: tuple[float, ...]
     interrupted: bool = False
+    """Stopped by SIGINT/SIGTERM (``train.py`` then exits with ``ltxf.faults.EXIT_INTERRUPTED``)."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped for a non-finite loss (``nonfinite_loss='skip'``), resumes included."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +143,8 @@ class Run:
     log_window: LogWindow
     """The training metrics since the last log (checkpointed, so a resumed run logs the same windows)."""
     validator: Validator | None = None
+    stop: StopSignals | None = None
+    """The stop-signal handler :func:`main` installed; None: :func:`train_loop` installs its own."""
 
 
 @dataclass(kw_only=True)
@@ -152,6 +159,9 @@ class LoopOutcome:
     logged_steps: list[int] = field(default_factory=list)
     """The step each logging window ended at."""
     interrupted: bool = False
+    saved_step: int = 0
+    """The step of the newest checkpoint (the start step: a fresh or resumed state needs no new one)."""
+    skipped_steps: int = 0
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -170,7 +180,11 @@ def plan_run(cfg: TrainConfig, dist: DistInfo) -> RunPlan:
     full = cfg.model.training_mode == "full"
     mesh = build_data_parallel_mesh(cfg, dist)
     output_dir = Path(cfg.output_dir).expanduser().resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, a read-only or full disk
+        raise ValueError(f"output_dir: cannot create {output_dir} ({exc.strerror or exc}"
+                         f"{': ' + str(exc.filename) if exc.filename else ''})") from exc
     config_dict = cfg.to_dict()
     if dist.is_main:
         (output_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
@@ -251,7 +265,12 @@ def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_u
 def apply_initial_lora(transformer: nn.Module, path: Path, lora: LoraConfig) -> None:
     """Start from a LoRA file (ltxf, ComfyUI or PEFT layout): its effective update ``scale_file * B @ A`` is
     kept exactly, whatever the alpha/rank convention of the file and of this run."""
-    lora_file = run_checkpoint.load_lora_file(path)
+    try:
+        lora_file = run_checkpoint.load_lora_file(path)
+    except ValueError as exc:
+        raise ValueError(f"--model.init_lora: {exc}") from exc
+    expected = {key: tuple(p.shape) for key, p in lora_parameters(transformer).items()}
+    check_lora_tensors(expected, lora_file.tensors, source=f"--model.init_lora {path}")
     tensors = dict(lora_file.tensors)
     for module, scale in lora_file.scales.items():
         key = f"{module}.lora_B.weight"
@@ -283,10 +302,18 @@ def build_optimizer(cfg: TrainConfig) -> GradientTransformation:
 
 
 def build_data(plan: RunPlan, strategy: Strategy) -> Data:
-    """The dataset the strategy reads, a resumable bucketed loader over it, and the export metadata."""
+    """The dataset the strategy reads, a resumable bucketed loader over it, and the export metadata.
+
+    Scanned and checked against the checkpoint's config (its header only, :mod:`ltxf.data_check`), so call it
+    before :func:`build_model`: a dataset made for another model then fails in seconds, naming the file."""
     cfg, dist = plan.cfg, plan.dist
-    dataset = PrecomputedDataset(cfg.data.root, sources=list(strategy.data_sources()),
-                                 skip_bad_samples=cfg.data.skip_bad_samples, text_length=cfg.data.text_length)
+    sources = list(strategy.data_sources())
+    model_inputs = read_model_inputs(cfg.model.checkpoint)
+    dataset = PrecomputedDataset(cfg.data.root, sources=sources, skip_bad_samples=cfg.data.skip_bad_samples,
+                                 text_length=cfg.data.text_length, latent_channels=model_inputs.latent_channels,
+                                 check_finite=cfg.data.check_finite)
+    check_dataset_fits_model(dataset.samples, model_inputs, with_audio="audio_latents" in sources,
+                             reference="reference_latents" in sources)
     sampler = BucketBatchSampler(dataset.bucket_keys(), batch_size=cfg.optim.batch_size, seed=cfg.seed,
                                  rank=dist.rank, world_size=dist.world_size)
     loader = ResumableLoader(dataset, sampler, num_workers=cfg.data.num_workers,
@@ -319,12 +346,12 @@ def build_run(
 ) -> tuple[Run, TrainState]:
     """Every build step in order; returns the run and its (fresh or resumed) state."""
     plan = plan_run(cfg, dist)
+    strategy = strategy if strategy is not None else build_strategy(cfg)
+    data = build_data(plan, strategy)  # before any weight is loaded: the data is checked against the checkpoint
     validator = build_validator(plan)
     model = build_model(plan)
     params = build_trainables(plan, model)
     tx = tx if tx is not None else build_optimizer(cfg)
-    strategy = strategy if strategy is not None else build_strategy(cfg)
-    data = build_data(plan, strategy)
     log_window = LogWindow(dist.world_size)
     state = init_or_resume(plan, params, tx, data, log_window)
     start_step = int(state.step)
@@ -346,27 +373,36 @@ def build_run(
 
 
 def train_loop(run: Run, state: TrainState) -> LoopOutcome:
-    """Train from ``state.step`` to ``optim.steps``: step, log, checkpoint, validate; the first Ctrl-C stops it
-    after the current step (see :func:`finish` for the final checkpoint and export)."""
+    """Train from ``state.step`` to ``optim.steps``: step, log, checkpoint, validate. A stop signal (SIGINT,
+    SIGTERM; :mod:`ltxf.faults`) on any rank stops every rank before the next step (see :func:`finish` for the
+    final checkpoint and export); skipped non-finite steps are warned about, counted and limited."""
     cfg = run.plan.cfg
-    outcome = LoopOutcome(state=state, step=int(state.step), start_step=int(state.step))
+    start = int(state.step)
+    outcome = LoopOutcome(state=state, step=start, start_step=start, saved_step=start,
+                          skipped_steps=_resumed_skipped_steps(run, start))
     batches = iter(run.data.loader)
     try:
-        with _Interrupt() as interrupt:
+        with contextlib.ExitStack() as stack:
+            stop = run.stop if run.stop is not None else stack.enter_context(StopSignals())
+            run = replace(run, stop=stop)
+            stack.enter_context(stop.deferring())
             if outcome.start_step == 0 and _validation_due(run, 0):
                 validate(run, outcome.state, 0)
             while outcome.step < cfg.optim.steps:
+                if _stop_requested(run):
+                    outcome.interrupted = True
+                    break
                 outcome.state, metrics = run_step(run, outcome.state, batches)
                 outcome.step = step = int(outcome.state.step)
+                if metrics.get("nonfinite_samples"):
+                    outcome.skipped_steps += 1
+                    _skipped_step(run, step, metrics["nonfinite_samples"], outcome.skipped_steps)
                 run.log_window.add(metrics)
                 if log_due(step, cfg.log.every, cfg.optim.steps):
                     outcome.losses.append(log_metrics(run, step))
                     outcome.logged_steps.append(step)
                 if _checkpoint_due(cfg, step):
-                    save_checkpoint(run, outcome.state, step)
-                if _stop_requested(interrupt, run.plan.dist):
-                    outcome.interrupted = True
-                    break
+                    save_checkpoint(run, outcome, step)
                 if step < cfg.optim.steps and _validation_due(run, step):
                     validate(run, outcome.state, step)
     finally:
@@ -375,21 +411,45 @@ def train_loop(run: Run, state: TrainState) -> LoopOutcome:
 
 
 def run_step(run: Run, state: TrainState, batches: Iterator[dict]) -> tuple[TrainState, dict]:
-    """Fetch this step's micro-batches and take one optimizer step (a non-finite loss stops the run here)."""
+    """Fetch this step's micro-batches and take one optimizer step (a non-finite loss stops the run here, naming
+    the sample files of every rank)."""
     device = run.plan.dist.device
     micro_batches = [_to_device(next(batches), device) for _ in range(run.plan.cfg.optim.gradient_accumulation_steps)]
     try:
         state, metrics = train_step(state, micro_batches, run.ctx)
     except NonFiniteLossError as error:
-        logger.error("%s. Stopping; the last checkpoint in %s is intact and resumable.", error,
-                     run.plan.output_dir / "checkpoints")
-        raise
+        # Every rank stops at the same step (the gradient norm that decides it is reduced across ranks).
+        culprits = [sample for samples in gather_objects(error.sample_ids) for sample in samples]
+        raise NonFiniteLossError(
+            f"{error}. Samples: {describe_samples(culprits, run.data.dataset.samples)}. Stopped; the last checkpoint "
+            f"in {run.plan.output_dir / 'checkpoints'} is intact and resumable: fix or remove these samples first "
+            "(a resumed run replays the same batch), or set --nonfinite_loss skip",
+            step=error.step, sample_ids=culprits) from error
     world = run.plan.dist.world_size
     run.monitor.end_step(int(state.step), num_samples=metrics["num_samples"] * world,
                          num_tokens=metrics["num_tokens"] * world)
     return state, metrics
 
 
+def _skipped_step(run: Run, step: int, sample_ids: list[str], skipped: int) -> None:
+    """Warn about a skipped update (each rank names its own samples); stop past ``max_skipped_steps``."""
+    limit = run.plan.cfg.max_skipped_steps
+    samples = describe_samples(sample_ids, run.data.dataset.samples)
+    logger.warning("step %d: update SKIPPED, non-finite loss or gradient (nonfinite_loss='skip'; %d skipped so far, "
+                   "limit %s); samples: %s", step, skipped, limit, samples)
+    if limit is not None and skipped > limit:
+        raise TrainingStopped(
+            f"{skipped} steps were skipped for non-finite values, more than max_skipped_steps={limit}: stopping. "
+            f"The last checkpoint in {run.plan.output_dir / 'checkpoints'} is intact; the warnings above name the "
+            "samples of each skipped step. Fix or remove them, or raise --max_skipped_steps")
+
+
+def _resumed_skipped_steps(run: Run, start_step: int) -> int:
+    """The skipped-step count saved with the checkpoint this run resumed from (0 for a fresh run)."""
+    if start_step == 0:
+        return 0
+    path = run_checkpoint.checkpoint_path(run.plan.output_dir, start_step)
+    return int(run_checkpoint.read_checkpoint_metadata(path).get("extra", {}).get("skipped_steps", 0))
 def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:
     interval = cfg.checkpoints.interval
     return bool(interval) and step % interval == 0 and step < cfg.optim.steps
@@ -399,10 +459,10 @@ def _validation_due(run: Run, step: int) -> bool:
     return run.validator is not None and run.validator.should_run(step)
 
 
-def _stop_requested(interrupt: _Interrupt, dist: DistInfo) -> bool:
-    """Whether any rank got Ctrl-C. Every rank must take the same branch (a rank leaving for the final save while
-    another enters the next step's collectives would hang), so the flag is agreed across ranks."""
-    return _any_rank(interrupt.requested, dist)
+def _stop_requested(run: Run) -> bool:
+    """Whether any rank got a stop signal. Every rank must take the same branch (a rank leaving for the final save
+    while another enters the next step's collectives would hang), so the flag is agreed across ranks."""
+    return any_rank(run.stop is not None and run.stop.requested is not None, run.plan.dist.device)
 
 
 def log_metrics(run: Run, step: int) -> float:
@@ -414,12 +474,16 @@ def log_metrics(run: Run, step: int) -> float:
     return values["loss/train"]
 
 
-def save_checkpoint(run: Run, state: TrainState, step: int) -> None:
-    """A resumable checkpoint of the state and the data position (collective)."""
+def save_checkpoint(run: Run, outcome: LoopOutcome, step: int) -> None:
+    """A resumable checkpoint of the state, the data position and the skipped-step count (collective). A stop
+    signal meanwhile is only logged: the save finishes."""
     cfg = run.plan.cfg
-    extra = {"data": run.data.loader.state_dict(), "log_window": run.log_window.state_dict()}
-    run_checkpoint.save_checkpoint(run.plan.output_dir, step, state_to_dict(state), extra=extra,
-                                   config=run.plan.config_dict, keep_last_n=cfg.checkpoints.keep_last_n)
+    extra = {"data": run.data.loader.state_dict(), "log_window": run.log_window.state_dict(),
+             "skipped_steps": outcome.skipped_steps}
+    with run.stop.saving() if run.stop is not None else contextlib.nullcontext():
+        run_checkpoint.save_checkpoint(run.plan.output_dir, step, state_to_dict(outcome.state), extra=extra,
+                                       config=run.plan.config_dict, keep_last_n=cfg.checkpoints.keep_last_n)
+    outcome.saved_step = step
     run.monitor.restart_timer()
 
 
@@ -438,8 +502,11 @@ def validate(run: Run, state: TrainState, step: int) -> None:
 
 
 def finish(run: Run, outcome: LoopOutcome) -> Path | None:
-    """The final checkpoint; then, unless interrupted, the last validation and the weights export."""
-    save_checkpoint(run, outcome.state, outcome.step)
+    """The final checkpoint (unless no step ran since the last one); then, unless a stop signal came (before or
+    during it), the last validation and the weights export."""
+    if outcome.step != outcome.saved_step:
+        save_checkpoint(run, outcome, outcome.step)
+    outcome.interrupted = outcome.interrupted or _stop_requested(run)
     if outcome.interrupted:
         return None
     if _validation_due(run, outcome.step):
@@ -453,66 +520,50 @@ def main(cfg: TrainConfig, *, tx: GradientTransformation | None = None,
     configured strategy. Returns where the outputs are."""
     dist = init_distributed()
     setup_logging(dist.rank)
-    try:
-        run, state = build_run(cfg, dist, tx=tx, strategy=strategy)
+    # SIGINT/SIGTERM: at once while building (nothing to save yet), after the current step inside the loop, with
+    # a checkpoint (ltxf.faults).
+    with StopSignals() as stop:
         try:
-            outcome = train_loop(run, state)
-            export_path = finish(run, outcome)
+            run, state = build_run(cfg, dist, tx=tx, strategy=strategy)
+            run = replace(run, stop=stop)
+            try:
+                outcome = train_loop(run, state)
+                with stop.deferring():  # a signal during the final save, validation or export stops after it
+                    export_path = finish(run, outcome)
+            finally:
+                run.monitor.close()
         finally:
-            run.monitor.close()
-    finally:
-        shutdown_distributed()
-    return _report(run.plan, outcome, export_path)
+            shutdown_distributed()
+    return _report(run, outcome, export_path)
 
 
-def _report(plan: RunPlan, outcome: LoopOutcome, export_path: Path | None) -> RunResult:
-    output_dir, losses = plan.output_dir, outcome.losses
+def _report(run: Run, outcome: LoopOutcome, export_path: Path | None) -> RunResult:
+    plan = run.plan
+    output_dir, losses, step = plan.output_dir, outcome.losses, outcome.step
     if plan.dist.is_main:
         if len(losses) > 1:
             logger.info("logged training loss went from %.4f (step %d) to %.4f (step %d)", losses[0],
                         outcome.logged_steps[0], losses[-1], outcome.logged_steps[-1])
-        logger.info("run finished at step %d: checkpoints in %s, TensorBoard logs in %s%s", outcome.step,
-                    output_dir / "checkpoints", output_dir / "tensorboard",
-                    f", weights exported to {export_path}" if export_path else "")
-    return RunResult(output_dir=output_dir, final_step=outcome.step, export_path=export_path,
+        if outcome.skipped_steps:
+            logger.warning("%d of %d steps were skipped for non-finite values (nonfinite_loss='skip'); the warnings "
+                           "above name the samples of each", outcome.skipped_steps, step)
+        if outcome.interrupted:
+            saved = run_checkpoint.checkpoint_path(output_dir, step)
+            where = f"checkpoint saved to {saved}" if step > 0 and saved.is_dir() else "no step ran, nothing to save"
+            logger.warning("run INTERRUPTED (%s) at step %d of %d: %s. Run the same command again to resume.",
+                           (run.stop and run.stop.requested) or "stop signal on another rank", step,
+                           plan.cfg.optim.steps, where)
+        else:
+            logger.info("run finished at step %d: checkpoints in %s, TensorBoard logs in %s%s", step,
+                        output_dir / "checkpoints", output_dir / "tensorboard",
+                        f", weights exported to {export_path}" if export_path else "")
+    return RunResult(output_dir=output_dir, final_step=step, export_path=export_path,
                      tensorboard_dir=output_dir / "tensorboard", losses=tuple(losses),
-                     interrupted=outcome.interrupted)
+                     interrupted=outcome.interrupted, skipped_steps=outcome.skipped_steps)
 
 
 # -------------------------------------------------------------------------------------------------------------
 # Signals, metrics and export helpers
-
-
-class _Interrupt:
-    """Turns the first Ctrl-C into a flag the loop checks after each step (it then saves and exits)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> _Interrupt:
-        def handler(signum, frame):
-            if self.requested:
-                raise KeyboardInterrupt
-            self.requested = True
-            logger.warning("interrupt received: saving a checkpoint after this step (Ctrl-C again to abort)")
-
-        try:
-            self._previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-def _any_rank(flag: bool, dist_info: DistInfo) -> bool:
-    """True if ``flag`` is set on any process (one tiny all-reduce when there are several)."""
-    if dist_info.world_size == 1:
-        return flag
-    return bool(all_reduce_sum(torch.tensor([float(flag)], device=dist_info.device)).item() > 0)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:

@@ -250,6 +250,75 @@ def test_resume_refuses_a_critical_config_change(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------------------
+# Resume picks the newest complete and readable checkpoint
+
+
+def _damage(root: Path) -> dict[str, str]:
+    """Damage step 2..5 of a run with steps 1..5 in four ways; returns each name and what the reason says."""
+    shard = next((root / "step_00000005").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:40])  # truncated shard: DCP fails while loading
+    (root / "step_00000004" / ".metadata").write_bytes(b"garbage")  # DCP metadata unreadable
+    (root / "step_00000003" / ".metadata").unlink()  # a partial copy: no DCP metadata
+    (root / "step_00000002" / "metadata.json").write_text("{not json")
+    return {"step_00000005": "loading failed", "step_00000004": "DCP's '.metadata' cannot be read",
+            "step_00000003": "DCP's '.metadata' is missing", "step_00000002": "is not valid JSON"}
+
+
+def test_resume_falls_back_to_the_newest_readable_checkpoint_and_moves_the_others_aside(tmp_path, caplog):
+    for step in range(1, 6):
+        save_checkpoint(tmp_path, step, full_state(step))
+    root = tmp_path / "checkpoints"
+    reasons = _damage(root)
+    with caplog.at_level(logging.WARNING, logger="ltxf.checkpoint"):
+        restored = resume_checkpoint(tmp_path, zeros_like_state(full_state(1)))
+    assert restored.step == 1 and restored.path == root / "step_00000001"
+    for leaf_path, expected in iter_leaves(full_state(1)):
+        assert_bit_equal(_get(restored.state, leaf_path), expected, ".".join(leaf_path))
+    # Every bad one is named with its reason, then kept under another name (not deleted, not overwritten later).
+    for name, reason in reasons.items():
+        assert any(name in r.message and reason in r.message for r in caplog.records), (name, caplog.text)
+        assert (root / f"{name}.unreadable").is_dir() and not (root / name).exists()
+    assert "resuming from the older checkpoint" in caplog.text and "step 1" in caplog.text
+    save_checkpoint(tmp_path, 2, full_state(2))
+    assert latest_checkpoint(tmp_path) == root / "step_00000002"
+    assert (root / "step_00000002.unreadable" / "metadata.json").read_text() == "{not json"
+
+
+def test_resume_names_every_checkpoint_when_none_loads_and_moves_nothing(tmp_path):
+    for step in range(2, 6):
+        save_checkpoint(tmp_path, step, full_state(step))
+    root = tmp_path / "checkpoints"
+    reasons = _damage(root)
+    with pytest.raises(ValueError) as caught:
+        resume_checkpoint(tmp_path, zeros_like_state(full_state(2)))
+    message = str(caught.value)
+    assert message.startswith(f"cannot resume: no checkpoint in {root} can be loaded:")
+    for name, reason in reasons.items():
+        assert f"{name}: " in message and reason in message, (name, message)
+    assert sorted(p.name for p in root.iterdir()) == sorted(reasons)  # nothing moved
+
+
+def test_a_config_mismatch_is_an_error_not_a_fallback(tmp_path):
+    save_checkpoint(tmp_path, 1, full_state(1), config=_config())
+    save_checkpoint(tmp_path, 2, full_state(2), config=_config(lora__rank=64))
+    with pytest.raises(ValueError, match=r"step_00000002: cannot resume.*lora\.rank: 64 -> 32"):
+        resume_checkpoint(tmp_path, zeros_like_state(full_state(2)), config=_config())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+
+
+def test_a_save_never_overwrites_an_incomplete_directory_of_the_same_step(tmp_path, caplog):
+    save_checkpoint(tmp_path, 1, full_state(1))
+    root = tmp_path / "checkpoints"
+    (root / "step_00000002").mkdir()
+    (root / "step_00000002" / "notes.txt").write_text("someone's partial copy")
+    with caplog.at_level(logging.WARNING, logger="ltxf.checkpoint"):
+        save_checkpoint(tmp_path, 2, full_state(2))
+    assert "step_00000002 existed but is not a complete checkpoint" in caplog.text
+    assert (root / "step_00000002.unreadable" / "notes.txt").read_text() == "someone's partial copy"
+    assert latest_checkpoint(tmp_path) == root / "step_00000002"
+
+
+# -------------------------------------------------------------------------------------------------------------
 # Two ranks (gloo, torchrun)
 
 

@@ -218,7 +218,10 @@ def run(args: InferenceArgs) -> InferenceResult:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> InferenceArgs:
-    return tyro.cli(InferenceArgs, args=argv, description=__doc__.split("\n\n")[0])
+    from ltxf.faults import parse_errors_as_one_line
+
+    with parse_errors_as_one_line():  # a bad flag: one "error:" line and exit 2 (run_command)
+        return tyro.cli(InferenceArgs, args=argv, description=__doc__.split("\n\n")[0])
 
 
 def main(argv: Sequence[str] | None = None) -> InferenceResult:
@@ -229,9 +232,12 @@ def main(argv: Sequence[str] | None = None) -> InferenceResult:
     return run(args)
 
 
+def _command(argv: Sequence[str]) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:
-        logger.error("%s", error)
-        sys.exit(2)
+    from ltxf.faults import run_command
+
+    sys.exit(run_command(_command))  # user errors: one "error:" line, exit 2 (see ltxf.faults)

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import tyro
 
-logger = logging.getLogger(__name__)
+from ltxf.faults import FlagError, parse_errors_as_one_line, report_error
 
 ConfigT = TypeVar("ConfigT")
 
@@ -24,13 +24,17 @@ def run_tool(
 ) -> int:
     """Parse ``args`` into ``config_type``, call ``run(config)`` and return ``exit_code(result)``.
 
-    tyro reports invalid flags and values (a ``ValueError`` from a config's checks) and exits with code 2; a
-    ``ValueError`` raised while running (a missing model, a malformed dataset file) is logged and returns 2.
+    Invalid flags and values (tyro's errors, a ``ValueError`` from a config's checks) and a ``ValueError`` raised
+    while running (a missing model, a malformed dataset file) are printed as one ``error:`` line (with the
+    traceback under ``LTXF_DEBUG=1``, see :mod:`ltxf.faults`) and return 2.
     """
-    config = tyro.cli(config_type, args=args, description=description)
+    try:
+        with parse_errors_as_one_line():
+            config = tyro.cli(config_type, args=args, description=description)
+    except FlagError as exc:
+        return report_error(exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return exit_code(run(config))
     except ValueError as exc:
-        logger.error("%s", exc)
-        return 2
+        return report_error(exc)
