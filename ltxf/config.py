@@ -489,6 +489,9 @@ def check_paths(cfg: TrainConfig) -> None:
     """Validate the files and folders a run needs, with errors that name them (run time, not parse time, so
     presets can be built without the files)."""
     checkpoint = cfg.model.checkpoint
+    if cfg.demo_model and (checkpoint is None or cfg.data.root is None):
+        raise ValueError("demo_model is set but its assets are not built: pass the config through "
+                         "ltxf.demo.prepare_demo(cfg) first (train.py does)")
     if checkpoint is None:
         raise ValueError("--model.checkpoint is required: an official LTX-2 / LTX-2.3 .safetensors file")
     if cfg.data.root is None:

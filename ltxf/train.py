@@ -148,6 +148,9 @@ class LoopOutcome:
     step: int
     start_step: int
     losses: list[float] = field(default_factory=list)
+    """The training loss of each logging window, in order."""
+    logged_steps: list[int] = field(default_factory=list)
+    """The step each logging window ended at."""
     interrupted: bool = False
 
 
@@ -358,6 +361,7 @@ def train_loop(run: Run, state: TrainState) -> LoopOutcome:
                 run.log_window.add(metrics)
                 if log_due(step, cfg.log.every, cfg.optim.steps):
                     outcome.losses.append(log_metrics(run, step))
+                    outcome.logged_steps.append(step)
                 if _checkpoint_due(cfg, step):
                     save_checkpoint(run, outcome.state, step)
                 if _stop_requested(interrupt, run.plan.dist):
@@ -466,7 +470,7 @@ def _report(plan: RunPlan, outcome: LoopOutcome, export_path: Path | None) -> Ru
     if plan.dist.is_main:
         if len(losses) > 1:
             logger.info("logged training loss went from %.4f (step %d) to %.4f (step %d)", losses[0],
-                        outcome.start_step + 1, losses[-1], outcome.step)
+                        outcome.logged_steps[0], losses[-1], outcome.logged_steps[-1])
         logger.info("run finished at step %d: checkpoints in %s, TensorBoard logs in %s%s", outcome.step,
                     output_dir / "checkpoints", output_dir / "tensorboard",
                     f", weights exported to {export_path}" if export_path else "")

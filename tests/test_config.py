@@ -118,3 +118,8 @@ def test_importing_the_config_loads_no_torch_model_or_media_module():
     heavy = [m for m in loaded if m.split(".")[0] in ("torch", "av", "numpy", "safetensors", "transformers")
              or m.startswith(("ltxf.models", "ltxf.media", "ltxf.strategies"))]
     assert heavy == []
+
+
+def test_an_unprepared_demo_config_says_how_to_prepare_it():
+    with pytest.raises(ValueError, match=r"ltxf\.demo\.prepare_demo"):
+        check_paths(PRESETS["demo"]())
