@@ -61,8 +61,19 @@ def is_audio_module(name: str) -> bool:
 class LoRALinear(nn.Linear):
     """``y = x W^T + b + scaling * B(A(dropout(x)))``, keeping the base ``weight``/``bias`` Parameters.
 
-    The adapters may have their own dtype (e.g. fp32 adapters on a bf16 base): the adapter input is cast
-    to it and the adapter output back to the base output's dtype.
+    Adapter compute dtype: the adapters compute in the dtype of their input (the activation dtype: bf16 when
+    training on a bf16 base) and keep their own dtype as master weights (fp32 from ``train.py``): the small
+    ``A`` / ``B`` are cast to the input's dtype on each call, the gradients flow back to the fp32 masters, and
+    the optimizer updates those. This is the precision bf16 autocast (one process) and FSDP2's ``param_dtype``
+    (several) gave the adapters before, without the fp32 copy of every adapter input that autocast then cast
+    back to bf16 and kept for the backward (one token-sized bf16 tensor per adapter). The adapters never see
+    an fp32 activation on a bf16 base; on an fp32 base everything stays fp32.
+
+    Memory: the backward keeps only the adapter input itself (no copy when dropout is 0, so q/k/v adapters on
+    one input share it), the rank-``r`` intermediate and the cast adapter weights. Callers with several
+    adapters on one input pass one ``adapter_input(x)`` to all of them (one dropout draw, one saved tensor);
+    :meth:`forward_heads` takes an attention output as heads and per-head gates and recomputes the gated product
+    in the backward instead of keeping it.
     """
 
     def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dropout: float, dtype: torch.dtype | None = None):
@@ -79,10 +90,37 @@ class LoRALinear(nn.Linear):
         self.alpha = alpha
         self.scaling = alpha / rank
 
-    def forward(self, x: Tensor) -> Tensor:
+    def adapter_input(self, x: Tensor) -> Tensor:
+        """The adapters' input for base input ``x``: ``dropout(x)`` (``x`` itself without dropout)."""
+        return self.lora_dropout(x)
+
+    @property
+    def adapter_input_key(self) -> tuple[float, bool]:
+        """Adapters with equal keys accept one shared :meth:`adapter_input` (same dropout, same mode)."""
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return p, self.training
+
+    def forward(self, x: Tensor, adapter_input: Tensor | None = None) -> Tensor:
+        """``adapter_input``: a precomputed ``self.adapter_input(x)`` shared with other adapters on ``x``."""
         y = F.linear(x, self.weight, self.bias)
-        adapter_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        return y + (self.lora_B(self.lora_A(adapter_in)) * self.scaling).to(y.dtype)
+        adapter_in = self.adapter_input(x) if adapter_input is None else adapter_input
+        return y + self._up(F.linear(adapter_in, self.lora_A.weight.to(adapter_in.dtype)), y.dtype)
+
+    def forward_heads(self, heads_BTHd: Tensor, gate_BTH1: Tensor | None) -> Tensor:
+        """The layer applied to ``(heads * gate)`` flattened to ``[B, T, H * d]`` (an attention output with
+        optional per-head gates). The adapter keeps ``heads`` and ``gate`` (the attention keeps ``heads``
+        already) and recomputes their product in the backward, rather than keeping the product."""
+        merged_BTHd = heads_BTHd if gate_BTH1 is None else heads_BTHd * gate_BTH1
+        merged_BTD = merged_BTHd.reshape(*merged_BTHd.shape[:-2], -1)
+        if isinstance(self.lora_dropout, nn.Dropout) and self.training:
+            return self(merged_BTD)  # the dropped input has to be kept anyway
+        y = F.linear(merged_BTD, self.weight, self.bias)
+        hidden = _MergedHeadsLinear.apply(heads_BTHd, gate_BTH1, self.lora_A.weight.to(heads_BTHd.dtype))
+        return y + self._up(hidden, y.dtype)
+
+    def _up(self, hidden: Tensor, dtype: torch.dtype) -> Tensor:
+        # The scaling is folded into the (small) cast of B instead of a pass over the output.
+        return F.linear(hidden, (self.lora_B.weight * self.scaling).to(hidden.dtype)).to(dtype)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -107,6 +145,44 @@ def _fill_(param: Tensor, full: Tensor) -> None:
     if isinstance(param, DTensor):
         full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
     param.copy_(full)
+
+
+class _MergedHeadsLinear(torch.autograd.Function):
+    """``(heads * gate).flatten(-2) @ A^T``, keeping ``heads`` and ``gate`` (not their product) for the backward.
+
+    ``heads`` ``[..., H, d]``, ``gate`` ``[..., H, 1]`` or None, ``A`` ``[r, H * d]``.
+    """
+
+    # torch.func.vmap runs forward/backward per sample (per-sample gradients), like the model's own functions.
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(heads, gate, weight):
+        merged = heads if gate is None else heads * gate
+        return F.linear(merged.reshape(*heads.shape[:-2], -1), weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        heads, gate, weight = inputs
+        ctx.save_for_backward(heads, gate, weight)
+
+    @staticmethod
+    def backward(ctx, grad_hidden):
+        heads, gate, weight = ctx.saved_tensors
+        need_heads, need_gate, need_weight = ctx.needs_input_grad
+        dtype = grad_hidden.dtype  # the forward's compute dtype (autocast may have chosen it)
+        grad_heads = grad_gate = grad_weight = None
+        if need_weight:
+            merged = heads if gate is None else heads * gate
+            grad_weight = (grad_hidden.flatten(0, -2).T @ merged.reshape(-1, weight.shape[1]).to(dtype))
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_heads or need_gate:
+            grad_merged = (grad_hidden @ weight.to(dtype)).view(heads.shape)
+            if need_heads:
+                grad_heads = (grad_merged if gate is None else grad_merged * gate).to(heads.dtype)
+            if need_gate:
+                grad_gate = (grad_merged * heads).sum(-1, keepdim=True, dtype=torch.float32).to(gate.dtype)
+        return grad_heads, grad_gate, grad_weight
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:

@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from ltxf import checkpoint as run_checkpoint
+from ltxf.block_swap import apply_block_swap, offload_text_connectors
 from ltxf.config import LoraConfig, TrainConfig, check_paths, torch_dtype
 from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
 from ltxf.data_check import check_dataset_fits_model, read_model_inputs
@@ -57,6 +58,7 @@ from ltxf.parallel import (
     DistInfo,
     barrier,
     build_mesh,
+    checkpointed_blocks,
     init_distributed,
     parallelize,
     parallelize_text_connectors,
@@ -179,6 +181,17 @@ def plan_run(cfg: TrainConfig, dist: DistInfo) -> RunPlan:
     check_paths(cfg)
     full = cfg.model.training_mode == "full"
     mesh = build_data_parallel_mesh(cfg, dist)
+    if cfg.parallel.blocks_to_swap:
+        if full or mesh is not None or cfg.parallel.compile:
+            raise ValueError("parallel.blocks_to_swap swaps the frozen base of a one-process LoRA run; it does not "
+                             "combine with full fine-tuning, several processes or parallel.data_parallel='fsdp' "
+                             "(FSDP2), or parallel.compile")
+        if not cfg.parallel.activation_checkpointing:
+            logger.warning("parallel.blocks_to_swap without activation checkpointing saves no memory: the forward "
+                           "keeps every block's weights for its backward")
+    if cfg.parallel.offload_text_connectors and cfg.model.train_connectors:
+        raise ValueError("parallel.offload_text_connectors keeps frozen connectors on the host; it does not "
+                         "combine with model.train_connectors")
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -227,13 +240,16 @@ def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_u
     Then each rank reads from the file only the tensors it holds, block by block, cast to their dtype on the way
     (:mod:`ltxf.models.materialize`), and the adapters are initialised from the derived seed (the same on every
     rank; each keeps its shard). Full fine-tuning keeps fp32 master weights (FSDP2 casts to the compute dtype; one
-    process uses autocast); adapters stay fp32 on a base in the compute dtype.
+    process uses autocast); adapters stay fp32 on a base in the compute dtype. With ``parallel.blocks_to_swap``
+    the base is read to the host and :func:`ltxf.block_swap.apply_block_swap` moves all but the swapped blocks'
+    frozen weights to the device (its hooks go on before checkpointing wraps the blocks).
 
     ``transform(name, tensor)`` and ``on_unit(unit_name, module)`` are the loader's hooks for the transformer
     (quantisation on load; contract in :mod:`ltxf.models.materialize`).
     """
     cfg, device, mesh = plan.cfg, plan.dist.device, plan.mesh
     path = Path(cfg.model.checkpoint)
+    swap = cfg.parallel.blocks_to_swap
     logger.info("loading the transformer from %s", path)
     transformer = build_transformer_on_meta(path).to(torch.float32 if plan.full else plan.compute_dtype)
     transformer.requires_grad_(plan.full)
@@ -242,10 +258,13 @@ def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_u
         targets = inject_lora(transformer, cfg.lora, dtype=torch.float32)
         logger.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(targets))
     reduce_dtype = torch_dtype(cfg.parallel.reduce_dtype)
-    parallelize(transformer, mesh=mesh, activation_checkpointing=cfg.parallel.activation_checkpointing,
-                compile=cfg.parallel.compile, param_dtype=plan.compute_dtype, reduce_dtype=reduce_dtype)
-    load_transformer_weights_(transformer, path, device=device, not_in_file=is_lora_key, transform=transform,
-                              on_unit=on_unit)
+    if not swap:
+        _parallelize_transformer(transformer, plan)
+    load_transformer_weights_(transformer, path, device=torch.device("cpu") if swap else device,
+                              not_in_file=is_lora_key, transform=transform, on_unit=on_unit)
+    if swap:
+        apply_block_swap(transformer, swap, device)
+        _parallelize_transformer(transformer, plan)
     if not plan.full:
         # Same derived seed on every rank: identical adapters with no broadcast.
         init_lora_parameters(transformer, make_generator(cfg.seed, 0, 0, "lora_init", device=device))
@@ -258,8 +277,21 @@ def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_u
     text_processor.to(torch.float32 if trained else plan.compute_dtype).requires_grad_(trained)
     if trained:
         parallelize_text_connectors(text_processor, mesh=mesh, reduce_dtype=reduce_dtype)
-    load_embeddings_processor_weights_(text_processor, path, device=device)
+    offload_text = cfg.parallel.offload_text_connectors
+    load_embeddings_processor_weights_(text_processor, path, device=torch.device("cpu") if offload_text else device)
+    if offload_text:
+        offload_text_connectors(text_processor, device)
     return Model(transformer=transformer, text_processor=text_processor.eval(), checkpoint_config=read_config(path))
+
+
+def _parallelize_transformer(transformer: nn.Module, plan: RunPlan) -> None:
+    """Activation checkpointing (the selected blocks), compile and FSDP2 on the run's mesh."""
+    par = plan.cfg.parallel
+    blocks = checkpointed_blocks(len(transformer.transformer_blocks), every=par.checkpoint_every,
+                                 first=par.checkpoint_first)
+    parallelize(transformer, mesh=plan.mesh, activation_checkpointing=par.activation_checkpointing,
+                checkpoint_blocks=blocks, compile=par.compile, param_dtype=plan.compute_dtype,
+                reduce_dtype=torch_dtype(par.reduce_dtype))
 
 
 def apply_initial_lora(transformer: nn.Module, path: Path, lora: LoraConfig) -> None:
