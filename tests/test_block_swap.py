@@ -51,7 +51,7 @@ def _train(assets, *, blocks_to_swap: int, checkpointing: bool, offload_text: bo
     losses = []
     for step in range(steps):
         state, metrics = train_step(state, [collate([data[same[2 * step]], data[same[2 * step + 1]]])], ctx)
-        losses.append(metrics["loss_sum"].clone())
+        losses.append(metrics["loss"].clone())
     return losses, state, transformer, swap, text_swaps
 
 
