@@ -32,12 +32,13 @@ from ltxf.lora import (
     lora_parameters,
     lora_state_dict,
 )
-from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, write_checkpoint
+from ltxf.models.checkpoint import TRANSFORMER_PREFIX, list_keys, read_config, write_checkpoint
 from ltxf.models.text import load_embeddings_processor
 from ltxf.models.transformer import load_transformer
 from ltxf.monitor import Monitor, memory_metrics
 from ltxf.optim import adamw, adamw_8bit, chain, clip_by_global_norm, make_schedule
 from ltxf.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize, shutdown_distributed
+from ltxf.quantization import is_fp8_checkpoint, load_quantized_transformer
 from ltxf.rng import make_generator
 from ltxf.state import TrainState, init_state, state_to_dict, trainable_parameters
 from ltxf.step import SIGMA_BUCKET_NAMES, NonFiniteLossError, StepContext, train_step
@@ -198,7 +199,11 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
             logger.warning("validation.offload_optimizer is ignored under FSDP (the optimizer state is sharded)")
 
     logger.info("loading the transformer from %s", checkpoint_path)
-    transformer = load_transformer(checkpoint_path, dtype=weights_dtype, device=device)
+    if cfg.model.quantization != "none" or (not full and is_fp8_checkpoint(list_keys(checkpoint_path))):
+        transformer = load_quantized_transformer(checkpoint_path, cfg.model.quantization, dtype=weights_dtype,
+                                                 device=device)
+    else:
+        transformer = load_transformer(checkpoint_path, dtype=weights_dtype, device=device)
     text_processor = load_embeddings_processor(checkpoint_path, dtype=compute_dtype, device=device,
                                                with_feature_extractor=False)
     transformer.requires_grad_(full)

@@ -1,0 +1,307 @@
+"""Weight-only quantized base (fp8, int8, nf4): formats against their definitions and bitsandbytes' NF4 table,
+SNR at real width, the layer's autograd, block-by-block loading, official fp8 files (ltx-core's writer as the
+oracle), LoRA on top, training on the tiny demo model, and validation on a quantized base."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from experiments.presets import demo
+from ltxf.config import ModelConfig
+from ltxf.demo import demo_checkpoint_config, write_random_checkpoint
+from ltxf.lora import LoraConfig, inject_lora, lora_state_dict, merge_lora
+from ltxf.models.checkpoint import TRANSFORMER_PREFIX, write_checkpoint
+from ltxf.models.transformer import load_transformer
+from ltxf.quantization import (
+    HIGH_PRECISION_MODULES,
+    NF4_CODEBOOK,
+    QuantizedLinear,
+    QuantizedLoRALinear,
+    bytes_per_weight,
+    dequantize_weight,
+    load_quantized_transformer,
+    model_weight_bytes,
+    quantize_weight,
+    quantized_module_names,
+    signal_to_noise_db,
+)
+from ltxf.train import main
+
+KINDS = ("fp8", "int8", "nf4")
+# Targets of issue 10 (musubi reports 32.0 dB for its fp8 and 21.2 dB for its NF4).
+MIN_SNR_DB = {"fp8": 30.0, "int8": 38.0, "nf4": 20.0}
+
+
+def test_nf4_codebook_is_bitsandbytes_table():
+    """Derived from the normal quantiles in code; bitsandbytes' published table is the oracle (float32 ulp)."""
+    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+    table = bnb_functional.get_4bit_type("nf4", device="cpu").float()
+    torch.testing.assert_close(NF4_CODEBOOK, table, rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip_is_exact_on_representable_weights(kind):
+    """A weight built from the format's own grid (codes x a power-of-two scale) survives quantization exactly."""
+    g = torch.Generator().manual_seed(1)
+    out_features, in_features = 8, 256
+    if kind == "nf4":
+        values = NF4_CODEBOOK[torch.randint(0, 16, (out_features, in_features), generator=g)]
+        values[:, ::64] = 1.0  # each block's absmax is the codebook's 1.0
+    elif kind == "int8":
+        values = torch.randint(-127, 128, (out_features, in_features), generator=g).float()
+        values[:, ::64] = 127.0
+    else:
+        values = torch.randn(out_features, in_features, generator=g).to(torch.float8_e4m3fn).float()
+        values[:, ::128] = 448.0
+    weight = values * 2.0**-6
+    codes, scale = quantize_weight(weight, kind)
+    assert codes.dtype == {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "nf4": torch.uint8}[kind]
+    torch.testing.assert_close(dequantize_weight(codes, scale, kind, torch.float32), weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_snr_at_real_width(kind):
+    """Per-layer output SNR against the bf16 layer on LTX widths: q/k/v/out [4096, 4096] and ff.net.2 [4096, 16384]
+    (1024 of its rows: quantization is per row, so the statistics are those of the whole layer). Weights are
+    nn.Linear's init scale, gaussian; inputs random bf16. Measured: fp8 31.8, int8 44.5, nf4 20.7 dB."""
+    g = torch.Generator().manual_seed(0)
+    for out_features, in_features in ((4096, 4096), (1024, 16384)):
+        weight = (torch.randn(out_features, in_features, generator=g) / math.sqrt(in_features)).bfloat16()
+        x = torch.randn(64, in_features, generator=g).bfloat16()
+        reference = x.float() @ weight.float().T
+        codes, scale = quantize_weight(weight, kind)
+        out = F.linear(x, dequantize_weight(codes, scale, kind, torch.bfloat16)).float()
+        snr = signal_to_noise_db(reference, out)
+        print(f"{kind} [{out_features}, {in_features}]: output SNR {snr:.2f} dB")
+        assert snr >= MIN_SNR_DB[kind], (kind, out_features, in_features, snr)
+        assert codes.numel() * codes.element_size() + scale.numel() * 4 == \
+            pytest.approx(bytes_per_weight(kind) * weight.numel())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_gradients_and_saved_tensors(kind):
+    """grad_x equals autograd through F.linear on the dequantized weight (float32: exact up to summation order);
+    the base stays frozen, and backward keeps only the codes and scales, never a dequantized copy."""
+    g = torch.Generator().manual_seed(2)
+    linear = nn.Linear(256, 96)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(96, 256, generator=g) * 0.05)
+    layer = QuantizedLinear.from_linear(linear, kind)
+    x = torch.randn(3, 5, 256, generator=g, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert all(t.dtype != torch.float32 or t.numel() < 96 * 256 for t in saved), [t.shape for t in saved]
+    grad_out = torch.randn(y.shape, generator=g)
+    (grad_x,) = torch.autograd.grad(y, x, grad_out)
+    x_ref = x.detach().requires_grad_()
+    y_ref = F.linear(x_ref, layer.dequantized_weight(torch.float32), layer.bias)
+    (grad_ref,) = torch.autograd.grad(y_ref, x_ref, grad_out)
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_x, grad_ref, rtol=1e-6, atol=1e-6)
+    assert not any(p.requires_grad for p in layer.parameters())
+    # Under bf16 autocast (the training step's setting) the layer computes in bf16 and hands back bf16.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = layer(x)
+    assert y16.dtype == torch.bfloat16
+    (grad16,) = torch.autograd.grad(y16.float().sum(), x)
+    assert grad16.dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory) -> Path:
+    return write_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "demo.safetensors", demo_checkpoint_config(),
+                                   seed=3)
+
+
+def _high_precision_linears(model: nn.Module) -> list[str]:
+    return sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_by_block_load(demo_checkpoint, kind):
+    """Every block Linear but the gates is quantized (and holds what quantizing the file's weight gives), the list
+    of HIGH_PRECISION_MODULES keeps the rest in the model dtype, and loading visits the root then each block,
+    one at a time, with nothing left on meta."""
+    reference = load_transformer(demo_checkpoint, dtype=torch.float32)
+    visited: list[str] = []
+    model = load_quantized_transformer(demo_checkpoint, kind, dtype=torch.float32, on_block=visited.append)
+    assert visited == ["", *[f"transformer_blocks.{i}." for i in range(len(reference.transformer_blocks))]]
+    names = quantized_module_names(reference)
+    assert names == sorted(n for n, m in model.named_modules() if isinstance(m, QuantizedLinear))
+    kept = _high_precision_linears(model)
+    assert kept and all(any(p.strip("*.") in n for p in HIGH_PRECISION_MODULES) for n in kept), kept
+    assert {"patchify_proj", "proj_out", "audio_patchify_proj", "audio_proj_out",
+            "transformer_blocks.0.attn1.to_gate_logits"} <= set(kept)
+    for name in names:
+        layer = model.get_submodule(name)
+        codes, scale = quantize_weight(reference.get_submodule(name).weight, kind)
+        assert torch.equal(layer.weight.view(torch.uint8), codes.view(torch.uint8)) and torch.equal(
+            layer.weight_scale, scale)
+        torch.testing.assert_close(layer.bias, reference.get_submodule(name).bias, rtol=0, atol=0)
+    for key, value in reference.state_dict().items():
+        if not any(key.startswith(n + ".") for n in names):
+            assert torch.equal(model.state_dict()[key], value), key
+    assert model_weight_bytes(model) < model_weight_bytes(reference)
+
+
+def _fp8_official_file(source: Path, path: Path) -> Path:
+    """An official-layout fp8 file written with ltx-core's own quantizer: block Linears (not ltx-core's excluded
+    layers) as float8_e4m3fn [out, in] with a per-tensor ``weight_scale`` and an ``input_scale``."""
+    import ltx_core.loader  # noqa: F401  (ltx_core.quantization imports it circularly unless it comes first)
+    from ltx_core.quantization import fp8_scaled_mm as fp8
+
+    with safe_open(str(source), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    prefix = TRANSFORMER_PREFIX + "transformer_blocks."
+    for key in [k for k in tensors if k.startswith(prefix) and k.endswith(".weight") and tensors[k].ndim == 2]:
+        layer = key[: -len(".weight")]
+        if any(s in layer for s in fp8.EXCLUDED_LAYER_SUBSTRINGS):
+            continue
+        weight_in_out, weight_scale = fp8.quantize_weight_to_fp8_per_tensor(tensors[key])
+        tensors[key] = weight_in_out.t().contiguous()  # the file keeps [out, in]; ltx-core transposes at load
+        tensors[layer + ".weight_scale"] = weight_scale
+        tensors[layer + ".input_scale"] = torch.tensor(1.0 / 448.0)
+    import json
+    return write_checkpoint(path, tensors, json.loads(metadata["config"]))
+
+
+def test_official_fp8_file_loads_as_fp8_base(demo_checkpoint, tmp_path):
+    """ltx-core's per-tensor fp8 file: recognised (not 'unexpected keys'), its fp8 codes used as they are (the
+    model computes exactly what the dequantized file weights give), and usable with int8 / nf4 too."""
+    path = _fp8_official_file(demo_checkpoint, tmp_path / "fp8.safetensors")
+    with pytest.raises(ValueError, match="unexpected keys"):
+        load_transformer(path)  # the plain loader is strict
+    with safe_open(str(path), framework="pt") as f:
+        fp8_layers = sorted(k[len(TRANSFORMER_PREFIX): -len(".weight_scale")] for k in f.keys()
+                            if k.endswith(".weight_scale"))
+        dequantized = {k: f.get_tensor(f"{TRANSFORMER_PREFIX}{k}.weight").float()
+                       * f.get_tensor(f"{TRANSFORMER_PREFIX}{k}.weight_scale") for k in fp8_layers}
+    assert fp8_layers
+    quantizable = set(quantized_module_names(load_transformer(demo_checkpoint)))
+    assert set(fp8_layers) - quantizable == {n for n in fp8_layers if n.endswith("to_gate_logits")}
+    for quantization in ("none", "fp8"):
+        model = load_quantized_transformer(path, quantization, dtype=torch.float32)
+        for name in fp8_layers:
+            layer = model.get_submodule(name)
+            if name in quantizable:
+                assert isinstance(layer, QuantizedLinear) and layer.kind == "fp8"
+                weight = layer.dequantized_weight(torch.float32)
+            else:  # ltx-core stores the gates in fp8 too; they are kept in high precision here (exact values)
+                assert type(layer) is nn.Linear
+                weight = layer.weight
+            torch.testing.assert_close(weight, dequantized[name], rtol=0, atol=0)
+        if quantization == "none":  # only the file's own fp8 layers are fp8
+            assert sorted(n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)) == \
+                sorted(quantizable & set(fp8_layers))
+    model = load_quantized_transformer(path, "nf4", dtype=torch.float32)
+    name = sorted(quantizable & set(fp8_layers))[0]
+    layer = model.get_submodule(name)
+    codes, scale = quantize_weight(dequantized[name], "nf4")
+    assert layer.kind == "nf4" and torch.equal(layer.weight, codes) and torch.equal(layer.weight_scale, scale)
+
+
+def test_lora_on_quantized_base_keeps_the_bf16_keys(demo_checkpoint):
+    """inject_lora wraps QuantizedLinear targets; the adapter keys and shapes are those of the unquantized model;
+    merging into a quantized base is refused."""
+    cfg = LoraConfig(rank=4, alpha=4, target_modules=("to_q", "to_k", "to_v", "to_out.0", "ff.net.2"))
+    plain = load_transformer(demo_checkpoint, dtype=torch.float32)
+    quantized = load_quantized_transformer(demo_checkpoint, "nf4", dtype=torch.float32)
+    targets_plain = inject_lora(plain, cfg, generator=torch.Generator().manual_seed(0))
+    targets_quant = inject_lora(quantized, cfg, generator=torch.Generator().manual_seed(0))
+    assert targets_plain == targets_quant
+    assert all(isinstance(quantized.get_submodule(n), QuantizedLoRALinear) for n in targets_quant)
+    plain_sd, quant_sd = lora_state_dict(plain), lora_state_dict(quantized)
+    assert list(plain_sd) == list(quant_sd)
+    for key in plain_sd:
+        assert torch.equal(plain_sd[key], quant_sd[key])
+    assert sorted(n for n, p in quantized.named_parameters() if p.requires_grad) == list(quant_sd)
+    with pytest.raises(ValueError, match="quantized base"):
+        merge_lora(quantized)
+
+
+def test_quantization_needs_lora():
+    with pytest.raises(ValueError, match="model.quantization"):
+        ModelConfig(training_mode="full", quantization="nf4")
+
+
+@pytest.fixture(scope="module")
+def demo_losses(tmp_path_factory) -> dict[str, tuple[float, ...]]:
+    """The demo (LoRA r16 on attention and feed-forward, audio + video) for 24 steps with each base."""
+    base = demo()
+    losses = {}
+    for quantization in ("none", *KINDS):
+        cfg = replace(base, output_dir=tmp_path_factory.mktemp(quantization) / "run",
+                      model=replace(base.model, quantization=quantization),
+                      optim=replace(base.optim, steps=24, warmup_steps=0, batch_size=2),
+                      log=replace(base.log, every=1), checkpoints=replace(base.checkpoints, interval=None),
+                      validation=replace(base.validation, interval=None if quantization != "nf4" else 24,
+                                         skip_initial_validation=True))
+        result = main(cfg)
+        losses[quantization] = result.losses
+        if quantization == "nf4":
+            export = result.export_path
+            samples = sorted(p.name for p in (result.output_dir / "samples").iterdir())
+    losses["nf4_export"] = export
+    losses["nf4_samples"] = samples
+    return losses
+
+
+def test_training_on_a_quantized_base_lowers_the_loss_like_fp32(demo_losses):
+    """Same data, noise and adapters' init: the loss falls over 24 steps with every base, by 80-125 % of the fp32
+    base's fall (mean of the first 6 steps minus mean of the last 6), and each step's loss stays within 2 % of the
+    fp32 run's (the base's quantization error is a small perturbation of the same problem). Measured: falls
+    0.0638 / 0.0637 / 0.0641 (fp8 / int8 / nf4) against 0.0637, steps within 0.02 %."""
+    def fall(losses):
+        return sum(losses[:6]) / 6 - sum(losses[-6:]) / 6
+
+    reference = demo_losses["none"]
+    assert fall(reference) > 0
+    for kind in KINDS:
+        losses = demo_losses[kind]
+        print(kind, f"fall {fall(losses):.4f} vs fp32 {fall(reference):.4f}", "max step deviation",
+              max(abs(a - b) / b for a, b in zip(losses, reference, strict=True)))
+        assert 0.8 * fall(reference) <= fall(losses) <= 1.25 * fall(reference), (kind, fall(losses))
+        for a, b in zip(losses, reference, strict=True):
+            assert abs(a - b) <= 0.02 * b, (kind, a, b)
+
+
+def test_exported_lora_targets_the_bf16_base_and_validation_ran(demo_losses, demo_checkpoint):
+    """The LoRA exported by the nf4 run has the keys and shapes of a LoRA trained on the unquantized base, and the
+    run's validation sampled (video with audio) on the quantized base."""
+    assert any(name.startswith("step_000024_1") and name.endswith(".mp4") for name in demo_losses["nf4_samples"])
+    with safe_open(str(demo_losses["nf4_export"]), framework="pt") as f:
+        keys = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    plain = load_transformer(demo_checkpoint, dtype=torch.float32)
+    inject_lora(plain, demo().lora)
+    expected = {f"diffusion_model.{k}": tuple(v.shape) for k, v in lora_state_dict(plain).items()}
+    expected |= {f"diffusion_model.{k[: -len('.lora_A.weight')]}.alpha": () for k in lora_state_dict(plain)
+                 if k.endswith(".lora_A.weight")}  # ComfyUI layout: one alpha per module
+    assert keys == expected
+
+
+
+def test_quantized_base_under_fsdp_and_checkpointing(tmp_path):
+    """The nf4 base composes with FSDP2 (a world of one: the quantized codes are replicated buffers, the biases are
+    sharded like any frozen parameter) and activation checkpointing: the first 4 losses are those of the plain
+    run (float32; tolerance for the different reduction order under FSDP)."""
+    base = demo()
+    cfg = replace(base, output_dir=tmp_path / "run", model=replace(base.model, quantization="nf4"),
+                  optim=replace(base.optim, steps=4, warmup_steps=0, batch_size=2),
+                  parallel=replace(base.parallel, data_parallel="fsdp", activation_checkpointing=True),
+                  log=replace(base.log, every=1), checkpoints=replace(base.checkpoints, interval=None),
+                  validation=replace(base.validation, interval=None))
+    losses = main(cfg).losses
+    # Same schedule length matters for the lr: compare with a 4-step plain run of the same config.
+    plain = main(replace(cfg, output_dir=tmp_path / "plain",
+                         parallel=replace(base.parallel, data_parallel="replicate", activation_checkpointing=False)))
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain.losses), rtol=1e-5, atol=0)
