@@ -9,6 +9,7 @@ Paths (``--model.checkpoint``, ``--data.root``) are given on the command line an
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ltxf.config import (
@@ -52,6 +53,20 @@ def ltx2_av_lora_low_vram() -> TrainConfig:
         checkpoints=CheckpointConfig(interval=250, keep_last_n=3),
         output_dir=Path("outputs/ltx2_av_lora_low_vram"),
     )
+
+
+def ltx2_av_lora_24gb() -> TrainConfig:
+    """Audio-video LoRA for a 24 GB card (RTX 4090): rank 16 (as the official low-VRAM preset) on an nf4 base, 8-bit
+    AdamW, checkpointing; planned peak for LTX-2.3 at 768x512x49 with audio under 20 GiB (tools/plan_memory.py)."""
+    cfg = ltx2_av_lora_low_vram()
+    return replace(cfg, model=replace(cfg.model, quantization="nf4"), output_dir=Path("outputs/ltx2_av_lora_24gb"))
+
+
+def ltx2_av_lora_16gb() -> TrainConfig:
+    """Audio-video LoRA for a 16 GB card: ltx2_av_lora_24gb plus block swap (the frozen weights of 32 of the 48
+    blocks wait in host memory, two in flight); planned peak 13.75 GiB at 768x512x49 with audio."""
+    cfg = ltx2_av_lora_24gb()
+    return replace(cfg, parallel=replace(cfg.parallel, blocks_to_swap=32), output_dir=Path("outputs/ltx2_av_lora_16gb"))
 
 
 def ltx2_v2v_ic_lora() -> TrainConfig:
@@ -119,6 +134,8 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "demo": demo,
     "ltx2_av_lora": ltx2_av_lora,
     "ltx2_av_lora_low_vram": ltx2_av_lora_low_vram,
+    "ltx2_av_lora_24gb": ltx2_av_lora_24gb,
+    "ltx2_av_lora_16gb": ltx2_av_lora_16gb,
     "ltx2_v2v_ic_lora": ltx2_v2v_ic_lora,
     "ltx2_full": ltx2_full,
 }

@@ -197,8 +197,16 @@ class ParallelConfig:
     compile: bool = False
     """torch.compile each transformer block (CUDA only)."""
 
+    blocks_to_swap: int = 0
+    """Keep the frozen weights of this many transformer blocks in host memory and copy each to the device just
+    before use (LoRA only; planned by tools/plan_memory.py)."""
+
     reduce_dtype: DType = "float32"
     """Dtype of gradient reduction across processes."""
+
+    def __post_init__(self) -> None:
+        if self.blocks_to_swap < 0:
+            raise ValueError(f"parallel.blocks_to_swap must be >= 0, got {self.blocks_to_swap}")
 
 
 @dataclass(frozen=True, kw_only=True)

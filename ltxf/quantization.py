@@ -202,15 +202,21 @@ def dequantize_weight(codes: Tensor, weight_scale: Tensor, kind: str, dtype: tor
     one rounding for bf16, exact for float32)."""
     out_features = codes.shape[0]
     if kind == "nf4":
-        index = torch.stack([codes >> 4, codes & 0x0F], dim=-1).reshape(out_features, -1)
-        values = NF4_CODEBOOK.to(device=codes.device, dtype=dtype)[index.long()]
+        # One lookup per byte in a [256, 2] table of (high, low) code values: an int32 index (2 bytes per weight)
+        # instead of an int64 one per code (8), the largest temporary of the dequantization.
+        values = F.embedding(codes.int(), _nf4_pair_table(codes.device, dtype)).reshape(out_features, -1)
     elif kind in ("fp8", "int8"):
         values = codes.to(dtype)
     else:
         raise ValueError(f"unknown quantization {kind!r}; expected one of {QUANTIZATION_KINDS[1:]}")
     num_blocks = weight_scale.shape[1]
-    values = values.reshape(out_features, num_blocks, -1) * weight_scale.to(dtype)[..., None]
-    return values.reshape(out_features, -1)
+    values.view(out_features, num_blocks, -1).mul_(weight_scale.to(dtype)[..., None])
+    return values
+
+
+def _nf4_pair_table(device: torch.device, dtype: torch.dtype) -> Tensor:
+    byte = torch.arange(256, device=device)
+    return NF4_CODEBOOK.to(device=device, dtype=dtype)[torch.stack([byte >> 4, byte & 0x0F], dim=-1)]
 
 
 def signal_to_noise_db(reference: Tensor, approximation: Tensor) -> float:
