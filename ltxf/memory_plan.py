@@ -24,6 +24,7 @@ The token counts: video ``(W/32)(H/32)((F-1)/8+1)``, audio ``round(F/fps * 25)``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,12 +161,25 @@ def tensor_bytes(module: nn.Module) -> int:
 
 def transformer_weight_bytes(config: dict, *, dtype: torch.dtype, quantization: str) -> tuple[int, list[int]]:
     """Exact bytes of the transformer with this dtype and quantization: (all, per block)."""
-    model = _meta_transformer(config, dtype=dtype, quantization=quantization)
-    return tensor_bytes(model), [tensor_bytes(block) for block in model.transformer_blocks]
+    total, per_block = _transformer_weight_bytes(json.dumps(config["transformer"], sort_keys=True), dtype,
+                                                 quantization)
+    return total, list(per_block)
+
+
+@functools.lru_cache(maxsize=32)
+def _transformer_weight_bytes(section: str, dtype: torch.dtype, quantization: str) -> tuple[int, tuple[int, ...]]:
+    model = _meta_transformer({"transformer": json.loads(section)}, dtype=dtype, quantization=quantization)
+    return tensor_bytes(model), tuple(tensor_bytes(block) for block in model.transformer_blocks)
 
 
 def connector_bytes(config: dict, *, dtype: torch.dtype) -> int:
     """The video + audio text connectors (no feature extractor: training reads cached features)."""
+    return _connector_bytes(json.dumps(config["transformer"], sort_keys=True), dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _connector_bytes(section: str, dtype: torch.dtype) -> int:
+    config = {"transformer": json.loads(section)}
     from ltxf.models.text import EmbeddingsProcessor, EmbeddingsProcessorConfig
 
     processor_config = EmbeddingsProcessorConfig.from_transformer_config(config["transformer"])
@@ -175,8 +189,15 @@ def connector_bytes(config: dict, *, dtype: torch.dtype) -> int:
 
 
 def lora_parameter_count(config: dict, lora_cfg: Any) -> int:
+    """Adapter parameters ``lora_cfg`` gives the model (counted on meta)."""
+    return _lora_parameter_count(json.dumps(config["transformer"], sort_keys=True), lora_cfg)
+
+
+@functools.lru_cache(maxsize=8)
+def _lora_parameter_count(section: str, lora_cfg: Any) -> int:
     from ltxf.lora import inject_lora, lora_parameters
 
+    config = {"transformer": json.loads(section)}
     model = _meta_transformer(config, dtype=torch.bfloat16, quantization="none")
     inject_lora(model, lora_cfg, dtype=torch.float32)
     return sum(p.numel() for p in lora_parameters(model).values())
@@ -295,6 +316,12 @@ def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 
 def _largest_quantized_layer(config: dict, quantization: str) -> int:
     if quantization == "none":
         return 0
+    return _largest_quantizable(json.dumps(config["transformer"], sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _largest_quantizable(section: str) -> int:
+    config = {"transformer": json.loads(section)}
     from ltxf.models.transformer import AVTransformer, TransformerConfig
     from ltxf.quantization import quantized_module_names
 
