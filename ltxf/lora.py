@@ -15,12 +15,13 @@ refused: PEFT had to fix reading adapter sizes from local shards (huggingface/pe
 
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ltxf.config import LoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -57,49 +58,22 @@ def is_audio_module(name: str) -> bool:
     return any(part in AUDIO_MODULE_PARTS or part.startswith(("audio_", "av_ca_")) for part in name.split("."))
 
 
-@dataclass(frozen=True, kw_only=True)
-class LoraConfig:
-    """Which Linear layers get adapters, and their shape."""
-
-    rank: int = 64
-    """Adapter rank r: lora_A is [r, in], lora_B is [out, r]."""
-    alpha: float = 64
-    """The adapter output is scaled by alpha / rank (PEFT without rsLoRA)."""
-    dropout: float = 0.0
-    """Dropout on the adapter input only; the base path never sees it."""
-    target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
-    """PEFT-style patterns: a module matches if its name equals a pattern or ends with "." + pattern."""
-    exclude_audio: bool = False
-    """Give no adapter to audio-stream or audio<->video modules (see ``is_audio_module``)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoraConfig.rank must be an integer >= 1, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.target_modules, str):
-            raise ValueError(
-                f"LoraConfig.target_modules must be a sequence of patterns, got the string {self.target_modules!r}"
-            )
-        targets = tuple(self.target_modules)
-        if not targets or not all(isinstance(t, str) and t and not t.startswith(".") for t in targets):
-            raise ValueError(
-                f"LoraConfig.target_modules must be non-empty module-name patterns, got {self.target_modules!r}"
-            )
-        object.__setattr__(self, "target_modules", targets)  # a list from a CLI/JSON becomes a tuple
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-
 class LoRALinear(nn.Linear):
     """``y = x W^T + b + scaling * B(A(dropout(x)))``, keeping the base ``weight``/``bias`` Parameters.
 
-    The adapters may have their own dtype (e.g. fp32 adapters on a bf16 base): the adapter input is cast
-    to it and the adapter output back to the base output's dtype.
+    Adapter compute dtype: the adapters compute in the dtype of their input (the activation dtype: bf16 when
+    training on a bf16 base) and keep their own dtype as master weights (fp32 from ``train.py``): the small
+    ``A`` / ``B`` are cast to the input's dtype on each call, the gradients flow back to the fp32 masters, and
+    the optimizer updates those. This is the precision bf16 autocast (one process) and FSDP2's ``param_dtype``
+    (several) gave the adapters before, without the fp32 copy of every adapter input that autocast then cast
+    back to bf16 and kept for the backward (one token-sized bf16 tensor per adapter). The adapters never see
+    an fp32 activation on a bf16 base; on an fp32 base everything stays fp32.
+
+    Memory: the backward keeps only the adapter input itself (no copy when dropout is 0, so q/k/v adapters on
+    one input share it), the rank-``r`` intermediate and the cast adapter weights. Callers with several
+    adapters on one input pass one ``adapter_input(x)`` to all of them (one dropout draw, one saved tensor);
+    :meth:`forward_heads` takes an attention output as heads and per-head gates and recomputes the gated product
+    in the backward instead of keeping it.
     """
 
     def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dropout: float, dtype: torch.dtype | None = None):
@@ -116,10 +90,41 @@ class LoRALinear(nn.Linear):
         self.alpha = alpha
         self.scaling = alpha / rank
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        adapter_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        return y + (self.lora_B(self.lora_A(adapter_in)) * self.scaling).to(y.dtype)
+    def adapter_input(self, x: Tensor) -> Tensor:
+        """The adapters' input for base input ``x``: ``dropout(x)`` (``x`` itself without dropout)."""
+        return self.lora_dropout(x)
+
+    @property
+    def adapter_input_key(self) -> tuple[float, bool]:
+        """Adapters with equal keys accept one shared :meth:`adapter_input` (same dropout, same mode)."""
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return p, self.training
+
+    def forward(self, x: Tensor, adapter_input: Tensor | None = None) -> Tensor:
+        """``adapter_input``: a precomputed ``self.adapter_input(x)`` shared with other adapters on ``x``."""
+        y = self.base_linear(x)
+        adapter_in = self.adapter_input(x) if adapter_input is None else adapter_input
+        return y + self._up(F.linear(adapter_in, self.lora_A.weight.to(adapter_in.dtype)), y.dtype)
+
+    def forward_heads(self, heads_BTHd: Tensor, gate_BTH1: Tensor | None) -> Tensor:
+        """The layer applied to ``(heads * gate)`` flattened to ``[B, T, H * d]`` (an attention output with
+        optional per-head gates). The adapter keeps ``heads`` and ``gate`` (the attention keeps ``heads``
+        already) and recomputes their product in the backward, rather than keeping the product."""
+        merged_BTHd = heads_BTHd if gate_BTH1 is None else heads_BTHd * gate_BTH1
+        merged_BTD = merged_BTHd.reshape(*merged_BTHd.shape[:-2], -1)
+        if isinstance(self.lora_dropout, nn.Dropout) and self.training:
+            return self(merged_BTD)  # the dropped input has to be kept anyway
+        y = self.base_linear(merged_BTD)
+        hidden = _MergedHeadsLinear.apply(heads_BTHd, gate_BTH1, self.lora_A.weight.to(heads_BTHd.dtype))
+        return y + self._up(hidden, y.dtype)
+
+    def base_linear(self, x: Tensor) -> Tensor:
+        """The frozen base layer alone (a quantized base overrides it: ``ltxf.quantization``)."""
+        return F.linear(x, self.weight, self.bias)
+
+    def _up(self, hidden: Tensor, dtype: torch.dtype) -> Tensor:
+        # The scaling is folded into the (small) cast of B instead of a pass over the output.
+        return F.linear(hidden, (self.lora_B.weight * self.scaling).to(hidden.dtype)).to(dtype)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -144,6 +149,41 @@ def _fill_(param: Tensor, full: Tensor) -> None:
     if isinstance(param, DTensor):
         full = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
     param.copy_(full)
+
+
+class _MergedHeadsLinear(torch.autograd.Function):
+    """``(heads * gate).flatten(-2) @ A^T``, keeping ``heads`` and ``gate`` (not their product) for the backward.
+
+    ``heads`` ``[..., H, d]``, ``gate`` ``[..., H, 1]`` or None, ``A`` ``[r, H * d]``.
+    """
+
+    @staticmethod
+    def forward(heads, gate, weight):
+        merged = heads if gate is None else heads * gate
+        return F.linear(merged.reshape(*heads.shape[:-2], -1), weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        heads, gate, weight = inputs
+        ctx.save_for_backward(heads, gate, weight)
+
+    @staticmethod
+    def backward(ctx, grad_hidden):
+        heads, gate, weight = ctx.saved_tensors
+        need_heads, need_gate, need_weight = ctx.needs_input_grad
+        dtype = grad_hidden.dtype  # the forward's compute dtype (autocast may have chosen it)
+        grad_heads = grad_gate = grad_weight = None
+        if need_weight:
+            merged = heads if gate is None else heads * gate
+            grad_weight = (grad_hidden.flatten(0, -2).T @ merged.reshape(-1, weight.shape[1]).to(dtype))
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_heads or need_gate:
+            grad_merged = (grad_hidden @ weight.to(dtype)).view(heads.shape)
+            if need_heads:
+                grad_heads = (grad_merged if gate is None else grad_merged * gate).to(heads.dtype)
+            if need_gate:
+                grad_gate = (grad_merged * heads).sum(-1, keepdim=True, dtype=torch.float32).to(gate.dtype)
+        return grad_heads, grad_gate, grad_weight
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:

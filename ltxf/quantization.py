@@ -321,7 +321,9 @@ class QuantizedLinear(nn.Module):
 class QuantizedLoRALinear(LoRALinear):
     """LoRA on a :class:`QuantizedLinear` base: ``y = x dequant(W)^T + b + scaling * B(A(dropout(x)))``. Same keys
     as the base (``weight``, ``weight_scale``, ``bias``) plus ``lora_A.weight`` / ``lora_B.weight``, so the
-    exported adapters are exactly those of a bf16 base. Made by :func:`ltxf.lora.inject_lora`."""
+    exported adapters are exactly those of a bf16 base. Only the base path differs from ``LoRALinear``
+    (:meth:`base_linear`); the adapters' autograd (shared q/k/v input, recomputed gated heads) is LoRALinear's.
+    Made by :func:`ltxf.lora.inject_lora`."""
 
     def __init__(self, base: QuantizedLinear, *, rank: int, alpha: float, dropout: float,
                  dtype: torch.dtype | None = None) -> None:
@@ -340,11 +342,9 @@ class QuantizedLoRALinear(LoRALinear):
 
     _scaled_mm_ready = QuantizedLinear._scaled_mm_ready
 
-    def forward(self, x: Tensor) -> Tensor:
-        y = _QuantizedLinearFunction.apply(x, self.weight, self.weight_scale, self.bias, self.kind,
-                                           self._scaled_mm_ready(x))
-        adapter_in = self.lora_dropout(x).to(self.lora_A.weight.dtype)
-        return y + (self.lora_B(self.lora_A(adapter_in)) * self.scaling).to(y.dtype)
+    def base_linear(self, x: Tensor) -> Tensor:
+        return _QuantizedLinearFunction.apply(x, self.weight, self.weight_scale, self.bias, self.kind,
+                                              self._scaled_mm_ready(x))
 
 
 def enable_fp8_scaled_mm(model: nn.Module, enabled: bool = True) -> int:

@@ -157,6 +157,8 @@ def test_dropout_applies_to_adapter_input_only():
 
 
 def test_fp32_adapters_on_bf16_base():
+    """fp32 master adapters compute in the activation dtype (bf16): the same products bf16 autocast computes,
+    with fp32 gradients for the optimizer, and no fp32 copy of the input."""
     model = nn.Sequential(nn.Linear(8, 6, dtype=torch.bfloat16))
     inject_lora(model, LoraConfig(rank=2, target_modules=("0",)), dtype=torch.float32)
     layer = model[0]
@@ -165,11 +167,134 @@ def test_fp32_adapters_on_bf16_base():
     x = torch.randn(3, 8, dtype=torch.bfloat16)
     out = layer(x)
     assert out.dtype == torch.bfloat16
-    adapter = layer.scaling * (x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
-    expected = nn.functional.linear(x, layer.weight, layer.bias) + adapter.to(torch.bfloat16)
+    bf16 = torch.bfloat16
+    hidden = nn.functional.linear(x, layer.lora_A.weight.to(bf16))
+    expected = nn.functional.linear(x, layer.weight, layer.bias) + nn.functional.linear(
+        hidden, (layer.lora_B.weight * layer.scaling).to(bf16))
     assert torch.equal(out, expected)
+    with torch.autocast("cpu", dtype=bf16):
+        assert torch.equal(layer(x), out)
+    # Within bf16 rounding of the fp32 formula (values O(10): a few bf16 ulps).
+    adapter = layer.scaling * (x.float() @ layer.lora_A.weight.T @ layer.lora_B.weight.T)
+    reference = nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float()) + adapter
+    torch.testing.assert_close(out.float(), reference, rtol=2e-2, atol=0.1)
     out.float().sum().backward()
     assert layer.lora_A.weight.grad.dtype == torch.float32 and layer.weight.grad is None
+
+
+class _PlainLoRA(nn.Module):
+    """The textbook adapter on the same Parameters, through autograd (no shared input, no recompute)."""
+
+    def __init__(self, layer: LoRALinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lay = self.layer
+        adapter = lay.lora_B(lay.lora_A(lay.lora_dropout(x))) * lay.scaling
+        return nn.functional.linear(x, lay.weight, lay.bias) + adapter
+
+
+def _real_attention(gated: bool, seed: int = 0, *, lora: bool = True, dtype: torch.dtype = torch.float32):
+    """ltxf's attention (frozen, in ``dtype``) with fp32 rank-4 adapters on q/k/v/out and a non-zero B."""
+    from ltxf.models.attention import Attention as RealAttention
+
+    torch.manual_seed(seed)
+    attention = RealAttention(D, num_heads=2, head_dim=8, gated=gated).to(dtype)
+    attention.requires_grad_(False)
+    if lora:
+        inject_lora(attention, LoraConfig(rank=4, alpha=8), generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float32)
+        for name, param in attention.named_parameters():
+            if name.endswith("lora_B.weight"):
+                nn.init.normal_(param)
+    return attention
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("cross", [False, True])
+def test_attention_lora_shared_input_and_recomputed_heads_match_plain_autograd(gated, cross):
+    """The attention's LoRA path (q/k/v sharing one adapter input, to_out recomputing gate * heads in the
+    backward) gives the textbook adapter's outputs and gradients (fp32; tolerance: summation order only)."""
+    attention = _real_attention(gated)
+    if gated:
+        nn.init.normal_(attention.to_gate_logits.weight)
+        attention.to_gate_logits.requires_grad_(True)  # the gate's gradient flows through the recompute too
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 7, D, generator=gen, requires_grad=True)
+    context = torch.randn(2, 5, D, generator=gen, requires_grad=True) if cross else None
+    grad = torch.randn(2, 7, D, generator=gen)
+    results = []
+    for plain in (False, True):
+        if plain:
+            for name in ("to_q", "to_k", "to_v"):
+                setattr(attention, name, _PlainLoRA(getattr(attention, name)))
+            attention.to_out[0] = _PlainLoRA(attention.to_out[0])
+        params = [p for p in attention.parameters() if p.requires_grad]
+        inputs = [x] if context is None else [x, context]
+        out = attention(x, context)
+        results.append((out, *torch.autograd.grad(out, inputs + params, grad)))
+    for ours, plain in zip(*results, strict=True):
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_lora_shares_one_dropout_draw():
+    """With dropout, q, k and v see one dropped input (one draw, one kept tensor), not three."""
+    attention = _real_attention(gated=False)
+    for name in ("to_q", "to_k", "to_v", "to_out.0"):
+        attention.get_submodule(name).lora_dropout = nn.Dropout(0.5)
+    x = torch.randn(1, 6, D)
+    torch.manual_seed(5)
+    out = attention(x)
+    torch.manual_seed(5)
+    dropped = nn.functional.dropout(x, 0.5)
+    for name in ("to_q", "to_k", "to_v"):
+        layer = attention.get_submodule(name)
+        layer.lora_dropout = _FixedInput(dropped)
+    torch.manual_seed(5)
+    nn.functional.dropout(x, 0.5)  # the draw above, so that to_out's dropout sees the same generator state
+    torch.testing.assert_close(attention(x), out, rtol=0, atol=0)
+
+
+class _FixedInput(nn.Module):
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the unique storages autograd saves while ``fn()`` runs."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_attention_lora_keeps_one_copy_of_its_input(gated):
+    """bf16 self-attention with fp32 adapters on q/k/v/out keeps, per token, one bf16 copy of the shared input
+    plus the four rank-r intermediates beyond what the frozen attention keeps: no fp32 copies, and the heads and
+    gates of to_out are the attention's own saved tensors (their product is recomputed). Per token = the slope
+    between two token counts (the weights and their per-call casts are per call)."""
+    rank, bf16 = 4, torch.bfloat16
+    per_token = {}
+    for lora in (False, True):
+        attention = _real_attention(gated, lora=lora, dtype=bf16)
+        sizes = []
+        for tokens in (8, 24):
+            x = torch.randn(1, tokens, D, dtype=bf16, requires_grad=True)
+            sizes.append(_saved_bytes(lambda: attention(x)))  # noqa: B023
+        per_token[lora] = (sizes[1] - sizes[0]) / 16
+    assert per_token[True] - per_token[False] == D * 2 + 4 * rank * 2
 
 
 def test_training_changes_only_adapters():

@@ -18,7 +18,9 @@ from torch.optim import lr_scheduler
 
 from ltxf import optim
 
-SHAPES = {"a.weight": (64, 512), "b.weight": (16, 256), "c.bias": (10,), "d.weight": (32, 8)}
+# a: a weight / LoRA A (rows of whole blocks); e: a LoRA B [out, rank 32] (blocks of 8 whole rows).
+SHAPES = {"a.weight": (64, 512), "b.weight": (16, 256), "c.bias": (10,), "d.weight": (32, 8),
+          "e.lora_B.weight": (512, 32)}
 
 
 def _params(seed: int = 0) -> dict[str, torch.nn.Parameter]:
@@ -128,8 +130,12 @@ def test_key_mismatch_is_a_clear_error():
         tx.update(grads, state, params)
 
 
-def test_adamw_8bit_matches_bitsandbytes_adamw8bit():
+@pytest.mark.parametrize("chunk_numel", [None, 1 << 14])
+def test_adamw_8bit_matches_bitsandbytes_adamw8bit(chunk_numel, monkeypatch):
+    """Bit for bit, whether the multi-tensor update takes all parameters in one chunk or in several."""
     import bitsandbytes as bnb  # a declared dependency: a broken install must fail, not skip
+    if chunk_numel is not None:
+        monkeypatch.setattr(optim, "_CHUNK_NUMEL", chunk_numel)
     lr, num_steps = 1e-2, 6
     grads = _grads(num_steps)
     ref = _params()
@@ -141,7 +147,9 @@ def test_adamw_8bit_matches_bitsandbytes_adamw8bit():
     _assert_params_close(ours, ref)
 
     s8 = state[0]
-    assert sorted(s8.mu_absmax) == ["a.weight", "b.weight"]  # >= 4096 elements, rows multiple of 256
+    # >= 4096 elements and blocks aligned with rows: both LoRA adapters (A-like a, B-like e) are quantised
+    assert sorted(s8.mu_absmax) == ["a.weight", "b.weight", "e.lora_B.weight"]
+    assert s8.mu_absmax["e.lora_B.weight"].shape == (512 // 8, 1)
     for k, p in ref.items():
         bnb_state = opt.state[p]
         if k in s8.mu_absmax:
@@ -169,6 +177,59 @@ def test_adamw_8bit_tracks_fp32_adamw():
     for k in ("a.weight", "b.weight"):
         moved = (p32[k] - start[k]).norm()
         assert (p8[k] - p32[k]).norm() < 0.03 * moved, k
+
+
+class _KernelCounter:
+    """Counts the operators that do device work: dispatched ops that are not views and touch a tensor with at
+    least one dimension (the step counters are 0-d CPU tensors: host bookkeeping, not kernels)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        counter = self
+        self.count = 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+                if not func.is_view and any(t.dim() > 0 for t in tensors):
+                    counter.count += 1
+                return out
+
+        self.mode = Mode()
+
+
+def test_adamw_8bit_is_a_multi_tensor_update_with_both_adapters_quantised():
+    """LoRA rank 32 on the attention projections of two LTX-2.3 blocks at real width (48 adapters, 4.5 M
+    elements per block): every lora_A and lora_B gets 8-bit moments, and a whole step (clip, 8-bit Adam,
+    weight decay, learning rate, apply) issues at most 80 kernels per block (per-parameter updates issued
+    about 440, with only lora_A quantised)."""
+    from ltxf.lora import LoraConfig, inject_lora, lora_parameters
+    from ltxf.models.transformer import AVTransformer, TransformerConfig
+
+    # The defaults are the official widths; these two switches make it LTX-2.3.
+    config = TransformerConfig(version="ltx-2.3", num_layers=2, apply_gated_attention=True,
+                               cross_attention_adaln=True)
+    with torch.device("meta"):
+        model = AVTransformer(config)
+    inject_lora(model, LoraConfig(rank=32, alpha=32), dtype=torch.float32)
+    shapes = {k: tuple(p.shape) for k, p in lora_parameters(model).items()}
+    assert len(shapes) == 2 * 48
+    gen = torch.Generator().manual_seed(0)
+    params = {k: torch.nn.Parameter(torch.randn(s, generator=gen) * 0.01) for k, s in shapes.items()}
+    tx = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw_8bit(1e-4))
+    state = tx.init(params)
+    assert sorted(state[1][0].mu_absmax) == sorted(shapes)  # both adapters of every module
+    counter = _KernelCounter()
+    for _ in range(2):
+        grads = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+        counter.count = 0
+        with counter.mode:
+            updates, state = tx.update(grads, state, params)
+            optim.apply_updates(params, updates)
+        assert 0 < counter.count / config.num_layers <= 80, counter.count
 
 
 @pytest.mark.parametrize("kind", ["adamw", "adamw_8bit"])
@@ -270,7 +331,8 @@ def test_make_schedule_errors(kwargs, match):
 
 # -------------------------------------------------------------------------------------- DTensor, 2 CPU ranks
 
-DIST_SHAPES = {"a": (71, 512), "b": (9, 256), "c": (33, 256), "e": (5,)}  # uneven row shards on 2 ranks
+# uneven row shards on 2 ranks; f: a LoRA B (rank 32, blocks of 8 rows) in shards of 256 rows
+DIST_SHAPES = {"a": (71, 512), "b": (9, 256), "c": (33, 256), "e": (5,), "f": (512, 32)}
 
 
 def _dist_worker(rank: int, world_size: int, tmp: str) -> None:
@@ -305,6 +367,12 @@ def _dist_worker(rank: int, world_size: int, tmp: str) -> None:
             if name == "adamw_8bit":
                 assert all(isinstance(t, DTensor) for t in opt_state[1][0].mu_absmax.values())
                 dcp.save(state_to_dict(state), checkpoint_id=f"{tmp}/ckpt")
+        # 24 rows of 32 in shards of 12 rows would cut the 8-row blocks: refused, on every rank alike.
+        cut = {"g": torch.nn.Parameter(distribute_tensor(torch.zeros(24, 32), mesh, [Shard(0)]))}
+        try:
+            optim.scale_by_adam_8bit(min_8bit_size=256).init(cut)
+        except ValueError as exc:
+            results["cut_error"] = str(exc)
         if rank == 0:
             torch.save(results, f"{tmp}/results.pt")
     finally:
@@ -325,6 +393,7 @@ def test_dtensor_params_two_ranks_match_single_process_and_dcp_reshards(tmp_path
 
     mp.spawn(_dist_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     results = torch.load(tmp_path / "results.pt")
+    assert "cuts its 8-bit blocks of 8 rows" in results.pop("cut_error", "")
 
     gen = torch.Generator().manual_seed(0)
     full = {k: torch.randn(s, generator=gen) for k, s in DIST_SHAPES.items()}

@@ -16,7 +16,7 @@ from torch import nn
 
 from experiments.presets import demo
 from ltxf.config import ModelConfig
-from ltxf.demo import demo_checkpoint_config, write_random_checkpoint
+from ltxf.demo import demo_checkpoint_config, prepare_demo, write_random_checkpoint
 from ltxf.lora import LoraConfig, inject_lora, lora_state_dict, merge_lora
 from ltxf.models.checkpoint import TRANSFORMER_PREFIX, write_checkpoint
 from ltxf.models.transformer import load_transformer
@@ -246,7 +246,7 @@ def demo_losses(tmp_path_factory) -> dict[str, tuple[float, ...]]:
                       log=replace(base.log, every=1), checkpoints=replace(base.checkpoints, interval=None),
                       validation=replace(base.validation, interval=None if quantization != "nf4" else 24,
                                          skip_initial_validation=True))
-        result = main(cfg)
+        result = main(prepare_demo(cfg))
         losses[quantization] = result.losses
         if quantization == "nf4":
             export = result.export_path
@@ -300,8 +300,9 @@ def test_quantized_base_under_fsdp_and_checkpointing(tmp_path):
                   parallel=replace(base.parallel, data_parallel="fsdp", activation_checkpointing=True),
                   log=replace(base.log, every=1), checkpoints=replace(base.checkpoints, interval=None),
                   validation=replace(base.validation, interval=None))
-    losses = main(cfg).losses
+    losses = main(prepare_demo(cfg)).losses
     # Same schedule length matters for the lr: compare with a 4-step plain run of the same config.
-    plain = main(replace(cfg, output_dir=tmp_path / "plain",
-                         parallel=replace(base.parallel, data_parallel="replicate", activation_checkpointing=False)))
+    plain = main(prepare_demo(replace(cfg, output_dir=tmp_path / "plain",
+                                      parallel=replace(base.parallel, data_parallel="replicate",
+                                                       activation_checkpointing=False))))
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain.losses), rtol=1e-5, atol=0)

@@ -54,8 +54,11 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         x_norm = x.float() * rstd
         grad_weight = None
-        if weight is not None:
+        if ctx.needs_input_grad[1]:  # a frozen q/k norm (LoRA) skips this reduction over all tokens
             grad_weight = (grad * x_norm).flatten(0, -2).sum(0, dtype=torch.float32).to(weight.dtype)
+        if not ctx.needs_input_grad[0]:
+            return None, grad_weight, None
+        if weight is not None:
             grad = grad * weight
         # d/dx of x * rstd: rstd * (g - x_norm * mean(g * x_norm)), in float32.
         projection = (grad * x_norm).mean(-1, keepdim=True, dtype=torch.float32)
@@ -74,6 +77,24 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+
+def _project(x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """Apply each layer to ``x``. LoRA layers (those with ``adapter_input``, see ``ltxf.lora.LoRALinear``) with
+    equal ``adapter_input_key`` share one prepared adapter input: one dropout draw, one tensor kept for the
+    backward, instead of one per projection."""
+    shared: dict = {}
+    outputs = []
+    for layer in layers:
+        prepare = getattr(layer, "adapter_input", None)
+        if prepare is None:
+            outputs.append(layer(x))
+            continue
+        key = layer.adapter_input_key
+        if key not in shared:
+            shared[key] = prepare(x)
+        outputs.append(layer(x, adapter_input=shared[key]))
+    return outputs
 
 
 class Attention(nn.Module):
@@ -150,9 +171,13 @@ class Attention(nn.Module):
         shape_q = (batch, num_q, self.num_heads, self.head_dim)
         shape_kv = (batch, num_kv, self.num_heads, self.head_dim)
 
-        q_BTD = self.q_norm(self.to_q(x_BTC))
-        k_BSD = self.k_norm(self.to_k(context_BSC))
-        v_BSD = self.to_v(context_BSC)
+        if context_BSC is x_BTC:
+            q_BTD, k_BSD, v_BSD = _project(x_BTC, (self.to_q, self.to_k, self.to_v))
+        else:
+            (q_BTD,) = _project(x_BTC, (self.to_q,))
+            k_BSD, v_BSD = _project(context_BSC, (self.to_k, self.to_v))
+        q_BTD = self.q_norm(q_BTD)
+        k_BSD = self.k_norm(k_BSD)
         if rope is not None:
             q_BTD = apply_rope(q_BTD, *rope, self.rope_type)
             k_BSD = apply_rope(k_BSD, *(rope if k_rope is None else k_rope), self.rope_type)
@@ -172,7 +197,12 @@ class Attention(nn.Module):
                 raise ValueError(f"value_passthrough_B needs as many keys as queries (self-attention); got "
                                  f"{num_kv} keys for {num_q} queries")
             out_BTHd = torch.where(value_passthrough_B.view(batch, 1, 1, 1), v_BSD.view(shape_kv), out_BTHd)
+        gate_BTH1 = None
         if self.to_gate_logits is not None:
             gate_BTH1 = 2.0 * torch.sigmoid(self.to_gate_logits(x_BTC)).unsqueeze(-1)
+        to_out = self.to_out[0]
+        if hasattr(to_out, "forward_heads"):  # a LoRA projection: keeps heads and gates, not their product
+            return to_out.forward_heads(out_BTHd, gate_BTH1)
+        if gate_BTH1 is not None:
             out_BTHd = out_BTHd * gate_BTH1
-        return self.to_out[0](out_BTHd.reshape(batch, num_q, self.num_heads * self.head_dim))
+        return to_out(out_BTHd.reshape(batch, num_q, self.num_heads * self.head_dim))

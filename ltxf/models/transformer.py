@@ -525,7 +525,9 @@ class _ModulatedRMSNorm(torch.autograd.Function):
     """``rms_norm(x) * scale[index] + shift[index]``; saves ``x`` and the per-token reciprocal RMS only.
 
     Returns ``(y, rstd)``; ``rstd`` is a non-differentiable by-product, output so that it can be saved. In-place
-    ops below only touch temporaries created here.
+    ops below only touch temporaries created here. Saves and computes only what the inputs that need a gradient
+    require (``ctx.needs_input_grad``): with a frozen AdaLN (LoRA) the scale and shift get no gradient, and their
+    token reductions are skipped.
     """
 
     @staticmethod
@@ -538,25 +540,37 @@ class _ModulatedRMSNorm(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x_BTD, scale_BKD, shift_BKD, index_BT, _ = inputs
+        need_x, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.mark_non_differentiable(output[1])
-        ctx.save_for_backward(x_BTD, output[1], scale_BKD, index_BT)
-        ctx.shift_shape = shift_BKD.shape
+        # x and rstd feed the gradients of x and scale; scale only that of x; the shift's needs the index only.
+        ctx.save_for_backward(x_BTD if need_x or need_scale else None,
+                              output[1] if need_x or need_scale else None,
+                              scale_BKD if need_x else None, index_BT)
+        ctx.scale_shape, ctx.shift_shape = scale_BKD.shape, shift_BKD.shape
 
     @staticmethod
     def backward(ctx, grad_BTD, _grad_rstd):
         x_BTD, rstd_BT1, scale_BKD, index_BT = ctx.saved_tensors
+        need_x, need_scale, need_shift = ctx.needs_input_grad[:3]
+        grad_x = grad_scale = grad_shift = None
+        if need_shift:
+            grad_shift = _sum_per_row(grad_BTD, index_BT, ctx.shift_shape)
+        if not (need_x or need_scale):
+            return grad_x, grad_scale, grad_shift, None, None
         x_norm = x_BTD * rstd_BT1
-        grad_scale = _sum_per_row(grad_BTD * x_norm.to(grad_BTD.dtype), index_BT, scale_BKD.shape)
-        grad_shift = _sum_per_row(grad_BTD, index_BT, ctx.shift_shape)
-        grad_norm = grad_BTD * _rows_per_token(scale_BKD, index_BT)
-        # d rms_norm: rstd * (g - x_norm * mean(g * x_norm)), computed in float32.
-        projection_BT1 = (grad_norm * x_norm).mean(-1, keepdim=True, dtype=torch.float32)
-        grad_x = grad_norm.float().addcmul_(x_norm, projection_BT1, value=-1.0).mul_(rstd_BT1)
-        return grad_x.to(x_BTD.dtype), grad_scale, grad_shift, None, None
+        if need_scale:
+            grad_scale = _sum_per_row(grad_BTD * x_norm.to(grad_BTD.dtype), index_BT, ctx.scale_shape)
+        if need_x:
+            grad_norm = grad_BTD * _rows_per_token(scale_BKD, index_BT)
+            # d rms_norm: rstd * (g - x_norm * mean(g * x_norm)), computed in float32.
+            projection_BT1 = (grad_norm * x_norm).mean(-1, keepdim=True, dtype=torch.float32)
+            grad_x = grad_norm.float().addcmul_(x_norm, projection_BT1, value=-1.0).mul_(rstd_BT1).to(x_BTD.dtype)
+        return grad_x, grad_scale, grad_shift, None, None
 
 
 class _GatedAdd(torch.autograd.Function):
-    """``x + out * gate[index]``; saves ``out`` and the gate rows only."""
+    """``x + out * gate[index]``; saves the gate rows if ``out`` needs a gradient and ``out`` if the gate does
+    (with a frozen AdaLN, LoRA, ``out`` is not kept)."""
 
     @staticmethod
     def forward(x_BTD, out_BTD, gate_BKD, index_BT):
@@ -565,14 +579,17 @@ class _GatedAdd(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         _, out_BTD, gate_BKD, index_BT = inputs
-        ctx.save_for_backward(out_BTD, gate_BKD, index_BT)
+        need_out, need_gate = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        ctx.save_for_backward(out_BTD if need_gate else None, gate_BKD if need_out else None, index_BT)
+        ctx.gate_shape = gate_BKD.shape
 
     @staticmethod
     def backward(ctx, grad_BTD):
         out_BTD, gate_BKD, index_BT = ctx.saved_tensors
-        grad_out = grad_BTD * _rows_per_token(gate_BKD, index_BT)
-        grad_gate = _sum_per_row(grad_BTD * out_BTD, index_BT, gate_BKD.shape)
-        return grad_BTD, grad_out, grad_gate, None
+        need_x, need_out, need_gate = ctx.needs_input_grad[:3]
+        grad_out = grad_BTD * _rows_per_token(gate_BKD, index_BT) if need_out else None
+        grad_gate = _sum_per_row(grad_BTD * out_BTD, index_BT, ctx.gate_shape) if need_gate else None
+        return grad_BTD if need_x else None, grad_out, grad_gate, None
 
 
 def _modulated_rms(x_BTD: torch.Tensor, scale_BKD: torch.Tensor, shift_BKD: torch.Tensor,

@@ -166,3 +166,48 @@ def test_rms_norm_matches_torch(with_weight, dtype):
     torch.testing.assert_close(gx_o, gx_t, **tol)
     if with_weight:
         torch.testing.assert_close(gw_o, gw_t, **tol)
+
+
+def _plain_modulated_rms(x, scale_BKD, shift_BKD, index_BT, eps):
+    def per_token(rows):
+        return rows if index_BT is None else rows.flatten(0, 1)[index_BT]
+    return F.rms_norm(x, (x.shape[-1],), eps=eps) * per_token(scale_BKD) + per_token(shift_BKD)
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, False),
+                                   (False, False, True), (True, False, True)])
+def test_modulation_functions_match_autograd_for_every_needed_gradient(indexed, needs):
+    """The fused AdaLN norm and gated residual give plain autograd's gradients for whichever inputs need one
+    (fp32; summation order only), and keep only the tensors those gradients need: with a frozen gate (LoRA)
+    the gated residual keeps nothing token-sized."""
+    from ltxf.models.transformer import _gated_add, _modulated_rms
+
+    g = torch.Generator().manual_seed(0)
+    B, T, D, K = 2, 9, 16, 3
+    index = torch.randint(0, B * K, (B, T), generator=g) if indexed else None
+    rows = (B, K, D) if indexed else (B, 1, D)
+    x, scale, shift = torch.randn(B, T, D, generator=g), torch.randn(rows, generator=g), torch.randn(rows, generator=g)
+    out, grad = torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g)
+    for fused, plain, inputs in (
+        (lambda a, b, c: _modulated_rms(a, b, c, index, 1e-6), lambda a, b, c: _plain_modulated_rms(a, b, c, index,
+                                                                                                   1e-6),
+         (x, scale, shift)),
+        (lambda a, b, c: _gated_add(a, b, c, index),
+         lambda a, b, c: a + b * (c if index is None else c.flatten(0, 1)[index]), (x, out, shift)),
+    ):
+        if not any(needs):
+            continue
+        results = []
+        for fn in (fused, plain):
+            leaves = [t.clone().requires_grad_(n) for t, n in zip(inputs, needs, strict=True)]
+            result = fn(*leaves)
+            wanted = [t for t in leaves if t.requires_grad]
+            results.append((result, *torch.autograd.grad(result, wanted, grad)))
+        for ours, reference in zip(*results, strict=True):
+            torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _gated_add(x.clone().requires_grad_(), out.clone().requires_grad_(), shift, index)
+    assert all(t.numel() < B * T * D for t in saved)
