@@ -84,6 +84,7 @@ __all__ = [
     "load_quantized_transformer",
     "quantize_model_",
     "quantize_state_dict",
+    "quantize_unit_",
     "quantize_weight",
     "quantized_module_names",
     "signal_to_noise_db",
@@ -340,6 +341,23 @@ class QuantizedLoRALinear(LoRALinear):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
 
+    @classmethod
+    def from_lora(cls, module: LoRALinear, kind: str) -> QuantizedLoRALinear:
+        """Quantize the base of a materialised ``LoRALinear``; the adapters (the same Parameter objects, so a
+        ``TrainState`` holding them stays valid) move over unchanged."""
+        base = QuantizedLinear.from_linear(module, kind)
+        adapted = cls.__new__(cls)
+        nn.Module.__init__(adapted)
+        adapted.in_features, adapted.out_features, adapted.kind = base.in_features, base.out_features, kind
+        adapted.use_scaled_mm = False
+        adapted.register_buffer("weight", base.weight)
+        adapted.register_buffer("weight_scale", base.weight_scale)
+        adapted.register_parameter("bias", base.bias)
+        adapted.lora_A, adapted.lora_B, adapted.lora_dropout = module.lora_A, module.lora_B, module.lora_dropout
+        adapted.rank, adapted.alpha, adapted.scaling = module.rank, module.alpha, module.scaling
+        adapted.train(module.training)
+        return adapted
+
     _scaled_mm_ready = QuantizedLinear._scaled_mm_ready
 
     def base_linear(self, x: Tensor) -> Tensor:
@@ -370,6 +388,39 @@ def quantize_model_(model: nn.Module, kind: str) -> list[str]:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantizedLinear.from_linear(parent.get_submodule(child), kind))
     return names
+
+
+@torch.no_grad()
+def quantize_unit_(unit_name: str, unit: nn.Module, kind: str) -> list[str]:
+    """Quantize, in place, the quantizable layers of one loaded unit (a transformer block, or ``""`` for the rest of
+    the model) whose full names are ``unit_name + "." + child``: ``nn.Linear`` -> :class:`QuantizedLinear`,
+    ``LoRALinear`` -> :class:`QuantizedLoRALinear` (adapters kept). The full-precision weights are dropped, so
+    called after each unit of a block-by-block load (the ``on_unit`` hook of ``ltxf.models.materialize``) the
+    peak stays one unit in high precision. Not for FSDP2-sharded units (it replaces modules). Returns the
+    converted full names."""
+    if kind not in BLOCK_SIZES:
+        raise ValueError(f"quantize_unit_: unknown quantization {kind!r}; expected one of {tuple(BLOCK_SIZES)}")
+    prefix = f"{unit_name}." if unit_name else ""
+    converted = []
+    modules = list(unit.named_modules())
+    adapter_parts = {f"{n}.{c}" for n, m in modules if isinstance(m, LoRALinear) for c, _ in m.named_modules() if c}
+    for name, module in modules:
+        full_name = prefix + name
+        if not name or name in adapter_parts or _keep_high_precision(full_name) \
+                or isinstance(module, (QuantizedLinear, QuantizedLoRALinear)):
+            continue
+        if unit_name == "" and name.startswith("transformer_blocks."):
+            continue  # the remainder unit: blocks are units of their own
+        if isinstance(module, LoRALinear):
+            replacement = QuantizedLoRALinear.from_lora(module, kind)
+        elif isinstance(module, nn.Linear):
+            replacement = QuantizedLinear.from_linear(module, kind)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(unit.get_submodule(parent_name) if parent_name else unit, child, replacement)
+        converted.append(full_name)
+    return converted
 
 
 # -------------------------------------------------------------------------------------------------------------

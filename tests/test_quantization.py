@@ -29,6 +29,7 @@ from ltxf.quantization import (
     dequantize_weight,
     load_quantized_transformer,
     model_weight_bytes,
+    quantize_unit_,
     quantize_weight,
     quantized_module_names,
     signal_to_noise_db,
@@ -306,3 +307,27 @@ def test_quantized_base_under_fsdp_and_checkpointing(tmp_path):
                                       parallel=replace(base.parallel, data_parallel="replicate",
                                                        activation_checkpointing=False))))
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain.losses), rtol=1e-5, atol=0)
+
+
+def test_quantize_unit_after_lora_injection_matches_the_quantized_loader(demo_checkpoint):
+    """The per-unit hook (for a meta-build / inject / load pipeline): quantizing each loaded unit of an injected model
+    gives the layers the block-by-block loader gives, keeps the adapter Parameter objects, and the same output."""
+    cfg = LoraConfig(rank=4, alpha=4, target_modules=("to_q", "to_v", "ff.net.2"))
+    hooked = load_transformer(demo_checkpoint, dtype=torch.float32)
+    inject_lora(hooked, cfg, generator=torch.Generator().manual_seed(0))
+    adapters = dict(hooked.named_parameters())
+    converted = []
+    for i, block in enumerate(hooked.transformer_blocks):
+        converted += quantize_unit_(f"transformer_blocks.{i}", block, "int8")
+    converted += quantize_unit_("", hooked, "int8")
+    loaded = load_quantized_transformer(demo_checkpoint, "int8", dtype=torch.float32)
+    inject_lora(loaded, cfg, generator=torch.Generator().manual_seed(0))
+    assert sorted(converted) == quantized_module_names(load_transformer(demo_checkpoint))
+    hooked_sd, loaded_sd = hooked.state_dict(), loaded.state_dict()
+    assert list(hooked_sd) == list(loaded_sd)
+    for key in hooked_sd:
+        assert torch.equal(hooked_sd[key], loaded_sd[key]), key
+    for name, param in hooked.named_parameters():
+        if ".lora_" in name:
+            assert param is adapters[name]
+    assert isinstance(hooked.get_submodule("transformer_blocks.0.attn1.to_q"), QuantizedLoRALinear)
