@@ -11,7 +11,7 @@ Components (bytes on one device, batch ``optim.batch_size``, one process or repl
 - ``activations``: saved-for-backward bytes from per-token-per-block constants measured at real width on CPU with
   saved-tensor hooks (:data:`SAVED_BYTES_PER_BLOCK`), times the tokens of the resolution; with activation
   checkpointing each checkpointed block keeps only its two stream inputs and one block is recomputed at a time.
-  Plus the per-forward stream inputs (RoPE tables, context, modulation) and the output heads.
+  Plus what the output heads save, and the per-forward stream inputs (RoPE tables, text context).
 - ``backward workspace``: gradients in flight through the block being back-propagated and the dequantized weight
   of the largest quantized layer (an estimate; ``tools/gpu_check.py`` compares the total with a CUDA peak).
 - ``batch``: the latents and text features of one batch.
@@ -47,15 +47,16 @@ OPTIMIZER_8BIT_BLOCK = 256
 # over two token counts; ``per_text_token`` is the slope of the constant over two text lengths (32 and 160);
 # ``constant`` the rest. Modes: ``lora`` (rank 32 on to_q/to_k/to_v/to_out.0, fp32 adapters under bf16 autocast),
 # ``full`` (every block weight trainable), ``floor`` (no trainable weight in the block, input needs a gradient).
-# Measured with (mem's tools/bench_memory.py):
+# Measured (lean LoRA autograd) with:
 #   OMP_NUM_THREADS=1 python tools/bench_memory.py --model-config ../shared/reference/configs/ltx-2.3-22b-config.json \
 #       --json --modes lora full floor [--text-tokens 160]
+# (per_text_token = difference of the two runs' constants / 128; constant = the 32-token run's minus 32 of them).
 SAVED_BYTES_PER_BLOCK: dict[str, dict[str, float]] = {
-    "lora": {"per_video_token": 275880.0, "per_audio_token": 153000.0, "per_text_token": 61704.0,
+    "lora": {"per_video_token": 198056.0, "per_audio_token": 112040.0, "per_text_token": 49416.0,
              "constant": 8753152.0},
     "full": {"per_video_token": 291624.0, "per_audio_token": 160552.0, "per_text_token": 49160.0,
              "constant": 626688.0},
-    "floor": {"per_video_token": 197416.0, "per_audio_token": 111400.0, "per_text_token": 24576.0,
+    "floor": {"per_video_token": 164648.0, "per_audio_token": 95016.0, "per_text_token": 24576.0,
               "constant": 626688.0},
 }
 SAVED_BYTES_REFERENCE_WIDTH = 4096
@@ -291,11 +292,13 @@ def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 
     if num_ckpt:
         activations += one_block  # the block being recomputed
     components["activations (blocks)"] = activations
-    # Per forward, shared by every block: RoPE cos/sin tables (float32, self and cross), the text context of each
-    # stream, and the output heads' saved inputs.
+    # The output heads save their normed input and its scale: two stream-sized tensors per stream.
+    components["activations (heads)"] = 2 * stream_inputs
+    # Per forward, alive for the whole step and shared by every block (not saved tensors): RoPE cos/sin tables
+    # (float32, self and cross attention) and the text context of each stream.
     rope = 4 * 2 * (video_tokens * (width + audio_width) + audio_tokens * 2 * audio_width)
     context = act_bytes * text_tokens * (width + (audio_width if with_audio else 0))
-    components["stream inputs + heads"] = batch * (rope + context) + 2 * stream_inputs
+    components["RoPE tables + context"] = batch * (rope + context)
 
     largest = _largest_quantized_layer(config, quantization)
     dequant = largest * (4 if quantization == "nf4" else 2) if quantization != "none" else 0

@@ -85,7 +85,7 @@ def _two_block_model() -> tuple[AVTransformer, TransformerConfig]:
 def test_activations_match_a_real_width_measurement():
     """Real-width LTX-2.3 with 2 blocks, LoRA r32 on the attention projections, fp32 adapters under bf16 autocast (as
     train.py runs it), no checkpointing: the bytes saved for backward (saved-tensor hooks, unique storages, weights
-    excluded) at two token counts are within 10 % of the planner's activations (blocks + stream inputs and heads)."""
+    excluded) at two token counts are within 10 % of the planner's activations (blocks + output heads)."""
     model, config = _two_block_model()
     base = ltx2_av_lora()
     cfg = replace(base, parallel=replace(base.parallel, activation_checkpointing=False))
@@ -95,7 +95,7 @@ def test_activations_match_a_real_width_measurement():
         measured = measure_saved_bytes(model, video, audio, autocast_dtype=torch.bfloat16)
         plan = plan_memory(cfg, config, Resolution(width=32, height=32, frames=1), tokens=(video_tokens, audio_tokens),
                            text_tokens=32)
-        predicted = plan.components["activations (blocks)"] + plan.components["stream inputs + heads"]
+        predicted = plan.components["activations (blocks)"] + plan.components["activations (heads)"]
         print(f"{video_tokens} video / {audio_tokens} audio tokens: measured {measured:,} predicted {predicted:,.0f} "
               f"({predicted / measured - 1:+.1%})")
         assert abs(predicted / measured - 1) <= 0.10
