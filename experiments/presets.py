@@ -64,7 +64,7 @@ def ltx2_av_lora_24gb() -> TrainConfig:
 
 def ltx2_av_lora_16gb() -> TrainConfig:
     """Audio-video LoRA for a 16 GB card: ltx2_av_lora_24gb plus block swap (the frozen weights of 32 of the 48
-    blocks wait in host memory, two in flight); planned peak 13.75 GiB at 768x512x49 with audio."""
+    blocks wait in host memory, two in flight); planned peak about 13.5 GiB at 768x512x49 with audio."""
     cfg = ltx2_av_lora_24gb()
     return replace(cfg, parallel=replace(cfg.parallel, blocks_to_swap=32), output_dir=Path("outputs/ltx2_av_lora_16gb"))
 
