@@ -391,21 +391,38 @@ class ParallelConfig:
     process and all-reduces gradients, 'auto' uses replicate for LoRA and fsdp for full fine-tuning."""
 
     activation_checkpointing: bool = True
-    """Recompute each transformer block in the backward pass to save activation memory."""
+    """Recompute transformer blocks in the backward pass to save activation memory (which blocks: below)."""
+
+    checkpoint_every: int = 1
+    """With activation_checkpointing: recompute every k-th block (0, k, 2k, ...); 1 = every block."""
+
+    checkpoint_first: int | None = None
+    """With activation_checkpointing: recompute only the first N blocks (instead of checkpoint_every)."""
+
+    blocks_to_swap: int = 0
+    """LoRA: keep the frozen weights of the last N blocks in pinned host memory, copied to the device one block
+    ahead of use (ltxf/block_swap.py). Saves memory only for checkpointed blocks; not with FSDP or compile."""
 
     compile: bool = False
     """torch.compile each transformer block (CUDA only)."""
-
-    blocks_to_swap: int = 0
-    """Keep the frozen weights of this many transformer blocks in host memory and copy each to the device just
-    before use (LoRA only; planned by tools/plan_memory.py)."""
 
     reduce_dtype: DType = "float32"
     """Dtype of gradient reduction across processes."""
 
     def __post_init__(self) -> None:
-        if self.blocks_to_swap < 0:
-            raise ValueError(f"parallel.blocks_to_swap must be >= 0, got {self.blocks_to_swap}")
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 1:
+            raise ValueError(f"parallel.checkpoint_every must be an integer >= 1, got {self.checkpoint_every!r}")
+        if self.checkpoint_first is not None and (not isinstance(self.checkpoint_first, int)
+                                                  or self.checkpoint_first < 0):
+            raise ValueError(f"parallel.checkpoint_first must be an integer >= 0 or None, got "
+                             f"{self.checkpoint_first!r}")
+        if self.checkpoint_first is not None and self.checkpoint_every != 1:
+            raise ValueError("parallel.checkpoint_first and parallel.checkpoint_every select the checkpointed "
+                             "blocks in two different ways; set only one of them")
+        if isinstance(self.blocks_to_swap, bool) or not isinstance(self.blocks_to_swap, int) \
+                or self.blocks_to_swap < 0:
+            raise ValueError(f"parallel.blocks_to_swap must be an integer >= 0, got {self.blocks_to_swap!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -222,18 +222,14 @@ def _setting(cfg: Any, section: str, name: str, default: Any) -> Any:
     return getattr(getattr(cfg, section), name, default)
 
 
-def num_checkpointed_blocks(cfg: Any, num_layers: int) -> int:
-    """How many blocks activation checkpointing recomputes (all or none; selective modes when the config has them:
-    ``parallel.checkpoint_every`` k or ``parallel.checkpoint_first`` N)."""
+def checkpointed_block_indices(cfg: Any, num_layers: int) -> list[int]:
+    """The blocks activation checkpointing recomputes (``parallel.checkpoint_every`` / ``checkpoint_first``)."""
     if not cfg.parallel.activation_checkpointing:
-        return 0
-    every = _setting(cfg, "parallel", "checkpoint_every", None)
-    first = _setting(cfg, "parallel", "checkpoint_first", None)
-    if first:
-        return min(int(first), num_layers)
-    if every:
-        return len(range(0, num_layers, int(every)))
-    return num_layers
+        return []
+    from ltxf.parallel import checkpointed_blocks
+
+    return checkpointed_blocks(num_layers, every=_setting(cfg, "parallel", "checkpoint_every", 1),
+                               first=_setting(cfg, "parallel", "checkpoint_first", None))
 
 
 def connectors_on_device(cfg: Any) -> bool:
@@ -264,9 +260,13 @@ def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 
     if swap and full:
         raise ValueError("parallel.blocks_to_swap swaps frozen weights: it needs model.training_mode='lora'")
     label = "transformer weights" + (f" ({quantization})" if quantization != "none" else f" ({cfg.model.dtype})")
-    swapped = sum(sorted(per_block)[-swap:]) if swap else 0
-    in_flight = sum(sorted(per_block)[-min(swap, 2):]) if swap else 0
-    components[label] = total_weights - swapped + in_flight
+    checkpointed = checkpointed_block_indices(cfg, tc.num_layers)
+    # The last ``swap`` blocks live on the host; only checkpointed ones free their device copy after the forward
+    # (ltxf/block_swap.py), and two are on the device at a time (the running block and the prefetched one).
+    off_device = [i for i in range(tc.num_layers - swap, tc.num_layers) if i in set(checkpointed)]
+    in_flight = 2 * max(per_block) if off_device else 0
+    components[label] = total_weights - sum(per_block[i] for i in off_device) + min(
+        in_flight, sum(per_block[i] for i in off_device))
     connectors = connector_bytes(config, dtype=torch.float32 if cfg.model.train_connectors else compute_dtype)
     components["text connectors"] = connectors if connectors_on_device(cfg) else 0
 
@@ -286,7 +286,7 @@ def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 
     width, audio_width = tc.inner_dim, tc.audio_inner_dim
     one_block = batch * block_saved_bytes(mode, video_tokens=video_tokens, audio_tokens=audio_tokens,
                                           text_tokens=text_tokens, width=width)
-    num_ckpt = num_checkpointed_blocks(cfg, tc.num_layers)
+    num_ckpt = len(checkpointed)
     stream_inputs = batch * act_bytes * (video_tokens * width + audio_tokens * audio_width)
     activations = num_ckpt * stream_inputs + (tc.num_layers - num_ckpt) * one_block
     if num_ckpt:

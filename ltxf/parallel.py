@@ -65,12 +65,40 @@ def barrier() -> None:
         dist.barrier()
 
 
-def apply_ac(blocks: nn.ModuleList) -> None:
-    """Recompute each block in backward (non-reentrant, so no input needs ``requires_grad``)."""
+def checkpointed_blocks(num_blocks: int, *, every: int = 1, first: int | None = None) -> list[int]:
+    """Indices of the blocks to recompute: every ``every``-th block (0, k, 2k, ...), or the first ``first``."""
+    if first is not None:
+        return list(range(min(first, num_blocks)))
+    return list(range(0, num_blocks, every))
+
+
+def apply_ac(blocks: nn.ModuleList, indices: list[int] | None = None, *, for_compile: bool = False) -> None:
+    """Recompute the blocks at ``indices`` (None: all) in backward (non-reentrant: no input needs a gradient).
+
+    Eager: the composable ``checkpoint`` (hooks around each block's call; the recomputation calls the block
+    again, so anything wrapped around its forward, e.g. ``ltxf.block_swap``, runs again too).
+
+    ``for_compile=True``: the block's forward itself runs under ``torch.utils.checkpoint.checkpoint``, to be
+    compiled afterwards (``apply_compile``). Order: checkpointing first, then compile, so that the checkpoint is
+    inside the compiled region: dynamo turns it into a recomputation region the compiler sees, and the
+    partitioner recomputes exactly those ops, fused, in the backward graph. Compiling first and checkpointing
+    around it (hooks) would hide the recomputation from the compiler: it would pick saved activations that
+    are then dropped and recompute the whole compiled forward in the backward.
+    """
     from torch.distributed._composable import checkpoint
 
-    for block in blocks:
-        checkpoint(block)
+    selected = range(len(blocks)) if indices is None else indices
+    for index in selected:
+        block = blocks[index]
+        if not for_compile:
+            checkpoint(block)
+            continue
+        forward = block.forward
+
+        def checkpointed_forward(*args, _forward=forward, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed_forward  # an instance attribute: parameter names are unchanged
 
 
 def apply_compile(blocks: nn.ModuleList) -> None:
@@ -98,18 +126,20 @@ def parallelize(
     fsdp: bool,
     activation_checkpointing: bool,
     compile: bool,
+    checkpoint_blocks: list[int] | None = None,
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype,
 ) -> nn.Module:
-    """Apply AC, compile and FSDP2 (in that order) to a model with a ``transformer_blocks`` ModuleList."""
+    """Apply AC (to the blocks at ``checkpoint_blocks``, None: all), compile and FSDP2 (in that order) to a model
+    with a ``transformer_blocks`` ModuleList."""
     blocks = model.transformer_blocks
+    compiling = compile and torch.cuda.is_available()
+    if compile and not compiling:
+        logger.warning("parallel.compile is ignored on CPU")
     if activation_checkpointing:
-        apply_ac(blocks)
-    if compile:
-        if not torch.cuda.is_available():
-            logger.warning("parallel.compile is ignored on CPU")
-        else:
-            apply_compile(blocks)
+        apply_ac(blocks, checkpoint_blocks, for_compile=compiling)
+    if compiling:
+        apply_compile(blocks)
     if fsdp:
         if not dist.is_initialized():
             # FSDP2 in a plain single-process run: a world of one needs no rendezvous.

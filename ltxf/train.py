@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ltxf import checkpoint as run_checkpoint
+from ltxf.block_swap import apply_block_swap
 from ltxf.config import LoraConfig, TrainConfig, check_paths
 from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
 from ltxf.lora import init_lora_parameters, inject_lora, load_lora_weights, lora_parameters, lora_state_dict
@@ -41,7 +42,15 @@ from ltxf.models.text import load_embeddings_processor
 from ltxf.models.transformer import load_transformer
 from ltxf.monitor import Monitor, memory_metrics
 from ltxf.optim import GradientTransformation, adamw, adamw_8bit, chain, clip_by_global_norm, make_schedule
-from ltxf.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize, shutdown_distributed
+from ltxf.parallel import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    checkpointed_blocks,
+    init_distributed,
+    parallelize,
+    shutdown_distributed,
+)
 from ltxf.quantization import is_fp8_checkpoint, load_quantized_transformer
 from ltxf.rng import make_generator
 from ltxf.state import TrainState, init_state, state_to_dict, trainable_parameters
@@ -149,6 +158,13 @@ def plan_run(cfg: TrainConfig, dist: DistInfo) -> RunPlan:
         raise ValueError("model.train_connectors is not supported with FSDP (parallel.data_parallel='fsdp', or "
                          "'auto' with full fine-tuning on several processes); use parallel.data_parallel="
                          "'replicate' or train the transformer only")
+    if cfg.parallel.blocks_to_swap:
+        if full or fsdp or cfg.parallel.compile:
+            raise ValueError("parallel.blocks_to_swap swaps the frozen base of a LoRA run; it does not combine with "
+                             "full fine-tuning, FSDP (parallel.data_parallel='fsdp') or parallel.compile")
+        if not cfg.parallel.activation_checkpointing:
+            logger.warning("parallel.blocks_to_swap without activation checkpointing saves no memory: the forward "
+                           "keeps every block's weights for its backward")
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     config_dict = cfg.to_dict()
@@ -178,11 +194,13 @@ def build_model(plan: RunPlan) -> Model:
     # Full fine-tuning keeps fp32 master weights (FSDP2 casts to bf16 for compute; one process uses autocast).
     weights_dtype = torch.float32 if plan.full else plan.compute_dtype
     logger.info("loading the transformer from %s", checkpoint_path)
+    # With block swap the weights are read to the host; apply_block_swap moves all but the swapped ones over.
+    load_device = torch.device("cpu") if cfg.parallel.blocks_to_swap else device
     if cfg.model.quantization != "none" or (not plan.full and is_fp8_checkpoint(list_keys(checkpoint_path))):
         transformer = load_quantized_transformer(checkpoint_path, cfg.model.quantization, dtype=weights_dtype,
-                                                 device=device)
+                                                 device=load_device)
     else:
-        transformer = load_transformer(checkpoint_path, dtype=weights_dtype, device=device)
+        transformer = load_transformer(checkpoint_path, dtype=weights_dtype, device=load_device)
     text_processor = load_embeddings_processor(checkpoint_path, dtype=plan.compute_dtype, device=device,
                                                with_feature_extractor=False)
     transformer.requires_grad_(plan.full)
@@ -193,12 +211,16 @@ def build_model(plan: RunPlan) -> Model:
         # Adapters (and their AdamW moments) stay fp32 on a bf16 base: bf16 moments cannot decay and small
         # updates round away.
         targets = inject_lora(transformer, cfg.lora, dtype=torch.float32)
+        apply_block_swap(transformer, cfg.parallel.blocks_to_swap, device)
         # Same derived seed on every rank: identical adapters with no broadcast.
         init_lora_parameters(transformer, make_generator(cfg.seed, 0, 0, "lora_init", device=device))
         if cfg.model.init_lora is not None:
             apply_initial_lora(transformer, cfg.model.init_lora, cfg.lora)
         logger.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(targets))
+    num_blocks = len(transformer.transformer_blocks)
     parallelize(transformer, fsdp=plan.fsdp, activation_checkpointing=cfg.parallel.activation_checkpointing,
+                checkpoint_blocks=checkpointed_blocks(num_blocks, every=cfg.parallel.checkpoint_every,
+                                                      first=cfg.parallel.checkpoint_first),
                 compile=cfg.parallel.compile, param_dtype=plan.compute_dtype,
                 reduce_dtype=DTYPES[cfg.parallel.reduce_dtype])
     transformer.train()

@@ -140,3 +140,19 @@ def test_bad_resolution_is_a_clear_error():
         Resolution.parse("768x500x49")
     with pytest.raises(ValueError, match="WxHxF"):
         Resolution.parse("768x512")
+
+
+def test_block_swap_planning_follows_checkpointing():
+    """Swapped blocks free their device weights only when checkpointed (ltxf/block_swap.py); two are in flight."""
+    config = read_model_config(model_config=LTX23)
+    resolution = Resolution.parse("768x512x49")
+    cfg = ltx2_av_lora_24gb()
+    _, per_block = transformer_weight_bytes(config, dtype=torch.bfloat16, quantization="nf4")
+    key = "transformer weights (nf4)"
+    resident = plan_memory(cfg, config, resolution).components[key]
+    swap8 = replace(cfg, parallel=replace(cfg.parallel, blocks_to_swap=8))
+    assert plan_memory(swap8, config, resolution).components[key] == resident - 6 * per_block[0]
+    no_ac = replace(swap8, parallel=replace(swap8.parallel, activation_checkpointing=False))
+    assert plan_memory(no_ac, config, resolution).components[key] == resident
+    first_half = replace(swap8, parallel=replace(swap8.parallel, checkpoint_first=24))  # swapped: 40-47
+    assert plan_memory(first_half, config, resolution).components[key] == resident

@@ -332,3 +332,30 @@ def test_quantize_unit_after_lora_injection_matches_the_quantized_loader(demo_ch
         if ".lora_" in name:
             assert param is adapters[name]
     assert isinstance(hooked.get_submodule("transformer_blocks.0.attn1.to_q"), QuantizedLoRALinear)
+
+
+def test_block_swap_moves_the_quantized_codes(demo_checkpoint):
+    """Block swap (ltxf/block_swap.py) swaps a quantized block's codes and scales (buffers) with its frozen biases,
+    and the LoRA gradients are bit-identical to no swap (CPU: the same schedule, copies are clones)."""
+    from ltxf.block_swap import apply_block_swap
+    from ltxf.memory_plan import random_inputs
+    from ltxf.parallel import apply_ac
+
+    grads = []
+    for num_swapped in (0, 1):
+        model = load_quantized_transformer(demo_checkpoint, "nf4", dtype=torch.float32)
+        inject_lora(model, LoraConfig(rank=4, alpha=4), generator=torch.Generator().manual_seed(0))
+        swap = apply_block_swap(model, num_swapped, "cpu")
+        apply_ac(model.transformer_blocks)
+        video, audio = random_inputs(model.config, video_tokens=12, audio_tokens=4, text_tokens=6)
+        out_v, out_a = model(video=video, audio=audio)
+        (out_v.square().mean() + out_a.square().mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        if swap is not None:
+            swapped = {f"{type(m).__name__}.{n}" for m, n in swap.owners[1]}
+            assert {"QuantizedLoRALinear.weight", "QuantizedLoRALinear.weight_scale",
+                    "QuantizedLinear.weight", "QuantizedLinear.weight_scale"} <= swapped
+            assert swap.copies >= 2
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        assert torch.equal(grads[0][key], grads[1][key]), key

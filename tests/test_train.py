@@ -117,20 +117,30 @@ def test_validation_writes_samples_and_leaves_training_unchanged(plain_run, tmp_
 
 
 def test_activation_checkpointing_gives_identical_losses(tmp_path, monkeypatch):
+    """All, none, every k-th and the first N blocks checkpointed, and all with the last block's frozen weights
+    swapped in from the host (ltxf.block_swap): the same losses and adapters, bit for bit."""
     import ltxf.parallel
 
     calls = []
     real_apply_ac = ltxf.parallel.apply_ac
-    monkeypatch.setattr(ltxf.parallel, "apply_ac", lambda blocks: (calls.append(len(blocks)), real_apply_ac(blocks)))
-    on = main(replace(small_demo(tmp_path / "on", steps=3),
-                      parallel=replace(demo().parallel, activation_checkpointing=True)))
-    off = main(replace(small_demo(tmp_path / "off", steps=3),
-                       parallel=replace(demo().parallel, activation_checkpointing=False)))
-    assert calls == [demo_transformer_config().num_layers], "checkpointing was applied once, to every block"
-    assert on.losses == off.losses
-    a, b = load_lora_file(on.export_path), load_lora_file(off.export_path)
-    for key in a.tensors:
-        assert torch.equal(a.tensors[key], b.tensors[key]), key
+
+    def recording_apply_ac(blocks, indices=None, **kwargs):
+        calls.append(list(range(len(blocks))) if indices is None else list(indices))
+        return real_apply_ac(blocks, indices, **kwargs)
+
+    monkeypatch.setattr(ltxf.parallel, "apply_ac", recording_apply_ac)
+    modes = {"all": {}, "none": {"activation_checkpointing": False}, "every_2": {"checkpoint_every": 2},
+             "first_1": {"checkpoint_first": 1}, "all_with_block_swap": {"blocks_to_swap": 1}}
+    runs = {name: main(replace(small_demo(tmp_path / name, steps=3),
+                               parallel=replace(demo().parallel, **{"activation_checkpointing": True, **changes})))
+            for name, changes in modes.items()}
+    assert demo_transformer_config().num_layers == 2
+    assert calls == [[0, 1], [0], [0], [0, 1]], "checkpointing was applied once per run, to the selected blocks"
+    exported = {name: load_lora_file(run.export_path) for name, run in runs.items()}
+    for name, run in runs.items():
+        assert run.losses == runs["none"].losses, name
+        for key, value in exported["none"].tensors.items():
+            assert torch.equal(exported[name].tensors[key], value), (name, key)
 
 
 def _run_cli(output_dir: Path, *extra: str) -> subprocess.Popen:
