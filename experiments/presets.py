@@ -56,17 +56,21 @@ def ltx2_av_lora_low_vram() -> TrainConfig:
 
 
 def ltx2_av_lora_24gb() -> TrainConfig:
-    """Audio-video LoRA for a 24 GB card (RTX 4090): rank 16 (as the official low-VRAM preset) on an nf4 base, 8-bit
-    AdamW, checkpointing; planned peak for LTX-2.3 at 768x512x49 with audio under 20 GiB (tools/plan_memory.py)."""
-    cfg = ltx2_av_lora_low_vram()
-    return replace(cfg, model=replace(cfg.model, quantization="nf4"), output_dir=Path("outputs/ltx2_av_lora_24gb"))
+    """Audio-video LoRA for a 24 GB card (RTX 4090): the official rank-32 LoRA on an nf4 base, 8-bit AdamW,
+    checkpointing, text connectors streamed from the host; planned peak for LTX-2.3 at 768x512x49 with audio
+    17.7 GiB (tools/plan_memory.py)."""
+    cfg = ltx2_av_lora()
+    return replace(cfg, model=replace(cfg.model, quantization="nf4"),
+                   optim=replace(cfg.optim, optimizer="adamw8bit"),
+                   parallel=replace(cfg.parallel, offload_text_connectors=True),
+                   output_dir=Path("outputs/ltx2_av_lora_24gb"))
 
 
 def ltx2_av_lora_16gb() -> TrainConfig:
-    """Audio-video LoRA for a 16 GB card: ltx2_av_lora_24gb plus block swap (the frozen weights of 32 of the 48
-    blocks wait in host memory, two in flight); planned peak about 13.5 GiB at 768x512x49 with audio."""
+    """Audio-video LoRA for a 16 GB card: ltx2_av_lora_24gb plus block swap (the frozen weights of the last 24 of
+    the 48 blocks wait in host memory, two in flight); planned peak 13.2 GiB at 768x512x49 with audio."""
     cfg = ltx2_av_lora_24gb()
-    return replace(cfg, parallel=replace(cfg.parallel, blocks_to_swap=32), output_dir=Path("outputs/ltx2_av_lora_16gb"))
+    return replace(cfg, parallel=replace(cfg.parallel, blocks_to_swap=24), output_dir=Path("outputs/ltx2_av_lora_16gb"))
 
 
 def ltx2_v2v_ic_lora() -> TrainConfig:

@@ -403,6 +403,10 @@ class ParallelConfig:
     """LoRA: keep the frozen weights of the last N blocks in pinned host memory, copied to the device one block
     ahead of use (ltxf/block_swap.py). Saves memory only for checkpointed blocks; not with FSDP or compile."""
 
+    offload_text_connectors: bool = False
+    """Frozen text connectors live in host memory and stream to the device block by block when they run (3.8 GiB
+    for the 22B; not with model.train_connectors)."""
+
     compile: bool = False
     """torch.compile each transformer block (CUDA only)."""
 

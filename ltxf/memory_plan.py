@@ -173,20 +173,25 @@ def _transformer_weight_bytes(section: str, dtype: torch.dtype, quantization: st
     return tensor_bytes(model), tuple(tensor_bytes(block) for block in model.transformer_blocks)
 
 
-def connector_bytes(config: dict, *, dtype: torch.dtype) -> int:
-    """The video + audio text connectors (no feature extractor: training reads cached features)."""
-    return _connector_bytes(json.dumps(config["transformer"], sort_keys=True), dtype)
+def connector_bytes(config: dict, *, dtype: torch.dtype, offloaded: bool = False) -> int:
+    """The video + audio text connectors (no feature extractor: training reads cached features). ``offloaded``
+    (``parallel.offload_text_connectors``): the connector blocks stream from the host, two on the device at a time
+    (ltxf/block_swap.py); the rest (registers, output norms) stays."""
+    total, blocks, largest = _connector_bytes(json.dumps(config["transformer"], sort_keys=True), dtype)
+    return total - blocks + 2 * largest if offloaded else total
 
 
 @functools.lru_cache(maxsize=8)
-def _connector_bytes(section: str, dtype: torch.dtype) -> int:
+def _connector_bytes(section: str, dtype: torch.dtype) -> tuple[int, int, int]:
     config = {"transformer": json.loads(section)}
     from ltxf.models.text import EmbeddingsProcessor, EmbeddingsProcessorConfig
 
     processor_config = EmbeddingsProcessorConfig.from_transformer_config(config["transformer"])
     with torch.device("meta"):
         processor = EmbeddingsProcessor(processor_config, with_feature_extractor=False).to(dtype)
-    return tensor_bytes(processor)
+    blocks = [tensor_bytes(block) for connector in (processor.video_connector, processor.audio_connector)
+              for block in connector.transformer_1d_blocks]
+    return tensor_bytes(processor), sum(blocks), max(blocks)
 
 
 def lora_parameter_count(config: dict, lora_cfg: Any) -> int:
@@ -232,9 +237,9 @@ def checkpointed_block_indices(cfg: Any, num_layers: int) -> list[int]:
                                first=_setting(cfg, "parallel", "checkpoint_first", None))
 
 
-def connectors_on_device(cfg: Any) -> bool:
-    """Frozen connectors leave the device when the run caches their outputs (``model.connectors_on_device``)."""
-    return bool(cfg.model.train_connectors or _setting(cfg, "model", "connectors_on_device", True))
+def connectors_offloaded(cfg: Any) -> bool:
+    """Frozen connectors stream from the host with ``parallel.offload_text_connectors``."""
+    return bool(_setting(cfg, "parallel", "offload_text_connectors", False)) and not cfg.model.train_connectors
 
 
 def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 25.0,
@@ -267,8 +272,9 @@ def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 
     in_flight = 2 * max(per_block) if off_device else 0
     components[label] = total_weights - sum(per_block[i] for i in off_device) + min(
         in_flight, sum(per_block[i] for i in off_device))
-    connectors = connector_bytes(config, dtype=torch.float32 if cfg.model.train_connectors else compute_dtype)
-    components["text connectors"] = connectors if connectors_on_device(cfg) else 0
+    connector_dtype = torch.float32 if cfg.model.train_connectors else compute_dtype
+    connectors = connector_bytes(config, dtype=connector_dtype)
+    components["text connectors"] = connector_bytes(config, dtype=connector_dtype, offloaded=connectors_offloaded(cfg))
 
     if full:
         num_trainable = sum(per_block) // 4 + (total_weights - sum(per_block)) // 4
@@ -310,7 +316,7 @@ def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 
     settings = {"quantization": quantization, "training_mode": cfg.model.training_mode,
                 "lora_rank": None if full else cfg.lora.rank, "optimizer": cfg.optim.optimizer,
                 "activation_checkpointing_blocks": num_ckpt, "blocks_to_swap": swap, "batch_size": batch,
-                "with_audio": with_audio, "connectors_on_device": connectors_on_device(cfg),
+                "with_audio": with_audio, "offload_text_connectors": connectors_offloaded(cfg),
                 "trainable_parameters": num_trainable}
     return MemoryPlan(components=components, video_tokens=video_tokens, audio_tokens=audio_tokens,
                       text_tokens=text_tokens, settings=settings)
@@ -335,27 +341,29 @@ def _largest_quantizable(section: str) -> int:
 
 def suggest_settings(cfg: Any, config: dict, resolution: Resolution, gpu_memory_gib: float, *, fps: float = 25.0
                      ) -> tuple[Any, MemoryPlan] | None:
-    """The cheapest change of ``cfg`` that fits ``gpu_memory_gib``: tried in order of cost to quality and speed
-    (checkpointing, 8-bit AdamW, fp8 / int8 / nf4 base, then block swap in steps of 4 blocks on nf4). None if nothing
-    fits."""
-    tc_layers = int(config["transformer"].get("num_layers", 48))
-    candidates = []
-    parallel = cfg.parallel if cfg.parallel.activation_checkpointing else \
+    """The cheapest change of ``cfg`` that fits ``gpu_memory_gib``, trying in order of cost to quality, then speed:
+    checkpointing on; the base none / fp8 / int8 / nf4, each with the text connectors streamed from the host, then
+    also 8-bit AdamW; then nf4 with block swap in steps of 4 blocks. None if nothing fits."""
+    num_layers = int(config["transformer"].get("num_layers", 48))
+    parallel = dataclasses.replace(cfg.parallel, activation_checkpointing=True, checkpoint_every=1,
+                                   checkpoint_first=None) if hasattr(cfg.parallel, "checkpoint_every") else \
         dataclasses.replace(cfg.parallel, activation_checkpointing=True)
     base = dataclasses.replace(cfg, parallel=parallel)
-    candidates.append(base)
-    optim8 = dataclasses.replace(base.optim, optimizer="adamw8bit")
-    candidates.append(dataclasses.replace(base, optim=optim8))
-    if cfg.model.training_mode == "lora":
-        for quantization in ("fp8", "int8", "nf4"):
-            model = dataclasses.replace(base.model, quantization=quantization)
-            candidates.append(dataclasses.replace(base, model=model))
-            candidates.append(dataclasses.replace(base, model=model, optim=optim8))
-        if hasattr(base.parallel, "blocks_to_swap"):
-            model = dataclasses.replace(base.model, quantization="nf4")
-            for swap in range(4, tc_layers + 1, 4):
-                candidates.append(dataclasses.replace(base, model=model, optim=optim8,
-                                                      parallel=dataclasses.replace(parallel, blocks_to_swap=swap)))
+    lora = cfg.model.training_mode == "lora"
+    offload = hasattr(parallel, "offload_text_connectors") and not cfg.model.train_connectors
+    candidates = [base]
+    for quantization in ("none", "fp8", "int8", "nf4") if lora else ("none",):
+        model = dataclasses.replace(base.model, quantization=quantization)
+        streamed = dataclasses.replace(parallel, offload_text_connectors=True) if offload else parallel
+        for optimizer in ("adamw", "adamw8bit"):
+            optim = dataclasses.replace(base.optim, optimizer=optimizer if optimizer == "adamw8bit"
+                                        else base.optim.optimizer)
+            candidates.append(dataclasses.replace(base, model=model, parallel=streamed, optim=optim))
+    if lora and hasattr(parallel, "blocks_to_swap"):
+        last = candidates[-1]
+        for swap in range(4, num_layers + 1, 4):
+            candidates.append(dataclasses.replace(last, parallel=dataclasses.replace(last.parallel,
+                                                                                     blocks_to_swap=swap)))
     for candidate in candidates:
         plan = plan_memory(candidate, config, resolution, fps=fps)
         if plan.fits(gpu_memory_gib):

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ltxf import checkpoint as run_checkpoint
-from ltxf.block_swap import apply_block_swap
+from ltxf.block_swap import apply_block_swap, offload_text_connectors
 from ltxf.config import LoraConfig, TrainConfig, check_paths
 from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
 from ltxf.lora import init_lora_parameters, inject_lora, load_lora_weights, lora_parameters, lora_state_dict
@@ -165,6 +165,9 @@ def plan_run(cfg: TrainConfig, dist: DistInfo) -> RunPlan:
         if not cfg.parallel.activation_checkpointing:
             logger.warning("parallel.blocks_to_swap without activation checkpointing saves no memory: the forward "
                            "keeps every block's weights for its backward")
+    if cfg.parallel.offload_text_connectors and cfg.model.train_connectors:
+        raise ValueError("parallel.offload_text_connectors keeps frozen connectors on the host; it does not "
+                         "combine with model.train_connectors")
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     config_dict = cfg.to_dict()
@@ -201,12 +204,16 @@ def build_model(plan: RunPlan) -> Model:
                                                  device=load_device)
     else:
         transformer = load_transformer(checkpoint_path, dtype=weights_dtype, device=load_device)
-    text_processor = load_embeddings_processor(checkpoint_path, dtype=plan.compute_dtype, device=device,
+    offload_text = cfg.parallel.offload_text_connectors
+    text_processor = load_embeddings_processor(checkpoint_path, dtype=plan.compute_dtype,
+                                               device=torch.device("cpu") if offload_text else device,
                                                with_feature_extractor=False)
     transformer.requires_grad_(plan.full)
     text_processor.requires_grad_(cfg.model.train_connectors)
     if cfg.model.train_connectors:
         text_processor.float()
+    if offload_text:
+        offload_text_connectors(text_processor, device)
     if not plan.full:
         # Adapters (and their AdamW moments) stay fp32 on a bf16 base: bf16 moments cannot decay and small
         # updates round away.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from experiments.presets import demo
-from ltxf.block_swap import apply_block_swap
+from ltxf.block_swap import apply_block_swap, offload_text_connectors
 from ltxf.data import PrecomputedDataset, collate
 from ltxf.demo import build_demo_assets
 from ltxf.lora import init_lora_parameters, inject_lora, lora_parameters
@@ -25,7 +25,7 @@ def assets(tmp_path_factory):
     return build_demo_assets(tmp_path_factory.mktemp("demo"), seed=0)
 
 
-def _train(assets, *, blocks_to_swap: int, checkpointing: bool, steps: int = 3):
+def _train(assets, *, blocks_to_swap: int, checkpointing: bool, offload_text: bool = False, steps: int = 3):
     checkpoint, dataset_dir = assets
     cfg = demo()
     cfg = replace(cfg, optim=replace(cfg.optim, warmup_steps=0))
@@ -38,6 +38,7 @@ def _train(assets, *, blocks_to_swap: int, checkpointing: bool, steps: int = 3):
         apply_ac(transformer.transformer_blocks)
     text = load_embeddings_processor(checkpoint, with_feature_extractor=False)
     text.requires_grad_(False)
+    text_swaps = offload_text_connectors(text, "cpu") if offload_text else []
     from ltxf.train import build_optimizer
 
     tx = build_optimizer(cfg)
@@ -51,7 +52,7 @@ def _train(assets, *, blocks_to_swap: int, checkpointing: bool, steps: int = 3):
     for step in range(steps):
         state, metrics = train_step(state, [collate([data[same[2 * step]], data[same[2 * step + 1]]])], ctx)
         losses.append(metrics["loss_sum"].clone())
-    return losses, state, transformer, swap
+    return losses, state, transformer, swap, text_swaps
 
 
 def _strategy(cfg):
@@ -62,9 +63,9 @@ def _strategy(cfg):
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_block_swap_trains_bit_identically_and_copies_only_host_to_device(assets, checkpointing):
-    reference, ref_state, _, _ = _train(assets, blocks_to_swap=0, checkpointing=checkpointing)
+    reference, ref_state, _, _, _ = _train(assets, blocks_to_swap=0, checkpointing=checkpointing)
     num_blocks = 1  # of the demo's 2: block 0 stays resident and prefetches block 1
-    losses, state, transformer, swap = _train(assets, blocks_to_swap=num_blocks, checkpointing=checkpointing)
+    losses, state, transformer, swap, _ = _train(assets, blocks_to_swap=num_blocks, checkpointing=checkpointing)
     for ours, ref in zip(losses, reference, strict=True):
         assert torch.equal(ours, ref)
     for key, value in ref_state.params.items():
@@ -94,3 +95,16 @@ def test_block_swap_errors():
         apply_block_swap(model, len(model.transformer_blocks) + 1, "cpu")
     with pytest.raises(ValueError, match="no frozen weights"):  # full fine-tuning: everything trains
         apply_block_swap(model, 1, "cpu")
+
+
+def test_offloaded_text_connectors_give_identical_losses(assets):
+    """Frozen connectors on the host, streamed block by block once per step: the same training."""
+    reference, _, _, _, _ = _train(assets, blocks_to_swap=0, checkpointing=True)
+    losses, _, _, _, text_swaps = _train(assets, blocks_to_swap=0, checkpointing=True, offload_text=True)
+    assert all(torch.equal(ours, ref) for ours, ref in zip(losses, reference, strict=True))
+    for swap in text_swaps:  # video and audio connector: every block, one copy per step
+        assert swap.swapped == list(range(len(swap.blocks)))
+        assert swap.copies == 3 * len(swap.blocks)
+        for index in swap.swapped:
+            for (module, name), host in zip(swap.owners[index], swap.host[index], strict=True):
+                assert module._parameters[name] is host

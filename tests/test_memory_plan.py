@@ -156,3 +156,33 @@ def test_block_swap_planning_follows_checkpointing():
     assert plan_memory(no_ac, config, resolution).components[key] == resident
     first_half = replace(swap8, parallel=replace(swap8.parallel, checkpoint_first=24))  # swapped: 40-47
     assert plan_memory(first_half, config, resolution).components[key] == resident
+
+
+def test_offloaded_connectors_keep_two_blocks(demo_checkpoint):
+    """parallel.offload_text_connectors: the connector blocks stream from the host, the two largest planned on the
+    device, the rest of the connectors resident (counted on the loaded demo connectors)."""
+    config = demo_checkpoint_config()
+    text = load_embeddings_processor(demo_checkpoint, dtype=torch.bfloat16, with_feature_extractor=False,
+                                     gemma_hidden_size=64)
+    blocks = [model_weight_bytes(b) for c in (text.video_connector, text.audio_connector)
+              for b in c.transformer_1d_blocks]
+    expected = model_weight_bytes(text) - sum(blocks) + 2 * max(blocks)
+    assert connector_bytes(config, dtype=torch.bfloat16, offloaded=True) == expected
+
+
+def test_gpu_check_smoke_on_cpu(capsys):
+    """tools/gpu_check.py: without CUDA the default run says so and exits 0; --device cpu --tiny runs every check."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    if not torch.cuda.is_available():
+        assert tool.main([]) == 0
+        assert "no CUDA device" in capsys.readouterr().out
+    assert tool.main(["--device", "cpu", "--tiny"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) >= {"mfu", "memory", "numerics", "overlap"}
+    assert set(report["memory"]) == {"none", "fp8", "int8", "nf4"}
+    for kind, minimum in (("fp8", 30.0), ("int8", 38.0), ("nf4", 20.0)):
+        assert report["numerics"][kind]["codes_match_cpu"] and report["numerics"][kind]["snr_db"] >= minimum

@@ -118,7 +118,8 @@ def test_validation_writes_samples_and_leaves_training_unchanged(plain_run, tmp_
 
 def test_activation_checkpointing_gives_identical_losses(tmp_path, monkeypatch):
     """All, none, every k-th and the first N blocks checkpointed, and all with the last block's frozen weights
-    swapped in from the host (ltxf.block_swap): the same losses and adapters, bit for bit."""
+    and the text connectors streamed from the host (ltxf.block_swap): the same losses and adapters, bit for
+    bit."""
     import ltxf.parallel
 
     calls = []
@@ -130,7 +131,8 @@ def test_activation_checkpointing_gives_identical_losses(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ltxf.parallel, "apply_ac", recording_apply_ac)
     modes = {"all": {}, "none": {"activation_checkpointing": False}, "every_2": {"checkpoint_every": 2},
-             "first_1": {"checkpoint_first": 1}, "all_with_block_swap": {"blocks_to_swap": 1}}
+             "first_1": {"checkpoint_first": 1},
+             "all_with_block_swap": {"blocks_to_swap": 1, "offload_text_connectors": True}}
     runs = {name: main(replace(small_demo(tmp_path / name, steps=3),
                                parallel=replace(demo().parallel, **{"activation_checkpointing": True, **changes})))
             for name, changes in modes.items()}
