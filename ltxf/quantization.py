@@ -82,6 +82,7 @@ __all__ = [
     "enable_fp8_scaled_mm",
     "is_fp8_checkpoint",
     "load_quantized_transformer",
+    "load_quantized_weights_",
     "quantize_model_",
     "quantize_state_dict",
     "quantize_unit_",
@@ -443,7 +444,7 @@ def quantize_state_dict(module: nn.Module, state: Mapping[str, Tensor], *, dtype
     dequantized for any other layer. ``input_scale`` tensors are dropped. Other floating-point tensors are cast to
     ``dtype``.
     """
-    quantized = {name: m for name, m in module.named_modules() if isinstance(m, QuantizedLinear)}
+    quantized = {name: m for name, m in module.named_modules() if isinstance(m, (QuantizedLinear, QuantizedLoRALinear))}
     out: dict[str, Tensor] = {}
     for key, tensor in state.items():
         prefix, _, leaf = key.rpartition(".")
@@ -520,12 +521,39 @@ def load_quantized_transformer(
                     setattr(model.get_submodule(parent_name), child,
                             nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                       device="meta"))
+    load_quantized_weights_(model, path, dtype=dtype, device=device, on_block=on_block)
+    checkpoint.check_nothing_on_meta(model, path)
+    model.requires_grad_(False)
+    logger.info("loaded %s transformer with a %s base (%d blocks, %.2f GiB of weights on %s) from %s%s",
+                config.version, kind, config.num_layers, model_weight_bytes(model) / 2**30, device, path,
+                " (official fp8 file)" if fp8_file else "")
+    return model
+
+
+@torch.no_grad()
+def load_quantized_weights_(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    on_block: Callable[[str], None] | None = None,
+) -> None:
+    """Fill a transformer built on ``meta`` and quantized there (:func:`quantize_model_`, after any dtype cast),
+    possibly LoRA-injected and checkpointed, from an official file, one block at a time: each unit's tensors are
+    read, quantized on ``device`` by :func:`quantize_state_dict` and assigned. Adapters (not in the file) are
+    materialised uninitialised on ``device`` (``ltxf.lora.init_lora_parameters`` next). For a model that is not
+    FSDP2-sharded (the quantized codes are buffers, replicated on every rank anyway). Strict: any missing or
+    unexpected key is a ``ValueError`` naming the file."""
+    path = Path(path)
+    file_keys = checkpoint.list_keys(path)
     selected = {name: key for key in file_keys if (name := _transformer_select(key)) is not None}
+    quantized_layers = [name for name, m in model.named_modules()
+                        if isinstance(m, (QuantizedLinear, QuantizedLoRALinear))]
     # Scales come from the file (official fp8 layers) or from quantizing a high-precision weight here.
-    quantized_layers = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     provided = {n for n in selected if not n.endswith((".input_scale", ".weight_scale"))}
     provided |= {f"{name}.weight_scale" for name in quantized_layers if f"{name}.weight" in selected}
-    expected = set(model.state_dict())
+    expected = {k for k in model.state_dict() if ".lora_" not in k}
     missing, unexpected = sorted(expected - provided), sorted(provided - expected)
     if missing or unexpected:
         raise ValueError(f"{path}: the weights do not match the model built from its config: missing "
@@ -537,19 +565,16 @@ def load_quantized_transformer(
             raw = {name[len(group):]: f.get_tensor(selected[name]) for name in names}
             state = quantize_state_dict(target, raw, dtype=dtype, device=device)
             del raw
-            if group:
-                target.load_state_dict(state, strict=True, assign=True)
-            else:
-                model.load_state_dict(state, strict=False, assign=True)
+            target.load_state_dict(state, strict=False, assign=True)
             del state
             if on_block is not None:
                 on_block(group)
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            for adapter in (module.lora_A, module.lora_B):
+                if adapter.weight.is_meta:
+                    adapter.to_empty(device=device)
     checkpoint.check_nothing_on_meta(model, path)
-    model.requires_grad_(False)
-    logger.info("loaded %s transformer with a %s base (%d blocks, %.2f GiB of weights on %s) from %s%s",
-                config.version, kind, config.num_layers, model_weight_bytes(model) / 2**30, device, path,
-                " (official fp8 file)" if fp8_file else "")
-    return model
 
 
 def model_weight_bytes(model: nn.Module) -> int:

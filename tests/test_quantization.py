@@ -359,3 +359,35 @@ def test_block_swap_moves_the_quantized_codes(demo_checkpoint):
     assert grads[0].keys() == grads[1].keys()
     for key in grads[0]:
         assert torch.equal(grads[0][key], grads[1][key]), key
+
+
+def test_meta_build_quantize_inject_then_load(demo_checkpoint):
+    """The create-on-meta order (build -> quantize the structure -> inject LoRA -> checkpointing -> load block by
+    block -> initialise adapters) gives the model the direct loader + inject_lora gives."""
+    from ltxf.lora import init_lora_parameters
+    from ltxf.models.checkpoint import config_section, read_config
+    from ltxf.models.transformer import AVTransformer, TransformerConfig
+    from ltxf.parallel import apply_ac
+    from ltxf.quantization import load_quantized_weights_, quantize_model_
+
+    cfg = LoraConfig(rank=4, alpha=4, target_modules=("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"))
+    section = config_section(read_config(demo_checkpoint), "transformer", demo_checkpoint)
+    with torch.device("meta"):
+        staged = AVTransformer(TransformerConfig.from_checkpoint_config(section)).to(torch.float32)
+    quantize_model_(staged, "fp8")
+    staged.requires_grad_(False)
+    inject_lora(staged, cfg)
+    apply_ac(staged.transformer_blocks)
+    visited = []
+    load_quantized_weights_(staged, demo_checkpoint, dtype=torch.float32, device="cpu", on_block=visited.append)
+    init_lora_parameters(staged, torch.Generator().manual_seed(0))
+    direct = load_quantized_transformer(demo_checkpoint, "fp8", dtype=torch.float32)
+    inject_lora(direct, cfg, generator=torch.Generator().manual_seed(0))
+    assert len(visited) == 1 + len(direct.transformer_blocks)
+    staged_sd, direct_sd = staged.state_dict(), direct.state_dict()
+    assert list(staged_sd) == list(direct_sd)
+    def raw(t: torch.Tensor) -> torch.Tensor:  # fp8 codes compared bit for bit
+        return t.view(torch.uint8) if t.element_size() == 1 else t
+
+    for key in staged_sd:
+        assert torch.equal(raw(staged_sd[key]), raw(direct_sd[key])), key
