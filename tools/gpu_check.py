@@ -8,7 +8,9 @@
 3. ``numerics``: quantizing a [4096, 16384] weight on the GPU gives the CPU reference's codes; SNR of each format;
    with fp8 tensor cores (capability >= 8.9) the ``torch._scaled_mm`` path against the dequantized one.
 4. ``overlap``: pinned host-to-device copies of one block's frozen weights on a side stream, alone, next to the
-   block's forward+backward, and both together: the overlap a block swap can get.
+   forward+backward, and both together (the overlap a block swap can get); then the trainer's block swap
+   (``ltxf/block_swap.py``, nf4 base, checkpointing): step time with every block resident against the last block
+   swapped, and its copy / prefetch counts.
 
 Without a CUDA device it says so and exits 0. ``--device cpu --tiny`` runs every check on a tiny model on the CPU (a
 smoke test of this script; the numbers mean nothing).
@@ -194,8 +196,24 @@ def check_overlap(config: dict, device: torch.device, tokens: tuple[int, int, in
     both_s = timed(lambda: (copy(), step(model, video, audio)))
     hidden = (compute_s + copy_s - both_s) / copy_s if copy_s > 0 else 0.0
     num_bytes = sum(t.numel() * t.element_size() for t in host)
-    return {"block_gib": num_bytes / GIB, "copy_gbps": num_bytes / copy_s / 1e9, "compute_s": compute_s,
-            "copy_s": copy_s, "together_s": both_s, "copy_hidden_fraction": hidden}
+    result = {"block_gib": num_bytes / GIB, "copy_gbps": num_bytes / copy_s / 1e9, "compute_s": compute_s,
+              "copy_s": copy_s, "together_s": both_s, "copy_hidden_fraction": hidden}
+
+    # The trainer's own block swap (ltxf/block_swap.py), checkpointing on: step time resident vs last block swapped.
+    from ltxf.block_swap import apply_block_swap
+
+    times = {}
+    for swapped in (0, 1):
+        model = build_model(config, quantization="nf4", device=device, checkpointing=False)
+        swap = apply_block_swap(model, swapped, device)
+        if swap is None:
+            model.to(device)
+        apply_ac(model.transformer_blocks)
+        times[swapped] = timed(lambda model=model: step(model, video, audio))
+        if swap is not None:
+            result["swap_copies_prefetched"] = [swap.copies, swap.prefetched]
+    result["nf4_step_s_resident"], result["nf4_step_s_last_block_swapped"] = times[0], times[1]
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
