@@ -116,9 +116,9 @@ class MemoryPlan:
         return out
 
     def table(self) -> str:
-        lines = [f"{'component':<28}{'GiB':>9}"]
-        lines += [f"{name:<28}{value / GIB:>9.2f}" for name, value in self.components.items()]
-        lines.append(f"{'total':<28}{self.total / GIB:>9.2f}")
+        lines = [f"{'component':<36}{'GiB':>9}"]
+        lines += [f"{name:<36}{value / GIB:>9.2f}" for name, value in self.components.items()]
+        lines.append(f"{'total':<36}{self.total / GIB:>9.2f}")
         return "\n".join(lines)
 
 
@@ -243,9 +243,13 @@ def connectors_offloaded(cfg: Any) -> bool:
 
 
 def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 25.0,
-                tokens: tuple[int, int] | None = None, text_tokens: int | None = None) -> MemoryPlan:
-    """The :class:`MemoryPlan` of training ``cfg`` (a :class:`~ltxf.config.TrainConfig`) on the model ``config``;
-    ``tokens`` (video, audio) and ``text_tokens`` override what the resolution and ``data.text_length`` give."""
+                tokens: tuple[int, int] | None = None, text_tokens: int | None = None,
+                num_processes: int = 1) -> MemoryPlan:
+    """The :class:`MemoryPlan` of training ``cfg`` (a :class:`~ltxf.config.TrainConfig`) on the model ``config``
+    on one of ``num_processes`` devices; ``tokens`` (video, audio) and ``text_tokens`` override what the resolution
+    and ``data.text_length`` give. IC-LoRA (``video_to_video``) counts the reference clip at full size. Under
+    FSDP (``parallel.data_parallel='fsdp'``, or 'auto' for full fine-tuning on several processes) the weights,
+    gradients and optimizer state are divided over the shard group, plus two gathered blocks."""
     from ltxf.models.transformer import TransformerConfig
 
     tc = TransformerConfig.from_checkpoint_config(config["transformer"])
@@ -257,6 +261,8 @@ def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 
     batch = cfg.optim.batch_size
     with_audio = cfg.strategy.with_audio
     video_tokens, audio_tokens = tokens or tokens_for(config, resolution, with_audio=with_audio, fps=fps)
+    if tokens is None and cfg.strategy.name == "video_to_video":
+        video_tokens *= 2  # the clean reference tokens come first (at full size unless downscaled)
     text_tokens = text_tokens or cfg.data.text_length or 1024
     components: dict[str, float] = {}
 
@@ -264,7 +270,8 @@ def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 
     swap = min(int(_setting(cfg, "parallel", "blocks_to_swap", 0) or 0), tc.num_layers)
     if swap and full:
         raise ValueError("parallel.blocks_to_swap swaps frozen weights: it needs model.training_mode='lora'")
-    label = "transformer weights" + (f" ({quantization})" if quantization != "none" else f" ({cfg.model.dtype})")
+    label = "transformer weights" + (f" ({quantization})" if quantization != "none" else
+                                      " (float32 master)" if full else f" ({cfg.model.dtype})")
     checkpointed = checkpointed_block_indices(cfg, tc.num_layers)
     # The last ``swap`` blocks live on the host; only checkpointed ones free their device copy after the forward
     # (ltxf/block_swap.py), and two are on the device at a time (the running block and the prefetched one).
@@ -282,7 +289,8 @@ def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 
         num_trainable = lora_parameter_count(config, cfg.lora)
     if cfg.model.train_connectors:
         num_trainable += connectors // 4
-    components["trainable + grads"] = num_trainable * 8
+    # LoRA: fp32 adapters and their gradients; full fine-tuning: the fp32 gradients (the weights are counted above).
+    components["trainable + grads"] = num_trainable * (4 if full else 8)
     if cfg.optim.optimizer == "adamw8bit":
         components["optimizer state"] = num_trainable * (2 + 8 / OPTIMIZER_8BIT_BLOCK)
     else:
@@ -312,11 +320,20 @@ def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 
                                         * (video_tokens * width + audio_tokens * audio_width) + dequant)
     latent_bytes = 4 * (video_tokens * tc.in_channels + audio_tokens * tc.audio_in_channels)
     components["batch"] = batch * (3 * latent_bytes + 2 * text_tokens * (width + audio_width))
+    data_parallel = cfg.parallel.data_parallel
+    fsdp = data_parallel == "fsdp" or (data_parallel == "auto" and full and num_processes > 1)
+    shard = min(_setting(cfg, "parallel", "shard_size", None) or num_processes, num_processes) if fsdp else 1
+    if shard > 1:
+        for name in (label, "trainable + grads", "optimizer state"):
+            components[name] /= shard
+        # Each block is gathered for its forward / backward (bf16), the next one prefetched.
+        components[label] += 2 * max(per_block) * (act_bytes / (4 if full else act_bytes))
     components["CUDA context"] = CUDA_CONTEXT_BYTES
     settings = {"quantization": quantization, "training_mode": cfg.model.training_mode,
                 "lora_rank": None if full else cfg.lora.rank, "optimizer": cfg.optim.optimizer,
                 "activation_checkpointing_blocks": num_ckpt, "blocks_to_swap": swap, "batch_size": batch,
-                "with_audio": with_audio, "offload_text_connectors": connectors_offloaded(cfg),
+                "with_audio": with_audio, "num_processes": num_processes, "shard": shard,
+                "offload_text_connectors": connectors_offloaded(cfg),
                 "trainable_parameters": num_trainable}
     return MemoryPlan(components=components, video_tokens=video_tokens, audio_tokens=audio_tokens,
                       text_tokens=text_tokens, settings=settings)

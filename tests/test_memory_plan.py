@@ -186,3 +186,19 @@ def test_gpu_check_smoke_on_cpu(capsys):
     assert set(report["memory"]) == {"none", "fp8", "int8", "nf4"}
     for kind, minimum in (("fp8", 30.0), ("int8", 38.0), ("nf4", 20.0)):
         assert report["numerics"][kind]["codes_match_cpu"] and report["numerics"][kind]["snr_db"] >= minimum
+
+
+def test_fsdp_full_finetune_and_ic_lora_tokens():
+    """Full fine-tuning under FSDP on 8 processes: fp32 master weights, gradients and AdamW moments divided by 8
+    (plus two gathered bf16 blocks); IC-LoRA counts the reference tokens."""
+    from experiments.presets import ltx2_full, ltx2_v2v_ic_lora
+
+    config = read_model_config(model_config=LTX23)
+    resolution = Resolution.parse("512x512x121")
+    fp32, per_block = transformer_weight_bytes(config, dtype=torch.float32, quantization="none")
+    plan = plan_memory(ltx2_full(), config, resolution, num_processes=8)
+    assert plan.components["transformer weights (float32 master)"] == pytest.approx(fp32 / 8 + per_block[0])
+    assert plan.components["optimizer state"] == pytest.approx(fp32 * 2 / 8)
+    assert plan.components["trainable + grads"] == pytest.approx(fp32 / 8)
+    ic = plan_memory(ltx2_v2v_ic_lora(), config, resolution)
+    assert (ic.video_tokens, ic.audio_tokens) == (2 * 16 * 16 * 16, 0)

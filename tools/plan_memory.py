@@ -1,7 +1,7 @@
 """Plan the device memory of a training run before starting it: no weights are read, no device is needed.
 
     python tools/plan_memory.py PRESET [train.py flags] --resolution WxHxF [--gpu-memory-gib G] [--json]
-        [--model-config FILE] [--fps 25]
+        [--model-config FILE] [--fps 25] [--num-processes N]
 
 The model config comes from ``--model.checkpoint``'s header or from ``--model-config`` (e.g. the published
 ``ltx-2.3-22b-config.json``). Prints the components (see ``ltxf/memory_plan.py``), whether the total fits
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-memory-gib", type=float, default=24.0)
     parser.add_argument("--model-config", type=Path, default=None)
     parser.add_argument("--fps", type=float, default=25.0)
+    parser.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) of the run; FSDP divides by it")
     parser.add_argument("--json", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -51,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(train_args)
     config = read_model_config(checkpoint=cfg.model.checkpoint, model_config=args.model_config)
     resolution = Resolution.parse(args.resolution)
-    plan = plan_memory(cfg, config, resolution, fps=args.fps)
+    if args.num_processes < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {args.num_processes}")
+    plan = plan_memory(cfg, config, resolution, fps=args.fps, num_processes=args.num_processes)
     fits = plan.fits(args.gpu_memory_gib)
     suggestion = None if fits else suggest_settings(cfg, config, resolution, args.gpu_memory_gib, fps=args.fps)
     if args.json:
