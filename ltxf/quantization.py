@@ -487,14 +487,15 @@ def load_quantized_transformer(
     device: torch.device | str = "cpu",
     max_distinct_timesteps: int | None = DEFAULT_MAX_DISTINCT_TIMESTEPS,
     on_block: Callable[[str], None] | None = None,
+    dequantize_fp8: bool = False,
 ):
     """Load an official transformer with a quantized frozen base, one block at a time.
 
     ``quantization`` is ``fp8``, ``int8``, ``nf4``, or ``none`` (only meaningful for an official fp8 file: its fp8
     layers are kept, everything else is loaded in ``dtype``). Builds the model on ``meta``, swaps the quantizable
     Linears for :class:`QuantizedLinear`, then reads each block's tensors, quantizes them on ``device`` with
-    :func:`quantize_state_dict` and assigns them (strict). ``on_block(group)`` is called after each group (tests
-    measure the host peak with it).
+    :func:`quantize_state_dict` and assigns them (strict). ``on_block(group)`` is called after each group.
+    ``dequantize_fp8`` (with ``none``): an official fp8 file becomes a plain model in ``dtype`` (full fine-tuning).
     """
     if quantization not in QUANTIZATION_KINDS:
         raise ValueError(f"model.quantization must be one of {QUANTIZATION_KINDS}, got {quantization!r}")
@@ -505,7 +506,7 @@ def load_quantized_transformer(
     _cross_check_weights(config, path)
     file_keys = checkpoint.list_keys(path)
     fp8_file = is_fp8_checkpoint(file_keys)
-    kind = "fp8" if quantization == "none" and fp8_file else quantization
+    kind = "fp8" if quantization == "none" and fp8_file and not dequantize_fp8 else quantization
     with torch.device("meta"):
         model = AVTransformer(config, max_distinct_timesteps=max_distinct_timesteps)
     if kind != "none":

@@ -199,9 +199,10 @@ def build_model(plan: RunPlan) -> Model:
     logger.info("loading the transformer from %s", checkpoint_path)
     # With block swap the weights are read to the host; apply_block_swap moves all but the swapped ones over.
     load_device = torch.device("cpu") if cfg.parallel.blocks_to_swap else device
-    if cfg.model.quantization != "none" or (not plan.full and is_fp8_checkpoint(list_keys(checkpoint_path))):
+    if cfg.model.quantization != "none" or is_fp8_checkpoint(list_keys(checkpoint_path)):
+        # Full fine-tuning trains every weight: an official fp8 file is dequantized to the fp32 masters.
         transformer = load_quantized_transformer(checkpoint_path, cfg.model.quantization, dtype=weights_dtype,
-                                                 device=load_device)
+                                                 device=load_device, dequantize_fp8=plan.full)
     else:
         transformer = load_transformer(checkpoint_path, dtype=weights_dtype, device=load_device)
     offload_text = cfg.parallel.offload_text_connectors

@@ -206,6 +206,10 @@ def test_official_fp8_file_loads_as_fp8_base(demo_checkpoint, tmp_path):
         if quantization == "none":  # only the file's own fp8 layers are fp8
             assert sorted(n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)) == \
                 sorted(quantizable & set(fp8_layers))
+    plain = load_quantized_transformer(path, "none", dtype=torch.float32, dequantize_fp8=True)  # full fine-tuning
+    assert not any(isinstance(m, QuantizedLinear) for m in plain.modules())
+    for name in fp8_layers:
+        torch.testing.assert_close(plain.get_submodule(name).weight, dequantized[name], rtol=0, atol=0)
     model = load_quantized_transformer(path, "nf4", dtype=torch.float32)
     name = sorted(quantizable & set(fp8_layers))[0]
     layer = model.get_submodule(name)
