@@ -560,16 +560,18 @@ def load_quantized_weights_(
         raise ValueError(f"{path}: the weights do not match the model built from its config: missing "
                          f"{missing[:10]} ({len(missing)}), unexpected {unexpected[:10]} ({len(unexpected)})")
     groups = _block_groups(sorted(selected), "")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for group, names in groups.items():
-            target = model.get_submodule(group.rstrip(".")) if group else model
-            raw = {name[len(group):]: f.get_tensor(selected[name]) for name in names}
-            state = quantize_state_dict(target, raw, dtype=dtype, device=device)
-            del raw
-            target.load_state_dict(state, strict=False, assign=True)
-            del state
-            if on_block is not None:
-                on_block(group)
+    for group, names in groups.items():
+        target = model.get_submodule(group.rstrip(".")) if group else model
+        # The file is mapped per unit: its pages count in the process' memory while mapped, so keeping it open
+        # for the whole load would hold the whole bf16 file by the end.
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw = {name[len(group):]: f.get_tensor(selected[name]).clone() for name in names}
+        state = quantize_state_dict(target, raw, dtype=dtype, device=device)
+        del raw
+        target.load_state_dict(state, strict=False, assign=True)
+        del state
+        if on_block is not None:
+            on_block(group)
     for module in model.modules():
         if isinstance(module, LoRALinear):
             for adapter in (module.lora_A, module.lora_B):

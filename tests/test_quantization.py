@@ -396,3 +396,57 @@ def test_meta_build_quantize_inject_then_load(demo_checkpoint):
 
     for key in staged_sd:
         assert torch.equal(raw(staged_sd[key]), raw(direct_sd[key])), key
+
+
+_PEAK_CHILD = """
+import sys, torch
+from ltxf.quantization import load_quantized_transformer, model_weight_bytes
+
+def status():
+    with open("/proc/self/status") as f:
+        return {l.split(":")[0]: int(l.split()[1]) * 1024 for l in f if l.startswith(("VmRSS", "VmHWM"))}
+
+after_root = []
+model = load_quantized_transformer(sys.argv[1], "nf4", dtype=torch.bfloat16,
+                                   on_block=lambda group: after_root.append(status()["VmRSS"]) if not group else None)
+blocks = sum(model_weight_bytes(block) for block in model.transformer_blocks)
+print(status()["VmHWM"] - after_root[0], blocks)
+"""
+
+
+def test_host_peak_is_about_one_block_plus_the_quantized_model(tmp_path):
+    """Loading a 16-block bf16 checkpoint (width 512) as nf4 in a fresh process: the peak resident growth while the
+    blocks load (from after the first unit, which also pays one-time allocator and import costs) is far below the
+    blocks' bf16 size and within their nf4 size plus a few bf16 blocks (the block being read, its float32
+    quantization temporaries). Measured: 147 MiB of bf16 blocks -> peak growth 82 MiB, nf4 blocks 42 MiB (a
+    loader holding the bf16 blocks would grow by 147 MiB or more)."""
+    import subprocess
+    import sys
+
+    from ltxf.models.transformer import TransformerConfig
+
+    config = demo_checkpoint_config()
+    section = TransformerConfig(version="ltx-2.3", num_layers=16, num_heads=8, head_dim=64, cross_attention_dim=512,
+                                audio_num_heads=4, audio_head_dim=32, audio_cross_attention_dim=128,
+                                caption_channels=None, apply_gated_attention=True,
+                                cross_attention_adaln=True).to_checkpoint_config()
+    config["transformer"] = {**config["transformer"], **section}
+    from ltxf.demo import init_random_
+    from ltxf.models.transformer import AVTransformer
+
+    model = init_random_(AVTransformer(TransformerConfig.from_checkpoint_config(config["transformer"])),
+                         torch.Generator().manual_seed(0))
+    tensors = {TRANSFORMER_PREFIX + k: v.bfloat16() for k, v in model.state_dict().items()}
+    del model
+    path = write_checkpoint(tmp_path / "mid.safetensors", tensors, config)
+    block_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if ".transformer_blocks.0." in k)
+    blocks_bf16 = 16 * block_bytes
+    del tensors
+    out = subprocess.run([sys.executable, "-c", _PEAK_CHILD, str(path)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True,
+                         env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"})
+    peak, quantized = (int(v) for v in out.stdout.split()[-2:])
+    print(f"bf16 blocks {blocks_bf16 / 2**20:.0f} MiB, one {block_bytes / 2**20:.1f} MiB, nf4 blocks "
+          f"{quantized / 2**20:.0f} MiB, peak growth {peak / 2**20:.0f} MiB")
+    assert peak < 0.7 * blocks_bf16
+    assert peak < quantized + 5 * block_bytes + 8 * 2**20
