@@ -84,7 +84,8 @@ class BlockSwap:
         host = self.host[index]
         if self._stream is None:  # the CPU: the same schedule, the copies are clones
             return _Slot([p.detach().clone() for p in host], None)
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        # No wait on the compute stream: the host source is never written, and the copies' memory is handed to
+        # the compute stream with record_stream, so the allocator cannot reuse it early.
         with torch.cuda.stream(self._stream):
             tensors = [p.detach().to(self.device, non_blocking=True) for p in host]
             ready = torch.cuda.Event()

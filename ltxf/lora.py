@@ -157,6 +157,9 @@ class _MergedHeadsLinear(torch.autograd.Function):
     ``heads`` ``[..., H, d]``, ``gate`` ``[..., H, 1]`` or None, ``A`` ``[r, H * d]``.
     """
 
+    # torch.func.vmap runs forward/backward per sample (per-sample gradients), like the model's own functions.
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(heads, gate, weight):
         merged = heads if gate is None else heads * gate

@@ -39,5 +39,3 @@ def test_bench_memory_prints_bytes_per_token_as_json(tmp_path):
     assert set(report["modes"]) == {"floor", "lora", "full"}
     for mode in report["modes"].values():
         assert {"per_video_token", "per_audio_token", "constant"} <= set(mode)
-    table = _run("tools/bench_memory.py", "--model-config", str(config_path), "--rank", "4", "--modes", "floor", "lora")
-    assert "per video token" in table and "vs floor" in table
