@@ -9,6 +9,7 @@ Paths (``--model.checkpoint``, ``--data.root``) are given on the command line an
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from ltxf.config import (
@@ -52,6 +53,24 @@ def ltx2_av_lora_low_vram() -> TrainConfig:
         checkpoints=CheckpointConfig(interval=250, keep_last_n=3),
         output_dir=Path("outputs/ltx2_av_lora_low_vram"),
     )
+
+
+def ltx2_av_lora_24gb() -> TrainConfig:
+    """Audio-video LoRA for a 24 GB card (RTX 4090): the official rank-32 LoRA on an nf4 base, 8-bit AdamW,
+    checkpointing, text connectors streamed from the host; planned peak for LTX-2.3 at 768x512x49 with audio
+    17.7 GiB (tools/plan_memory.py)."""
+    cfg = ltx2_av_lora()
+    return replace(cfg, model=replace(cfg.model, quantization="nf4"),
+                   optim=replace(cfg.optim, optimizer="adamw8bit"),
+                   parallel=replace(cfg.parallel, offload_text_connectors=True),
+                   output_dir=Path("outputs/ltx2_av_lora_24gb"))
+
+
+def ltx2_av_lora_16gb() -> TrainConfig:
+    """Audio-video LoRA for a 16 GB card: ltx2_av_lora_24gb plus block swap (the frozen weights of the last 24 of
+    the 48 blocks wait in host memory, two in flight); planned peak 13.2 GiB at 768x512x49 with audio."""
+    cfg = ltx2_av_lora_24gb()
+    return replace(cfg, parallel=replace(cfg.parallel, blocks_to_swap=24), output_dir=Path("outputs/ltx2_av_lora_16gb"))
 
 
 def ltx2_v2v_ic_lora() -> TrainConfig:
@@ -119,6 +138,8 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "demo": demo,
     "ltx2_av_lora": ltx2_av_lora,
     "ltx2_av_lora_low_vram": ltx2_av_lora_low_vram,
+    "ltx2_av_lora_24gb": ltx2_av_lora_24gb,
+    "ltx2_av_lora_16gb": ltx2_av_lora_16gb,
     "ltx2_v2v_ic_lora": ltx2_v2v_ic_lora,
     "ltx2_full": ltx2_full,
 }

@@ -64,7 +64,7 @@ class BlockSwap:
     blocks: nn.ModuleList
     device: torch.device
     owners: dict[int, list[tuple[nn.Module, str]]]
-    host: dict[int, list[nn.Parameter]]
+    host: dict[int, list[torch.Tensor]]
     copies: int = 0
     prefetched: int = 0
     _slots: dict[int, _Slot] = field(default_factory=dict)
@@ -123,12 +123,16 @@ class BlockSwap:
             return
         owners = self.owners[index]
         for (module, name), tensor in zip(owners, tensors, strict=True):
-            module._parameters[name] = tensor
+            _holder(module, name)[name] = tensor
         try:
             yield
         finally:
             for (module, name), param in zip(owners, self.host[index], strict=True):
-                module._parameters[name] = param
+                _holder(module, name)[name] = param
+
+
+def _holder(module: nn.Module, name: str) -> dict:
+    return module._parameters if name in module._parameters else module._buffers
 
 
 def apply_block_swap(transformer: nn.Module, num_blocks: int, device: torch.device | str) -> BlockSwap | None:
@@ -179,22 +183,25 @@ def swap_blocks(root: nn.Module, blocks: nn.ModuleList, indices: range | list[in
 
     pin = device.type == "cuda"
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    host: dict[int, list[nn.Parameter]] = {}
+    host: dict[int, list[torch.Tensor]] = {}
     swapped_ids: set[int] = set()
     for index in indices:
         owners[index], host[index] = [], []
         for module in blocks[index].modules():
-            for name, param in list(module._parameters.items()):
-                if param is None or param.requires_grad:
-                    continue
-                on_host = param.detach().to("cpu")
+            # Frozen Parameters, and buffers: a quantized base (ltxf.quantization) keeps its codes and scales there.
+            frozen = [(name, p) for name, p in module._parameters.items() if p is not None and not p.requires_grad]
+            frozen += [(name, b) for name, b in module._buffers.items() if b is not None]
+            for name, tensor in frozen:
+                on_host = tensor.detach().to("cpu")
                 if pin:
                     on_host = on_host.pin_memory()
-                host_param = nn.Parameter(on_host, requires_grad=False)
-                module._parameters[name] = host_param
+                if name in module._parameters:
+                    on_host = module._parameters[name] = nn.Parameter(on_host, requires_grad=False)
+                else:
+                    module._buffers[name] = on_host
                 owners[index].append((module, name))
-                host[index].append(host_param)
-                swapped_ids.add(id(host_param))
+                host[index].append(on_host)
+                swapped_ids.add(id(on_host))
         if not owners[index]:
             raise ValueError(f"{what}: block {index} has no frozen weights to swap (they all train); switch it off")
     # Everything else (resident blocks, the other layers, every adapter) goes to the device.
@@ -203,7 +210,7 @@ def swap_blocks(root: nn.Module, blocks: nn.ModuleList, indices: range | list[in
             if param is not None and id(param) not in swapped_ids and param.device != device:
                 module._parameters[name] = nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
         for name, buffer in module._buffers.items():
-            if buffer is not None and buffer.device != device:
+            if buffer is not None and id(buffer) not in swapped_ids and buffer.device != device:
                 module._buffers[name] = buffer.to(device)
 
     swap = BlockSwap(blocks=blocks, device=device, owners=owners, host=host)

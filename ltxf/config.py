@@ -244,9 +244,17 @@ class ModelConfig:
     """Start LoRA training from this LoRA file (ltxf, ComfyUI or PEFT layout; same targets and rank) instead of
     a zero-initialised B. A resumed run ignores it (the checkpoint holds the adapters)."""
 
+    quantization: Literal["none", "fp8", "int8", "nf4"] = "none"
+    """Store the frozen base weight-only quantized, LoRA on top (see ltxf/quantization.py): 'fp8' (e4m3, block
+    scales of 128), 'int8' (block 64) or 'nf4' (block 64); quantized block by block while loading. 'none' keeps
+    the model dtype (an official fp8 file keeps its fp8 layers). LoRA only."""
+
     def __post_init__(self) -> None:
         if self.checkpoint is not None and str(self.checkpoint).startswith(("http:/", "https:/")):
             raise ValueError(f"model.checkpoint must be a local file, got the URL {self.checkpoint}")
+        if self.quantization != "none" and self.training_mode != "lora":
+            raise ValueError(f"model.quantization={self.quantization!r} needs model.training_mode='lora' (a quantized "
+                             "base is frozen); use model.quantization='none' for full fine-tuning")
 
 
 @dataclass(frozen=True, kw_only=True)

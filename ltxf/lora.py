@@ -102,7 +102,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor, adapter_input: Tensor | None = None) -> Tensor:
         """``adapter_input``: a precomputed ``self.adapter_input(x)`` shared with other adapters on ``x``."""
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base_linear(x)
         adapter_in = self.adapter_input(x) if adapter_input is None else adapter_input
         return y + self._up(F.linear(adapter_in, self.lora_A.weight.to(adapter_in.dtype)), y.dtype)
 
@@ -114,9 +114,13 @@ class LoRALinear(nn.Linear):
         merged_BTD = merged_BTHd.reshape(*merged_BTHd.shape[:-2], -1)
         if isinstance(self.lora_dropout, nn.Dropout) and self.training:
             return self(merged_BTD)  # the dropped input has to be kept anyway
-        y = F.linear(merged_BTD, self.weight, self.bias)
+        y = self.base_linear(merged_BTD)
         hidden = _MergedHeadsLinear.apply(heads_BTHd, gate_BTH1, self.lora_A.weight.to(heads_BTHd.dtype))
         return y + self._up(hidden, y.dtype)
+
+    def base_linear(self, x: Tensor) -> Tensor:
+        """The frozen base layer alone (a quantized base overrides it: ``ltxf.quantization``)."""
+        return F.linear(x, self.weight, self.bias)
 
     def _up(self, hidden: Tensor, dtype: torch.dtype) -> Tensor:
         # The scaling is folded into the (small) cast of B instead of a pass over the output.
@@ -209,13 +213,13 @@ def inject_lora(
     targets: list[str] = []
     linear_names: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if _adapter_class(module) is not None:
             linear_names.append(name)
         if not name or not _matches(name, cfg.target_modules):
             continue
         if cfg.exclude_audio and is_audio_module(name):
             continue
-        if not isinstance(module, nn.Linear):
+        if _adapter_class(module) is None:
             raise ValueError(
                 f"inject_lora: module {name!r} matches target_modules {cfg.target_modules} but is a "
                 f"{type(module).__name__}, not an nn.Linear; target its Linear children instead"
@@ -235,12 +239,22 @@ def inject_lora(
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         base = parent.get_submodule(child_name)
-        adapted = LoRALinear(base, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, dtype=dtype)
+        adapted = _adapter_class(base)(base, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, dtype=dtype)
         if not adapted.lora_A.weight.is_meta:
             adapted.reset_parameters(generator)
         setattr(parent, child_name, adapted)
     logger.info("inject_lora: %d adapters of rank %d (alpha %s)", len(targets), cfg.rank, cfg.alpha)
     return targets
+
+
+def _adapter_class(module: nn.Module) -> type[LoRALinear] | None:
+    """The adapter for a target: ``LoRALinear`` on an ``nn.Linear``, ``QuantizedLoRALinear`` on a quantized frozen
+    base layer (``ltxf.quantization``), None for anything else."""
+    from ltxf.quantization import QuantizedLinear, QuantizedLoRALinear
+
+    if isinstance(module, QuantizedLinear):
+        return QuantizedLoRALinear
+    return LoRALinear if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) else None
 
 
 def _lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -344,6 +358,9 @@ def merge_lora(model: nn.Module) -> list[str]:
     modules."""
     merged = []
     for name, module in _lora_modules(model):
+        if not module.weight.is_floating_point() or module.weight.element_size() == 1:
+            raise ValueError(f"merge_lora: {name} has a quantized base weight ({module.weight.dtype}); merge into "
+                             "the high-precision base instead (the exported LoRA targets it unchanged)")
         delta = module.scaling * (module.lora_B.weight.float() @ module.lora_A.weight.float())
         module.weight.copy_((module.weight.float() + delta).to(module.weight.dtype))
         plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")

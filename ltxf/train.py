@@ -48,7 +48,7 @@ from ltxf.lora import (
     lora_parameters,
     lora_state_dict,
 )
-from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, write_checkpoint
+from ltxf.models.checkpoint import TRANSFORMER_PREFIX, list_keys, read_config, write_checkpoint
 from ltxf.models.materialize import TensorTransform, UnitCallback
 from ltxf.models.text import build_embeddings_processor_on_meta, load_embeddings_processor_weights_
 from ltxf.models.transformer import build_transformer_on_meta, load_transformer_weights_
@@ -64,6 +64,7 @@ from ltxf.parallel import (
     parallelize_text_connectors,
     shutdown_distributed,
 )
+from ltxf.quantization import is_fp8_checkpoint, load_quantized_weights_, quantize_on_meta_
 from ltxf.rng import make_generator
 from ltxf.state import TrainState, init_state, state_to_dict, trainable_parameters
 from ltxf.step import TEXT_PARAM_PREFIX, NonFiniteLossError, StepContext, train_step
@@ -235,35 +236,51 @@ def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_u
     """The transformer and the text connectors, created on meta, shaped for training, then loaded: the one place
     weights are loaded.
 
-    On the meta device (no weight exists yet): build from the checkpoint's config -> freeze what does not train,
-    inject LoRA -> activation checkpointing, compile and FSDP2 on the run's mesh (:func:`ltxf.parallel.parallelize`).
+    On the meta device (no weight exists yet): build from the checkpoint's config -> quantized layers in place of
+    the frozen Linears (``model.quantization``, or an official fp8 file) -> freeze what does not train, inject
+    LoRA -> activation checkpointing, compile and FSDP2 on the run's mesh (:func:`ltxf.parallel.parallelize`).
     Then each rank reads from the file only the tensors it holds, block by block, cast to their dtype on the way
     (:mod:`ltxf.models.materialize`), and the adapters are initialised from the derived seed (the same on every
     rank; each keeps its shard). Full fine-tuning keeps fp32 master weights (FSDP2 casts to the compute dtype; one
-    process uses autocast); adapters stay fp32 on a base in the compute dtype. With ``parallel.blocks_to_swap``
-    the base is read to the host and :func:`ltxf.block_swap.apply_block_swap` moves all but the swapped blocks'
-    frozen weights to the device (its hooks go on before checkpointing wraps the blocks).
+    process uses autocast); adapters stay fp32 on a base in the compute dtype.
 
-    ``transform(name, tensor)`` and ``on_unit(unit_name, module)`` are the loader's hooks for the transformer
-    (quantisation on load; contract in :mod:`ltxf.models.materialize`).
+    Two loaders assign plain tensors, so they run before FSDP2 wraps the parameters: a quantized base (each block
+    quantized as it is read, :func:`ltxf.quantization.load_quantized_weights_`; the codes are replicated buffers
+    anyway) and ``parallel.blocks_to_swap`` (the base is read to the host and
+    :func:`ltxf.block_swap.apply_block_swap` moves all but the swapped blocks' frozen weights to the device; its
+    hooks go on before checkpointing wraps the blocks).
+
+    ``transform(name, tensor)`` and ``on_unit(unit_name, module)`` are the plain loader's hooks for the transformer
+    (contract in :mod:`ltxf.models.materialize`).
     """
     cfg, device, mesh = plan.cfg, plan.dist.device, plan.mesh
     path = Path(cfg.model.checkpoint)
     swap = cfg.parallel.blocks_to_swap
+    weights_dtype = torch.float32 if plan.full else plan.compute_dtype
+    quantized = cfg.model.quantization != "none" or is_fp8_checkpoint(list_keys(path))
     logger.info("loading the transformer from %s", path)
-    transformer = build_transformer_on_meta(path).to(torch.float32 if plan.full else plan.compute_dtype)
+    transformer = build_transformer_on_meta(path).to(weights_dtype)
+    if quantized:
+        # Full fine-tuning trains every weight: an official fp8 file is dequantized to the fp32 masters.
+        quantize_on_meta_(transformer, path, cfg.model.quantization, dequantize_fp8=plan.full)
     transformer.requires_grad_(plan.full)
     if not plan.full:
         # fp32 adapters (and AdamW moments): bf16 moments cannot decay and small updates round away.
         targets = inject_lora(transformer, cfg.lora, dtype=torch.float32)
         logger.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(targets))
     reduce_dtype = torch_dtype(cfg.parallel.reduce_dtype)
-    if not swap:
+    load_first = bool(swap) or quantized
+    if not load_first:
         _parallelize_transformer(transformer, plan)
-    load_transformer_weights_(transformer, path, device=torch.device("cpu") if swap else device,
-                              not_in_file=is_lora_key, transform=transform, on_unit=on_unit)
+    load_device = torch.device("cpu") if swap else device
+    if quantized:
+        load_quantized_weights_(transformer, path, dtype=weights_dtype, device=load_device)
+    else:
+        load_transformer_weights_(transformer, path, device=load_device, not_in_file=is_lora_key, transform=transform,
+                                  on_unit=on_unit)
     if swap:
         apply_block_swap(transformer, swap, device)
+    if load_first:
         _parallelize_transformer(transformer, plan)
     if not plan.full:
         # Same derived seed on every rank: identical adapters with no broadcast.
