@@ -244,3 +244,55 @@ def test_lora_export_gives_the_trained_weights_in_diffusers(bf16_base, demo_lora
     with pytest.raises(ValueError, match="LoRA param names contain"):
         lora_pipeline(diffusers_transformer_from_single_file(base, tmp_path / "config")).load_lora_weights(
             str(tmp_path / "with_alpha.safetensors"))
+
+
+# -------------------------------------------------------------------------------------------------------------
+# diffusers reads ltxf-written transformers
+
+
+@pytest.mark.parametrize("version", ["ltx-2", "ltx-2.3"])
+def test_diffusers_from_single_file_gives_ltxf_outputs(version, tmp_path):
+    """An ltxf-written checkpoint (``save_transformer``) read by ``LTX2VideoTransformer3DModel.from_single_file``
+    (LTX-2.3 after the ``prompt_adaln_single`` rename its single-file path lacks) gives ltxf's outputs, video and
+    audio, fp32. Tolerance 1e-5 absolute on outputs of magnitude ~2: both compute in fp32 but order the RoPE and
+    attention arithmetic differently (and diffusers masks text with -10000 where ltxf excludes the keys); measured
+    max 5e-7 (a few fp32 ulps), so the bound is 20x the rounding seen and far below any wiring error."""
+    from ltxf.demo import init_random_
+    from ltxf.latents import audio_positions, video_positions
+    from ltxf.models.transformer import AVTransformer, Modality, TransformerConfig, save_transformer
+    from tests.diffusers_reference import diffusers_transformer_from_single_file
+    from tests.ltx_reference import tiny_transformer_config
+
+    section = tiny_transformer_config(version)
+    model = init_random_(AVTransformer(TransformerConfig.from_checkpoint_config(section)),
+                         torch.Generator().manual_seed(1)).eval()
+    path = save_transformer(model, tmp_path / "ltxf.safetensors", {"transformer": section})
+    theirs = diffusers_transformer_from_single_file(path, tmp_path / "diffusers").eval()
+
+    batch, frames, height, width, audio_frames, text = 2, 2, 3, 4, 5, 7
+    generator = torch.Generator().manual_seed(2)
+    sigma = torch.tensor([0.8, 0.3])
+    video_text = section["caption_channels"] if version == "ltx-2" else model.config.inner_dim
+    audio_text = section["caption_channels"] if version == "ltx-2" else model.config.audio_inner_dim
+    mask = torch.ones(batch, text, dtype=torch.int64)
+    mask[1, :3] = 0
+    video = Modality(latent=torch.randn(batch, frames * height * width, 128, generator=generator), sigma=sigma,
+                     timesteps=sigma[:, None].expand(batch, frames * height * width).clone(),
+                     positions=video_positions(batch, frames, height, width, 24.0),
+                     context=torch.randn(batch, text, video_text, generator=generator), context_mask=mask)
+    audio = Modality(latent=torch.randn(batch, audio_frames, 128, generator=generator), sigma=sigma,
+                     timesteps=sigma[:, None].expand(batch, audio_frames).clone(),
+                     positions=audio_positions(batch, audio_frames),
+                     context=torch.randn(batch, text, audio_text, generator=generator), context_mask=mask)
+    with torch.no_grad():
+        ours_video, ours_audio = model(video=video, audio=audio)
+        scaled = sigma * section["timestep_scale_multiplier"]
+        out = theirs(
+            hidden_states=video.latent, audio_hidden_states=audio.latent, encoder_hidden_states=video.context,
+            audio_encoder_hidden_states=audio.context, timestep=video.timesteps * section["timestep_scale_multiplier"],
+            audio_timestep=audio.timesteps * section["timestep_scale_multiplier"], sigma=scaled, audio_sigma=scaled,
+            encoder_attention_mask=mask, audio_encoder_attention_mask=mask, video_coords=video.positions,
+            audio_coords=audio.positions, use_cross_timestep=True, return_dict=False)
+    for name, ours, reference in (("video", ours_video, out[0]), ("audio", ours_audio, out[1])):
+        assert ours.shape == reference.shape, name
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{version} {n}: {m}")
