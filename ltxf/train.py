@@ -36,6 +36,7 @@ from ltxf import checkpoint as run_checkpoint
 from ltxf.config import LoraConfig, TrainConfig, check_paths
 from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
 from ltxf.lora import init_lora_parameters, inject_lora, load_lora_weights, lora_parameters, lora_state_dict
+from ltxf.lora_formats import linear_shapes, load_lora_file, match_lora
 from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, write_checkpoint
 from ltxf.models.text import load_embeddings_processor
 from ltxf.models.transformer import load_transformer
@@ -148,6 +149,11 @@ def plan_run(cfg: TrainConfig, dist: DistInfo) -> RunPlan:
         raise ValueError("model.train_connectors is not supported with FSDP (parallel.data_parallel='fsdp', or "
                          "'auto' with full fine-tuning on several processes); use parallel.data_parallel="
                          "'replicate' or train the transformer only")
+    if cfg.model.train_connectors and not full:
+        logger.warning("model.train_connectors with a LoRA: the trained connectors are exported to their own file "
+                       "(exports/text_connectors_step_N.safetensors) that only ltxf reads; ComfyUI, ltx-pipelines "
+                       "and diffusers will apply the LoRA with the base model's connectors. Full fine-tunes merge "
+                       "them into the exported checkpoint.")
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     config_dict = cfg.to_dict()
@@ -202,9 +208,9 @@ def build_model(plan: RunPlan) -> Model:
 
 
 def apply_initial_lora(transformer: nn.Module, path: Path, lora: LoraConfig) -> None:
-    """Start from a LoRA file (ltxf, ComfyUI or PEFT layout): its effective update ``scale_file * B @ A`` is
-    kept exactly, whatever the alpha/rank convention of the file and of this run."""
-    lora_file = run_checkpoint.load_lora_file(path)
+    """Start from a LoRA file (any layout :mod:`ltxf.lora_formats` reads): its effective update
+    ``scale_file * B @ A`` is kept exactly, whatever the alpha/rank convention of the file and of this run."""
+    lora_file = match_lora(load_lora_file(path), linear_shapes(transformer), source=path)
     tensors = dict(lora_file.tensors)
     for module, scale in lora_file.scales.items():
         key = f"{module}.lora_B.weight"
@@ -520,18 +526,25 @@ def _gather_full(
 
 
 def export(run: Run, step: int) -> Path:
-    """Write the trained weights for use outside ltxf: a ComfyUI-layout LoRA (with the strategy's metadata), or
-    an official-layout checkpoint; trained text connectors go to their own official-layout file
+    """Write the trained weights for use outside ltxf: a LoRA in the ComfyUI / ltx-core layout (with the
+    strategy's metadata), or a whole official checkpoint (the base file with the trained transformer, and trained
+    connectors, in place). A LoRA run's trained text connectors go to their own official-layout file
     (``text_connectors_step_N.safetensors``). Collective under FSDP (parameters are gathered); rank 0 writes."""
     plan, model = run.plan, run.model
     cfg, is_main = plan.cfg, plan.dist.is_main
     dtype = DTYPES[cfg.checkpoints.export_dtype]
     exports = plan.output_dir / "exports"
+    connectors: dict[str, torch.Tensor] = {}
+    if cfg.model.train_connectors:
+        text = model.text_processor
+        connectors = {f"{name}_embeddings_connector.{k}": v for name in ("video", "audio")
+                      for k, v in _gather_full(getattr(text, f"{name}_connector").state_dict()).items()}
     if plan.full:
         weights = _gather_full(model.transformer.state_dict(), keep=is_main, dtype=dtype)
         path = exports / f"model_weights_step_{step:06d}.safetensors"
         if is_main:
-            run_checkpoint.export_full_model(path, weights, model.checkpoint_config, dtype=dtype)
+            run_checkpoint.export_full_model(path, weights, model.checkpoint_config, dtype=dtype,
+                                             base_checkpoint=cfg.model.checkpoint, connectors=connectors)
     else:
         weights = _gather_full(lora_state_dict(model.transformer))
         metadata = {"ltxf_step": str(step), **run.data.export_metadata}
@@ -539,13 +552,9 @@ def export(run: Run, step: int) -> Path:
         if is_main:
             run_checkpoint.export_lora(path, weights, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dtype=dtype,
                                        metadata=metadata)
-    if cfg.model.train_connectors:
-        text = model.text_processor
-        connectors = {f"{name}_embeddings_connector.{k}": v for name in ("video", "audio")
-                      for k, v in _gather_full(getattr(text, f"{name}_connector").state_dict()).items()}
-        if is_main:
-            write_checkpoint(exports / f"text_connectors_step_{step:06d}.safetensors",
-                             {TRANSFORMER_PREFIX + k: v.to(dtype) for k, v in connectors.items()},
-                             model.checkpoint_config)
+            if connectors:
+                write_checkpoint(exports / f"text_connectors_step_{step:06d}.safetensors",
+                                 {TRANSFORMER_PREFIX + k: v.to(dtype) for k, v in connectors.items()},
+                                 model.checkpoint_config)
     barrier()
     return path
