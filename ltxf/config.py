@@ -395,7 +395,8 @@ class ParallelConfig:
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     interval: int | None = 250
-    """Save a resumable checkpoint (and an export) every N steps; None saves only at the end."""
+    """Save a resumable checkpoint every N steps (and always at the end); None saves only at the end. The weights
+    are exported once, at the end of the run (exports/)."""
 
     keep_last_n: int = 2
     """Keep only the newest N resumable checkpoints (<= 0 keeps all)."""
