@@ -1,16 +1,16 @@
 """Generate a video (with audio) from an LTX-2 / LTX-2.3 checkpoint, optionally with a trained LoRA.
 
-Modes: text-to-video; image-to-video (``--condition-image``); IC-LoRA video-to-video (``--reference-video``, with
+Modes: text-to-video; image-to-video (``--condition_image``); IC-LoRA video-to-video (``--reference_video``, with
 the LoRA trained for it); and both conditions together. Examples::
 
-    python tools/inference.py --checkpoint ltx-2.3.safetensors --text-encoder-path gemma-3-12b-it \\
+    python tools/inference.py --checkpoint ltx-2.3.safetensors --text_encoder_path gemma-3-12b-it \\
         --prompt "a red fox runs through fresh snow" --output fox.mp4
-    python tools/inference.py ... --lora-path outputs/run/exports/lora_weights_step_002000.safetensors \\
-        --reference-video depth.mp4 --include-reference-in-output --output v2v.mp4
+    python tools/inference.py ... --lora_path outputs/run/exports/lora_weights_step_002000.safetensors \\
+        --reference_video depth.mp4 --include_reference_in_output --output v2v.mp4
 
 The prompt is embedded first and Gemma is freed before the transformer is loaded, so the two never share memory.
 The LoRA is fused into the weights (``W + strength * scale * B @ A``, the scale read from the file). The output is
-an H.264 MP4 with a stereo AAC track at the vocoder's rate, or a PNG when ``--num-frames 1``.
+an H.264 MP4 with a stereo AAC track at the vocoder's rate, or a PNG when ``--num_frames 1``.
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from ltxf.checkpoint import load_lora_file  # noqa: E402
+from ltxf.cli import parse  # noqa: E402
 from ltxf.generate import (  # noqa: E402
     DEFAULT_NEGATIVE_PROMPT,
     GeneratedClip,
@@ -43,7 +42,9 @@ from ltxf.generate import (  # noqa: E402
     generate,
     save_clip,
 )
+from ltxf.lora_formats import LoraFile, linear_shapes, load_lora_file, match_lora  # noqa: E402
 from ltxf.media import write_audio  # noqa: E402
+from ltxf.models.checkpoint import config_from  # noqa: E402
 from ltxf.sampling import GuidanceConfig  # noqa: E402
 
 logger = logging.getLogger("ltxf.tools.inference")
@@ -62,9 +63,10 @@ class InferenceArgs:
     prompt: str
     """What to generate."""
     output: Path
-    """Output file: .mp4 (video + audio) or .png (with --num-frames 1)."""
+    """Output file: .mp4 (video + audio) or .png (with --num_frames 1)."""
     lora_path: Path | None = None
-    """LoRA to fuse into the transformer (ltxf export, ComfyUI or PEFT layout); its alpha is read from the file."""
+    """LoRA to fuse into the transformer (ltxf, ComfyUI, kohya, PEFT or diffusers layout; its scale is read from the
+    file). Checked against the transformer before Gemma runs."""
     lora_strength: float = 1.0
     """Multiplier of the LoRA delta (0 disables it)."""
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
@@ -94,11 +96,11 @@ class InferenceArgs:
     condition_image: Path | None = None
     """Image for the first frame (image-to-video); resized to cover the output and center-cropped."""
     reference_video: Path | None = None
-    """IC-LoRA reference video (video-to-video); read up to --num-frames frames."""
+    """IC-LoRA reference video (video-to-video); read up to --num_frames frames."""
     reference_downscale_factor: int | None = None
     """Use the reference at 1/n of the output size (default: the LoRA's reference_downscale_factor, else 1)."""
     include_reference_in_output: bool = False
-    """Show the reference to the left of the output (needs --reference-video)."""
+    """Show the reference to the left of the output (needs --reference_video)."""
     skip_audio: bool = False
     """Generate video only (no audio VAE or vocoder is loaded)."""
     audio_output: Path | None = None
@@ -109,6 +111,8 @@ class InferenceArgs:
     """Weights and compute dtype of Gemma, the transformer and the video VAE (audio decoding stays float32)."""
     text_encoder_8bit: bool = False
     """Load Gemma in 8-bit (bitsandbytes, CUDA only) to save memory while embedding the prompt."""
+    config_from: Path | None = None
+    """Single checkpoint file whose config applies when --checkpoint has none in its metadata (a split-off file)."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -124,23 +128,23 @@ def check_args(args: InferenceArgs) -> None:
     if not args.checkpoint.is_file():
         raise ValueError(f"--checkpoint: file not found: {args.checkpoint}")
     if not args.text_encoder_path.is_dir():
-        raise ValueError(f"--text-encoder-path: Gemma model directory not found: {args.text_encoder_path}")
-    for flag, path in (("--lora-path", args.lora_path), ("--condition-image", args.condition_image),
-                       ("--reference-video", args.reference_video)):
+        raise ValueError(f"--text_encoder_path: Gemma model directory not found: {args.text_encoder_path}")
+    for flag, path in (("--lora_path", args.lora_path), ("--condition_image", args.condition_image),
+                       ("--reference_video", args.reference_video), ("--config_from", args.config_from)):
         if path is not None and not path.is_file():
             raise ValueError(f"{flag}: file not found: {path}")
     suffix = args.output.suffix.lower()
     if suffix not in (".mp4", ".png"):
         raise ValueError(f"--output must end in .mp4 or .png, got {args.output}")
     if suffix == ".png" and args.num_frames != 1:
-        raise ValueError(f"--output {args.output} is a .png, which holds one frame: use --num-frames 1 or .mp4")
+        raise ValueError(f"--output {args.output} is a .png, which holds one frame: use --num_frames 1 or .mp4")
     if args.audio_output is not None:
         if args.skip_audio:
-            raise ValueError("--audio-output cannot be combined with --skip-audio")
+            raise ValueError("--audio_output cannot be combined with --skip_audio")
         if args.audio_output.suffix.lower() != ".wav":
-            raise ValueError(f"--audio-output must end in .wav, got {args.audio_output}")
+            raise ValueError(f"--audio_output must end in .wav, got {args.audio_output}")
     if args.include_reference_in_output and args.reference_video is None:
-        raise ValueError("--include-reference-in-output needs --reference-video")
+        raise ValueError("--include_reference_in_output needs --reference_video")
 
 
 def _reference_factor(args: InferenceArgs, metadata: dict[str, str]) -> int:
@@ -152,24 +156,46 @@ def _reference_factor(args: InferenceArgs, metadata: dict[str, str]) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"--lora-path {args.lora_path}: metadata reference_downscale_factor={value!r} is not an "
-                         "integer; pass --reference-downscale-factor") from None
+        raise ValueError(f"--lora_path {args.lora_path}: metadata reference_downscale_factor={value!r} is not an "
+                         "integer; pass --reference_downscale_factor") from None
+
+
+def read_lora(args: InferenceArgs) -> LoraFile | None:
+    """The ``--lora_path`` file matched against the transformer that ``--checkpoint`` describes (built on ``meta``
+    from its config, so nothing is loaded): a LoRA for another model fails here, before Gemma runs."""
+    from ltxf.models.checkpoint import config_section, read_config
+    from ltxf.models.transformer import AVTransformer, TransformerConfig
+
+    if args.lora_path is None:
+        return None
+    section = config_section(read_config(args.checkpoint), "transformer", args.checkpoint)
+    with torch.device("meta"):
+        shapes = linear_shapes(AVTransformer(TransformerConfig.from_checkpoint_config(section, path=args.checkpoint)))
+    try:
+        return match_lora(load_lora_file(args.lora_path), shapes, source=args.lora_path)
+    except ValueError as error:
+        raise ValueError(f"--lora_path: {error}") from None
 
 
 def run(args: InferenceArgs) -> InferenceResult:
     """Embed the prompts, load the models, generate and write the outputs."""
+    check_args(args)
+    with config_from(args.config_from):
+        return _run(args)
+
+
+def _run(args: InferenceArgs) -> InferenceResult:
     from ltxf.models.audio_vae import load_audio_vae_decoder
     from ltxf.models.text import load_embeddings_processor
     from ltxf.models.transformer import load_transformer
     from ltxf.models.video_vae import load_video_vae_decoder, load_video_vae_encoder
     from ltxf.models.vocoder import load_vocoder
 
-    check_args(args)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     dtype = DTYPES[args.dtype]
-    lora = load_lora_file(args.lora_path) if args.lora_path is not None else None
+    lora = read_lora(args)
     guidance = GuidanceConfig(cfg_scale=args.guidance_scale, stg_scale=args.stg_scale, stg_blocks=args.stg_blocks,
                               stg_mode=args.stg_mode, guidance_rescale=args.guidance_rescale)
     # Built before anything is loaded, so bad sizes fail at once.
@@ -193,7 +219,7 @@ def run(args: InferenceArgs) -> InferenceResult:
     if guidance.uses_stg and guidance.stg_blocks is not None:
         bad = [b for b in guidance.stg_blocks if b >= transformer.config.num_layers]
         if bad:
-            raise ValueError(f"--stg-blocks {bad} out of range: the transformer has {transformer.config.num_layers} "
+            raise ValueError(f"--stg_blocks {bad} out of range: the transformer has {transformer.config.num_layers} "
                              "blocks")
     needs_encoder = args.condition_image is not None or args.reference_video is not None
     models = GenerationModels(
@@ -220,7 +246,7 @@ def run(args: InferenceArgs) -> InferenceResult:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> InferenceArgs:
-    return tyro.cli(InferenceArgs, args=argv, description=__doc__.split("\n\n")[0])
+    return parse(InferenceArgs, args=argv, description=__doc__.split("\n\n")[0])
 
 
 def main(argv: Sequence[str] | None = None) -> InferenceResult:
