@@ -20,6 +20,13 @@ CONVENTION = {"use_underscores": True, "config": (tyro.conf.FlagConversionOff,)}
 """The keyword arguments every ltxf command line passes to tyro."""
 
 
+def parse_bool(text: str) -> bool:
+    """A boolean flag's value for the benchmark tools' argparse parsers, as tyro reads it: True or False."""
+    if text not in ("True", "False"):
+        raise ValueError(f"expected True or False, got {text!r}")
+    return text == "True"
+
+
 def parse(config_type: type[ConfigT], *, args: Sequence[str] | None, description: str | None,
           default: ConfigT | None = None, prog: str | None = None, console_outputs: bool = True) -> ConfigT:
     """``tyro.cli`` with the ltxf convention."""

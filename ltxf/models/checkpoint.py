@@ -109,7 +109,7 @@ def read_config(path: str | Path) -> dict:
             f"{path} has no 'config' entry in its safetensors metadata; an official LTX-2 checkpoint stores "
             "its model config there (metadata keys found: "
             f"{sorted(metadata) or 'none'}). For a file split off a checkpoint, give the single file its config "
-            "comes from (e.g. --config-from)"
+            "comes from (tools/inference.py --config_from, or ltxf.models.checkpoint.config_from)"
         )
     try:
         config = json.loads(metadata["config"])

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import tyro
+from ltxf.cli import parse
 
 logger = logging.getLogger(__name__)
 
@@ -22,12 +22,13 @@ def run_tool(
     description: str | None,
     args: Sequence[str] | None = None,
 ) -> int:
-    """Parse ``args`` into ``config_type``, call ``run(config)`` and return ``exit_code(result)``.
+    """Parse ``args`` into ``config_type`` (the :mod:`ltxf.cli` convention), call ``run(config)`` and return
+    ``exit_code(result)``.
 
     tyro reports invalid flags and values (a ``ValueError`` from a config's checks) and exits with code 2; a
     ``ValueError`` raised while running (a missing model, a malformed dataset file) is logged and returns 2.
     """
-    config = tyro.cli(config_type, args=args, description=description)
+    config = parse(config_type, args=args, description=description)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return exit_code(run(config))

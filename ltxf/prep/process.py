@@ -211,7 +211,7 @@ def load_text_models(
 @dataclass(frozen=True, kw_only=True)
 class ProcessCaptionsConfig:
     """Encode the captions of a dataset file into ``conditions`` files (Gemma 3 + the checkpoint's feature
-    extractor), one ``<media path>.pt`` per sample under ``--output-dir``."""
+    extractor), one ``<media path>.pt`` per sample under ``--output_dir``."""
 
     dataset_file: Annotated[Path, tyro.conf.Positional]
     """Dataset file (.csv, .json or .jsonl) with caption and media-path columns; paths relative to it."""
@@ -516,11 +516,11 @@ class ProcessVideosConfig:
     with_audio: bool = False
     """Also encode each clip's audio track (trimmed/padded to the clip's F/fps seconds) with the audio VAE."""
     audio_output_dir: Path | None = None
-    """Where audio latents go; required with --with-audio."""
+    """Where audio latents go; required with --with_audio."""
     reference_column: str | None = None
-    """IC-LoRA: column with the reference media; its latents go to --reference-output-dir under the TARGET's name."""
+    """IC-LoRA: column with the reference media; its latents go to --reference_output_dir under the TARGET's name."""
     reference_output_dir: Path | None = None
-    """Where reference latents go; required with --reference-column."""
+    """Where reference latents go; required with --reference_column."""
     reference_downscale_factor: int = 1
     """Encode references at the bucket's size divided by this (>1 needs a single bucket)."""
     overwrite: bool = False
@@ -529,9 +529,9 @@ class ProcessVideosConfig:
     def __post_init__(self) -> None:
         parse_buckets(self.resolution_buckets)
         if self.with_audio and self.audio_output_dir is None:
-            raise ValueError("--audio-output-dir is required with --with-audio")
+            raise ValueError("--audio_output_dir is required with --with_audio")
         if self.reference_column is not None and self.reference_output_dir is None:
-            raise ValueError("--reference-output-dir is required with --reference-column")
+            raise ValueError("--reference_output_dir is required with --reference_column")
 
 
 def load_media_encoders(

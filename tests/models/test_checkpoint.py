@@ -244,7 +244,7 @@ def test_transformer_only_and_vae_only_files(demo_file, tmp_path):
     # The same without metadata: refused with a hint, read with the config of a given single file.
     plain = _rewrite(demo_file, tmp_path / "plain.safetensors", lambda k: k, keep=lambda k: k.startswith(PREFIX),
                      metadata=False)
-    with pytest.raises(ValueError, match=r"plain\.safetensors has no 'config' entry .*--config-from"):
+    with pytest.raises(ValueError, match=r"plain\.safetensors has no .config. entry .*--config_from"):
         load_transformer(plain)
     with checkpoint.config_from(demo_file):
         assert _same_state(load_transformer(plain), reference)

@@ -53,9 +53,10 @@ def dataset(tmp_path_factory) -> Path:
 def processed(dataset, tiny_checkpoint, tiny_gemma, tmp_path_factory):
     tool = load_tool("process_dataset")
     args = [
-        str(dataset / "dataset.json"), "--resolution-buckets", "64x64x17;96x64x9;64x64x1",
-        "--model-path", str(tiny_checkpoint), "--text-encoder-path", str(tiny_gemma),
-        "--with-audio", "--decode", "--remove-llm-prefixes", "--lora-trigger", "tok", "--device", "cpu",
+        str(dataset / "dataset.json"), "--resolution_buckets", "64x64x17;96x64x9;64x64x1",
+        "--model_path", str(tiny_checkpoint), "--text_encoder_path", str(tiny_gemma),
+        "--with_audio", "True", "--decode", "True", "--remove_llm_prefixes", "True", "--lora_trigger", "tok",
+        "--device", "cpu",
     ]
     start = time.perf_counter()
     code = tool.main(args)
