@@ -65,12 +65,14 @@ DEMO_VIDEO_VAE: dict = {
     "norm_layer": "pixel_norm", "latent_log_var": "uniform", "spatial_padding_mode": "zeros",
     "decoder_base_channels": 4, "causal_decoder": False, "timestep_conditioning": False,
     "encoder_blocks": [["compress_all_res", {"multiplier": 1}]] * 3,
-    "decoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {"multiplier": 1}],
+    "decoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {"multiplier": 2}],
                        ["compress_all", {"multiplier": 2}], ["compress_all", {"multiplier": 2}]],
 }  # fmt: skip
 """Video VAE: 128 latent channels (the encoder's width is tied to it), three 2x2x2 space-to-depth stages after
 the 4x patchify (8x / 32x in all), a decoder of at most 32 channels (LTX-2.3 switches: zero padding, no timestep
-conditioning)."""
+conditioning). The decoder's upsampling multipliers multiply to 8, as in the real models: ltx-core 1.0 (and ltxf)
+size its first convolution ``decoder_base_channels x 8``, ltx-core 1.2 ``decoder_base_channels x`` their
+product, so only then do both official versions build it."""
 # ch must equal z_channels x latent mel bins (8 x 16 = the transformer's 128 audio channels), and three levels
 # take 64 mel bins to 16, so this is the smallest audio VAE with the shipped latent layout.
 DEMO_AUDIO_VAE: dict = {
@@ -121,12 +123,13 @@ def demo_transformer_config() -> TransformerConfig:
 
 def demo_checkpoint_config() -> dict:
     """The full checkpoint config: the transformer section (with the connector keys the text side reads) and the
-    ``vae``, ``audio_vae`` and ``vocoder`` sections."""
+    ``vae``, ``audio_vae`` and ``vocoder`` sections. The connectors have 128 learnable registers, the number the
+    official 1.2 code always builds (whatever the config says), so the official tools load the demo file."""
     section = demo_transformer_config().to_checkpoint_config()
     section.update(
         connector_num_layers=1, connector_num_attention_heads=4, connector_attention_head_dim=16,
         audio_connector_num_attention_heads=4, audio_connector_attention_head_dim=8,
-        connector_num_learnable_registers=8, connector_apply_gated_attention=True,
+        connector_num_learnable_registers=128, connector_apply_gated_attention=True,
         connector_positional_embedding_max_pos=[4096],
     )
     return {"transformer": section, "vae": DEMO_VIDEO_VAE, "audio_vae": DEMO_AUDIO_VAE, "vocoder": DEMO_VOCODER}

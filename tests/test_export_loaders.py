@@ -5,6 +5,9 @@ with peft, ``LTX2VideoTransformer3DModel.from_single_file``). ltx-core and diffu
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -296,3 +299,28 @@ def test_diffusers_from_single_file_gives_ltxf_outputs(version, tmp_path):
     for name, ours, reference in (("video", ours_video, out[0]), ("audio", ours_audio, out[1])):
         assert ours.shape == reference.shape, name
         torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0, msg=lambda m, n=name: f"{version} {n}: {m}")
+
+
+def test_demo_checkpoint_is_one_the_official_tools_build(demo_base):
+    """The demo file's connectors and decoder have the sizes every official version builds: 128 learnable
+    registers (the 1.2 code builds 128 whatever the config says) and decoder upsampling multipliers whose product
+    is 8 (1.2 sizes the decoder's first convolution base x product, 1.0 base x 8). ltx-core 1.0's connector
+    builders take the demo's connector tensors strictly (the VAEs and the transformer: the full-export test)."""
+    from ltxf.demo import DEMO_VIDEO_VAE
+
+    _, tensors, metadata = demo_base
+    base_channels = DEMO_VIDEO_VAE["decoder_base_channels"]
+    multipliers = [b[1]["multiplier"] for b in DEMO_VIDEO_VAE["decoder_blocks"] if b[0].startswith("compress")]
+    assert math.prod(multipliers) == 8
+    assert tensors["vae.decoder.conv_in.conv.weight"].shape[0] == base_channels * math.prod(multipliers)
+
+    connectors = import_ltx_core("ltx_core.text_encoders.gemma.embeddings_connector")
+    config = json.loads(metadata["config"])
+    for name, configurator in (("video", connectors.Embeddings1DConnectorConfigurator),
+                               ("audio", connectors.AudioEmbeddings1DConnectorConfigurator)):
+        prefix = f"{TRANSFORMER_PREFIX}{name}_embeddings_connector."
+        state = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        assert state["learnable_registers"].shape[0] == 128
+        with torch.device("meta"):
+            module = configurator.from_config(config)
+        module.load_state_dict(state, strict=True, assign=True)
