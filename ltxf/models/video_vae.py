@@ -42,6 +42,7 @@ from ltxf.models.checkpoint import (
     VIDEO_VAE_STATISTICS_PREFIX,
     check_nothing_on_meta,
     config_section,
+    list_keys,
     load_state_dict_strict,
     read_config,
     read_tensors,
@@ -782,17 +783,29 @@ def read_video_vae_config(path: str | Path) -> VideoVAEConfig:
     return VideoVAEConfig.from_checkpoint_config(config_section(read_config(path), "vae", path), path=path)
 
 
-def _select_component(prefix: str) -> Callable[[str], str | None]:
+def _select_component(prefix: str, statistics_prefix: str) -> Callable[[str], str | None]:
     def select(key: str) -> str | None:
         if key.startswith(prefix):
             return key[len(prefix) :]
-        if key.startswith(VIDEO_VAE_STATISTICS_PREFIX):
-            name = key[len(VIDEO_VAE_STATISTICS_PREFIX) :]
+        if key.startswith(statistics_prefix):
+            name = key[len(statistics_prefix) :]
             if name in STATISTICS_NAMES:
                 return _STATISTICS_MODULE + name
         return None
 
     return select
+
+
+def video_vae_key_prefix(path: str | Path) -> str:
+    """``"vae."`` for a single-file checkpoint, ``""`` for a standalone VAE file (the LTX-2.5 split pack stores
+    bare ``encoder.`` / ``decoder.`` / ``per_channel_statistics.`` keys), decided from the header."""
+    keys = list_keys(path)
+    if any(k.startswith(VIDEO_VAE_STATISTICS_PREFIX) for k in keys):
+        return "vae."
+    if any(k.startswith("per_channel_statistics.") for k in keys):
+        return ""
+    raise ValueError(f"{path}: no video VAE tensors (neither '{VIDEO_VAE_STATISTICS_PREFIX}*' of a single-file "
+                     "checkpoint nor the bare 'per_channel_statistics.*' of a standalone VAE file)")
 
 
 def _load(
@@ -802,7 +815,10 @@ def _load(
     cfg = read_video_vae_config(path)
     with torch.device("meta"):
         module = module_cls(cfg)
-    tensors = read_tensors(path, _select_component(prefix), dtype=dtype, device=device)
+    file_prefix = video_vae_key_prefix(path)
+    component = prefix.removeprefix("vae.")
+    tensors = read_tensors(path, _select_component(file_prefix + component, file_prefix + "per_channel_statistics."),
+                           dtype=dtype, device=device)
     load_state_dict_strict(module, tensors, source=path)
     check_nothing_on_meta(module, path)
     logger.info("loaded %s from %s (%s tensors)", module_cls.__name__, path, len(tensors))
