@@ -800,12 +800,12 @@ def video_vae_key_prefix(path: str | Path) -> str:
     """``"vae."`` for a single-file checkpoint, ``""`` for a standalone VAE file (the LTX-2.5 split pack stores
     bare ``encoder.`` / ``decoder.`` / ``per_channel_statistics.`` keys), decided from the header."""
     keys = list_keys(path)
-    if any(k.startswith(VIDEO_VAE_STATISTICS_PREFIX) for k in keys):
+    if any(k.startswith("vae.") for k in keys):
         return "vae."
-    if any(k.startswith("per_channel_statistics.") for k in keys):
+    if any(k.startswith(("encoder.", "decoder.", "per_channel_statistics.")) for k in keys):
         return ""
-    raise ValueError(f"{path}: no video VAE tensors (neither '{VIDEO_VAE_STATISTICS_PREFIX}*' of a single-file "
-                     "checkpoint nor the bare 'per_channel_statistics.*' of a standalone VAE file)")
+    raise ValueError(f"{path}: no video VAE tensors (neither 'vae.*' keys of a single-file checkpoint nor the bare "
+                     "'encoder.*' / 'decoder.*' / 'per_channel_statistics.*' keys of a standalone VAE file)")
 
 
 def _load(
