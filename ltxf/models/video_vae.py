@@ -39,7 +39,6 @@ from torch import nn
 from ltxf.models.checkpoint import (
     VIDEO_VAE_DECODER_PREFIX,
     VIDEO_VAE_ENCODER_PREFIX,
-    VIDEO_VAE_STATISTICS_PREFIX,
     check_nothing_on_meta,
     config_section,
     list_keys,

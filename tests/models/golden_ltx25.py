@@ -7,7 +7,6 @@ import functools
 import os
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -40,4 +39,6 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, what
     return error
 
 
-__all__ = ["assert_close", "golden", "pytest"]
+
+
+GEMMA3_TINY = GOLDEN_ROOT / "official-datasets" / "ltx-2.3" / "gemma3-tiny"
