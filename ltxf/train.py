@@ -36,7 +36,14 @@ from ltxf import checkpoint as run_checkpoint
 from ltxf.config import LoraConfig, TrainConfig, check_paths
 from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
 from ltxf.lora import init_lora_parameters, inject_lora, load_lora_weights, lora_parameters, lora_state_dict
-from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, write_checkpoint
+from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, read_metadata, write_checkpoint
+from ltxf.models.pack import (
+    ModelPack,
+    check_conditions_text_encoder,
+    check_gemma_pairing,
+    expected_text_encoder,
+    resolve_pack,
+)
 from ltxf.models.text import load_embeddings_processor
 from ltxf.models.transformer import load_transformer
 from ltxf.monitor import Monitor, memory_metrics
@@ -95,6 +102,8 @@ class Model:
     text_processor: nn.Module
     checkpoint_config: dict
     """The config metadata of the base checkpoint (written back into full-model exports)."""
+    pack: ModelPack
+    """Where each component of the model lives (LTX-2.5: one file each)."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -165,15 +174,26 @@ def build_validator(plan: RunPlan) -> Validator | None:
     cfg = plan.cfg
     if not cfg.validation.enabled:
         return None
-    return Validator.build(cfg.validation, checkpoint=Path(cfg.model.checkpoint), device=plan.dist.device,
+    return Validator.build(cfg.validation, checkpoint=model_pack(cfg), device=plan.dist.device,
                            dtype=plan.compute_dtype)
+
+
+def model_pack(cfg: TrainConfig) -> ModelPack:
+    """The model's component files (``--model.checkpoint`` plus the optional ``--model.text_encoder`` /
+    ``video_vae`` / ``audio_vae``), with the transformer <-> text-encoder pairing checked when both are known."""
+    m = cfg.model
+    pack = resolve_pack(m.checkpoint, text_encoder=m.text_encoder, video_vae=m.video_vae, audio_vae=m.audio_vae)
+    if pack.text_encoder is not None:
+        check_gemma_pairing(pack.transformer, pack.text_encoder)
+    return pack
 
 
 def build_model(plan: RunPlan) -> Model:
     """Load the transformer and the text connectors, freeze what does not train, inject and initialise LoRA, and
     parallelize (activation checkpointing, compile, FSDP2). The one place weights are loaded."""
     cfg, device = plan.cfg, plan.dist.device
-    checkpoint_path = Path(cfg.model.checkpoint)
+    pack = model_pack(cfg)
+    checkpoint_path = pack.transformer
     # Full fine-tuning keeps fp32 master weights (FSDP2 casts to bf16 for compute; one process uses autocast).
     weights_dtype = torch.float32 if plan.full else plan.compute_dtype
     logger.info("loading the transformer from %s", checkpoint_path)
@@ -198,7 +218,7 @@ def build_model(plan: RunPlan) -> Model:
                 reduce_dtype=DTYPES[cfg.parallel.reduce_dtype])
     transformer.train()
     return Model(transformer=transformer, text_processor=text_processor,
-                 checkpoint_config=read_config(checkpoint_path))
+                 checkpoint_config=read_config(checkpoint_path), pack=pack)
 
 
 def apply_initial_lora(transformer: nn.Module, path: Path, lora: LoraConfig) -> None:
@@ -240,6 +260,9 @@ def build_data(plan: RunPlan, strategy: Strategy) -> Data:
     cfg, dist = plan.cfg, plan.dist
     dataset = PrecomputedDataset(cfg.data.root, sources=list(strategy.data_sources()),
                                  skip_bad_samples=cfg.data.skip_bad_samples, text_length=cfg.data.text_length)
+    # Features of another Gemma have the same shapes (LTX-2.3 vs 2.5): refuse files tagged for another encoder.
+    check_conditions_text_encoder([s.files["conditions"] for s in dataset.samples if "conditions" in s.files],
+                                  expected_text_encoder(cfg.model.checkpoint))
     sampler = BucketBatchSampler(dataset.bucket_keys(), batch_size=cfg.optim.batch_size, seed=cfg.seed,
                                  rank=dist.rank, world_size=dist.world_size)
     loader = ResumableLoader(dataset, sampler, num_workers=cfg.data.num_workers,
@@ -530,8 +553,20 @@ def export(run: Run, step: int) -> Path:
     if plan.full:
         weights = _gather_full(model.transformer.state_dict(), keep=is_main, dtype=dtype)
         path = exports / f"model_weights_step_{step:06d}.safetensors"
+        pack_metadata = {}
+        if model.pack.split:
+            # The LTX-2.5 layout: a transformer file that also holds both connectors and keeps the pack's
+            # metadata (model_version, gemma_source_checkpoint, license), a drop-in for the official loaders.
+            text = model.text_processor
+            weights |= {f"{name}_embeddings_connector.{k}": v for name in ("video", "audio")
+                        for k, v in _gather_full(getattr(text, f"{name}_connector").state_dict(), keep=is_main,
+                                                 dtype=dtype).items()}
+            base_metadata = read_metadata(model.pack.transformer)
+            pack_metadata = {k: base_metadata[k] for k in ("model_version", "gemma_source_checkpoint", "license")
+                             if k in base_metadata}
         if is_main:
-            run_checkpoint.export_full_model(path, weights, model.checkpoint_config, dtype=dtype)
+            run_checkpoint.export_full_model(path, weights, model.checkpoint_config, dtype=dtype,
+                                             extra_metadata=pack_metadata)
     else:
         weights = _gather_full(lora_state_dict(model.transformer))
         metadata = {"ltxf_step": str(step), **run.data.export_metadata}
