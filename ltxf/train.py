@@ -34,7 +34,7 @@ from torch import nn
 
 from ltxf import checkpoint as run_checkpoint
 from ltxf.config import LoraConfig, TrainConfig, check_paths
-from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
+from ltxf.data import AUDIO_FREQUENCY_BINS, BucketBatchSampler, PrecomputedDataset, ResumableLoader
 from ltxf.lora import init_lora_parameters, inject_lora, load_lora_weights, lora_parameters, lora_state_dict
 from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, read_metadata, write_checkpoint
 from ltxf.models.pack import (
@@ -45,7 +45,7 @@ from ltxf.models.pack import (
     resolve_pack,
 )
 from ltxf.models.text import load_embeddings_processor
-from ltxf.models.transformer import load_transformer
+from ltxf.models.transformer import load_transformer, read_transformer_config
 from ltxf.monitor import Monitor, memory_metrics
 from ltxf.optim import GradientTransformation, adamw, adamw_8bit, chain, clip_by_global_norm, make_schedule
 from ltxf.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize, shutdown_distributed
@@ -258,8 +258,12 @@ def build_optimizer(cfg: TrainConfig) -> GradientTransformation:
 def build_data(plan: RunPlan, strategy: Strategy) -> Data:
     """The dataset the strategy reads, a resumable bucketed loader over it, and the export metadata."""
     cfg, dist = plan.cfg, plan.dist
+    # Latent widths from the transformer (LTX: 128 video, 8 x 16 audio; the tiny LTX-2.5 pack: 4 and 2 x 16).
+    transformer_config = read_transformer_config(cfg.model.checkpoint)
     dataset = PrecomputedDataset(cfg.data.root, sources=list(strategy.data_sources()),
-                                 skip_bad_samples=cfg.data.skip_bad_samples, text_length=cfg.data.text_length)
+                                 skip_bad_samples=cfg.data.skip_bad_samples, text_length=cfg.data.text_length,
+                                 latent_channels=transformer_config.in_channels,
+                                 audio_latent_channels=transformer_config.audio_in_channels // AUDIO_FREQUENCY_BINS)
     # Features of another Gemma have the same shapes (LTX-2.3 vs 2.5): refuse files tagged for another encoder.
     check_conditions_text_encoder([s.files["conditions"] for s in dataset.samples if "conditions" in s.files],
                                   expected_text_encoder(cfg.model.checkpoint))
