@@ -17,7 +17,14 @@ from ltxf.models.audio_vae import load_audio_vae_decoder, load_audio_vae_encoder
 from ltxf.models.mel import log_mel_spectrogram
 from ltxf.models.video_vae import load_video_vae_decoder, load_video_vae_encoder, video_vae_key_prefix
 from ltxf.models.vocoder import BWEVocoder, decode_audio, load_vocoder
-from tests.models.golden_ltx25 import AUDIO_VAE, TRANSFORMER, VIDEO_VAE_CONV, assert_close, golden
+from tests.models.golden_ltx25 import (
+    AUDIO_VAE,
+    TRANSFORMER,
+    VIDEO_VAE_CONV,
+    VIDEO_VAE_DIFFUSION,
+    assert_close,
+    golden,
+)
 
 
 def test_conv_video_vae_from_standalone_file():
@@ -68,3 +75,17 @@ def test_vocoder_with_bandwidth_extension(audio_models):
         assert_close(vocoder(g["audio.decoded_mel"]), g["audio.vocoder_bwe_48k"], 1e-4, "vocoder + BWE 48 kHz")
     waveform = decode_audio(decoder, vocoder, g["audio.decode_input_latent"])
     assert_close(waveform[0], g["audio.decode_audio_waveform"], 1e-4, "decode_audio")
+
+
+def test_diffusion_vae_file_encoder_and_decoder_fallback_message():
+    """The diffusion-decoder VAE file's conv encoder (``latent_log_var`` constant) against
+    ``goldens/video_vae_diffusion.safetensors`` (encode tolerance 1e-5 as for the conv VAE). Its diffusion decoder
+    is not implemented in ltxf: loading it is refused with a message naming the conv VAE to decode with."""
+    g = golden("video_vae_diffusion")
+    encoder = load_video_vae_encoder(VIDEO_VAE_DIFFUSION)
+    assert encoder.config.latent_log_var == "constant"
+    with torch.no_grad():
+        assert_close(encoder(golden("video_vae_conv")["video.input_pixels"]), g["encoded_latent"], 1e-5,
+                     "diffusion VAE file encode")
+    with pytest.raises(ValueError, match=r"diffusion-decoder video VAE.*conv VAE.*--model\.video_vae"):
+        load_video_vae_decoder(VIDEO_VAE_DIFFUSION)
