@@ -262,10 +262,67 @@ def check_conditions_text_encoder(conditions_files: Iterable[str | Path], expect
     return untagged
 
 
+# -------------------------------------------------------------------------------------------------------------
+# Tiny test packs
+
+
+_LATENT_LAYERS = {"patchify_proj": "video_in", "proj_out": "video_out", "audio_patchify_proj": "audio_in",
+                  "audio_proj_out": "audio_out"}
+
+
+def adapt_transformer_latent_widths(
+    transformer: str | Path, video_vae: str | Path, audio_vae: str | Path, output: str | Path, *, seed: int = 0
+) -> Path:
+    """Copy a transformer file with its latent widths changed to those of the given VAE files.
+
+    The tiny LTX-2.5 golden pack pairs a transformer with 128 latent channels with VAEs of 4 (video) and 2 x 16
+    (audio), so it cannot be trained or sampled as shipped. This keeps every tensor and all metadata of the file
+    (connectors, ``model_version``, ``gemma_source_checkpoint``) and re-draws only the four latent projections
+    (``patchify_proj``, ``proj_out`` and their audio twins; weights N(0, 1/fan_in), biases 0, seeded), with the
+    config's ``in/out_channels`` and ``audio_in/out_channels`` updated. For test packs only: real packs match.
+    """
+    from ltxf.models.audio_vae import AudioVAEConfig
+    from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_tensors, write_checkpoint
+    from ltxf.models.video_vae import read_video_vae_config
+
+    transformer = Path(transformer)
+    config = read_config(transformer)
+    section = config.get("transformer")
+    if not isinstance(section, dict):
+        raise ValueError(f"{transformer}: no 'transformer' config section")
+    video_channels = read_video_vae_config(video_vae).latent_channels
+    audio_section = read_config(audio_vae).get("audio_vae")
+    if not isinstance(audio_section, Mapping):
+        raise ValueError(f"{audio_vae}: no 'audio_vae' config section")
+    audio_config = AudioVAEConfig.from_checkpoint(audio_section, audio_vae)
+    widths = {"video": video_channels, "audio": audio_config.z_channels * audio_config.latent_mel_bins}
+    section.update(in_channels=widths["video"], out_channels=widths["video"], audio_in_channels=widths["audio"],
+                   audio_out_channels=widths["audio"])
+    tensors = read_tensors(transformer, lambda key: key)
+    generator = torch.Generator().manual_seed(seed)
+    for layer, role in _LATENT_LAYERS.items():
+        stream, direction = role.split("_")
+        weight = tensors[f"{TRANSFORMER_PREFIX}{layer}.weight"]
+        out_dim, in_dim = weight.shape
+        out_dim = widths[stream] if direction == "out" else out_dim
+        in_dim = widths[stream] if direction == "in" else in_dim
+        tensors[f"{TRANSFORMER_PREFIX}{layer}.weight"] = (torch.randn(out_dim, in_dim, generator=generator)
+                                                          / in_dim**0.5).to(weight.dtype)
+        bias_key = f"{TRANSFORMER_PREFIX}{layer}.bias"
+        if bias_key in tensors:
+            tensors[bias_key] = torch.zeros(out_dim, dtype=tensors[bias_key].dtype)
+    metadata = {k: v for k, v in read_metadata(transformer).items() if k != "config"}
+    path = write_checkpoint(output, tensors, config, metadata)
+    logger.info("wrote %s: %s with latent widths video %d, audio %d", path, transformer, widths["video"],
+                widths["audio"])
+    return path
+
+
 __all__ = [
     "CONDITIONS_TEXT_ENCODER_KEY",
     "DEFAULT_VIDEO_SCALE_FACTORS",
     "ModelPack",
+    "adapt_transformer_latent_widths",
     "check_conditions_text_encoder",
     "check_gemma_pairing",
     "expected_text_encoder",

@@ -24,7 +24,7 @@ from ltxf.config import CheckpointConfig, DataConfig, LogConfig, OptimConfig, Pa
 from ltxf.lora import LoraConfig
 from ltxf.models import checkpoint
 from ltxf.models.pack import CONDITIONS_TEXT_ENCODER_KEY
-from ltxf.models.transformer import AVTransformer, TransformerConfig, load_transformer
+from ltxf.models.transformer import load_transformer
 from ltxf.prep.process import ProcessDatasetConfig, process_dataset
 from ltxf.train import main
 from ltxf.validation import ValidationConfig
@@ -94,20 +94,21 @@ def test_the_tiny_pack_transformer_cannot_train_on_4_channel_latents(tmp_path):
 
 @pytest.fixture(scope="module")
 def transformer_for_the_data(tmp_path_factory) -> Path:
-    """The tiny 2.5 transformer file with latent widths that fit the tiny VAEs (4 video, 2 x 16 audio channels)."""
-    config = checkpoint.read_config(TRANSFORMER)
-    config["transformer"].update(in_channels=4, out_channels=4, audio_in_channels=32, audio_out_channels=32)
-    metadata = checkpoint.read_metadata(TRANSFORMER)
-    model_version = metadata["model_version"]
-    torch.manual_seed(0)
-    model = AVTransformer(TransformerConfig.from_checkpoint_config(config["transformer"], model_version=model_version))
-    with torch.no_grad():
-        model.keyframes_abs_pos_embedding.normal_(0, 0.5)
-    tensors = {checkpoint.TRANSFORMER_PREFIX + k: v for k, v in model.state_dict().items()}
-    tensors |= {k: v for k, v in load_file(str(TRANSFORMER)).items() if "embeddings_connector." in k}
+    """The tiny 2.5 transformer file with latent widths that fit the tiny VAEs (4 video, 2 x 16 audio channels),
+    made by the README's tool: every other tensor and all metadata are the pack's."""
+    from tools.adapt_transformer_widths import main as adapt
+
     path = tmp_path_factory.mktemp("pack") / "ltx-2.5-tiny-transformer-4ch.safetensors"
-    extra = {k: metadata[k] for k in ("model_version", "gemma_source_checkpoint", "license")}
-    return checkpoint.write_checkpoint(path, tensors, config, extra)
+    assert adapt([str(TRANSFORMER), "--video-vae", str(VIDEO_VAE_CONV), "--audio-vae", str(AUDIO_VAE),
+                  "--output", str(path)]) == 0
+    original, adapted = load_file(str(TRANSFORMER)), load_file(str(path))
+    assert set(original) == set(adapted)
+    changed = {k for k in original if original[k].shape != adapted[k].shape or not torch.equal(original[k], adapted[k])}
+    assert {k.removeprefix(checkpoint.TRANSFORMER_PREFIX).rsplit(".", 1)[0] for k in changed} == {
+        "patchify_proj", "proj_out", "audio_patchify_proj", "audio_proj_out"}
+    assert checkpoint.read_metadata(path)["gemma_source_checkpoint"] == \
+        checkpoint.read_metadata(TRANSFORMER)["gemma_source_checkpoint"]
+    return path
 
 
 def _config(output_dir: Path, transformer: Path, *, steps: int, mode: str = "lora"):
@@ -151,3 +152,24 @@ def test_full_fine_tune_exports_a_25_transformer_file(transformer_for_the_data, 
     assert json.loads(metadata["config"]) == checkpoint.read_config(transformer_for_the_data)
     reloaded = load_transformer(exported)
     assert reloaded.config.version == "ltx-2.5" and reloaded.config.keyframes_embedding
+
+
+def test_inference_tool_samples_with_the_split_pack(transformer_for_the_data, tmp_path):
+    from tools.inference import main as inference
+
+    result = inference([
+        "--checkpoint", str(transformer_for_the_data), "--text-encoder-path", str(TEXT_ENCODER),
+        "--video-vae-path", str(VIDEO_VAE_CONV), "--audio-vae-path", str(AUDIO_VAE), "--prompt", "a red cat",
+        "--output", str(tmp_path / "clip.mp4"), "--width", "96", "--height", "64", "--num-frames", "9",
+        "--num-inference-steps", "2", "--stg-blocks", "1", "--device", "cpu", "--dtype", "float32",
+        "--frame-rate", "24",
+    ])
+    assert result.output.is_file() and result.clip.num_frames == 9 and result.clip.audio_sample_rate == 48000
+
+
+def test_inference_tool_refuses_a_split_pack_without_its_vaes(transformer_for_the_data, tmp_path):
+    from tools.inference import main as inference
+
+    with pytest.raises(ValueError, match=r"split-pack transformer file.*--model\.video_vae"):
+        inference(["--checkpoint", str(transformer_for_the_data), "--text-encoder-path", str(TEXT_ENCODER),
+                   "--prompt", "x", "--output", str(tmp_path / "clip.mp4"), "--device", "cpu"])
