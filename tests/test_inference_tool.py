@@ -153,7 +153,7 @@ def test_single_frame_png(assets, tmp_path):
     ("change", "match"),
     [
         ({"--checkpoint": "missing.safetensors"}, "--checkpoint: file not found"),
-        ({"--text-encoder-path": "no_gemma"}, "--text-encoder-path: Gemma model directory not found"),
+        ({"--text-encoder-path": "no_gemma"}, "--text-encoder-path: Gemma model directory or packed"),
         ({"--lora-path": "missing_lora.safetensors"}, "--lora-path: file not found"),
         ({"--condition-image": "missing.png"}, "--condition-image: file not found"),
         ({"--reference-video": "missing.mp4"}, "--reference-video: file not found"),
