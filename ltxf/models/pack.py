@@ -244,7 +244,10 @@ def check_conditions_text_encoder(conditions_files: Iterable[str | Path], expect
     for path in conditions_files:
         path = Path(path)
         try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+                data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch.load raises many unrelated types
             raise ValueError(f"{path}: cannot read the conditions file: {exc}") from exc
         made_by = data.get(CONDITIONS_TEXT_ENCODER_KEY) if isinstance(data, Mapping) else None

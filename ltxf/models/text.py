@@ -35,6 +35,7 @@ from torch import nn
 from ltxf.models.attention import Attention
 from ltxf.models.checkpoint import (
     AUDIO_CONNECTOR_PREFIX,
+    LTX_2_5_SWITCHES,
     TEXT_PROJECTION_PREFIX,
     VIDEO_CONNECTOR_PREFIX,
     ModelVersion,
@@ -151,13 +152,16 @@ class EmbeddingsProcessorConfig:
         Keys (ltx-core defaults in brackets): ``connector_num_layers`` [2], ``connector_num_attention_heads``
         [30], ``connector_attention_head_dim`` [128], ``connector_num_learnable_registers`` [128],
         ``connector_apply_gated_attention`` [False], ``audio_connector_{num_layers,num_attention_heads,
-        attention_head_dim}`` [the video values], ``rope_type`` ["interleaved"], ``frequencies_precision``
+        attention_head_dim}`` [the video values], ``rope_type`` ["interleaved"; "split" for an LTX-2.5 config],
+        ``frequencies_precision``
         ["float64" -> double-precision grid], ``connector_positional_embedding_max_pos`` [[1]]. The version comes
         from :func:`ltxf.models.checkpoint.detect_text_version`.
         """
         cfg = transformer_config
         version = detect_text_version(cfg, source)
-        rope_type = cfg.get("rope_type", "interleaved")
+        # ltx-core 1.2 (LTX-2.5) changed the code default to "split"; a config with any 2.5 switch is read so.
+        is_25 = any(key in cfg for key in LTX_2_5_SWITCHES)
+        rope_type = cfg.get("rope_type", "split" if is_25 else "interleaved")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"{source}: transformer.rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
         max_pos = cfg.get("connector_positional_embedding_max_pos", [1])

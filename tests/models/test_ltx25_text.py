@@ -158,3 +158,14 @@ def test_conditions_made_by_another_text_encoder_are_refused(tmp_path):
     assert check_conditions_text_encoder(ok, "gemma4-tiny-golden-v1") == 1
     with pytest.raises(ValueError, match=r"b\.pt.*'gemma3'.*expects 'gemma4-tiny-golden-v1'"):
         check_conditions_text_encoder([*ok, write("b.pt", "gemma3")], "gemma4-tiny-golden-v1")
+
+
+def test_connector_rope_default_follows_the_version():
+    """ltx-core 1.2 made "split" the connector RoPE default; LTX-2 / 2.3 configs without the key keep the 1.0
+    default "interleaved"."""
+    from ltxf.models.text import EmbeddingsProcessorConfig
+
+    section = {k: v for k, v in checkpoint.read_config(TRANSFORMER)["transformer"].items() if k != "rope_type"}
+    assert EmbeddingsProcessorConfig.from_transformer_config(section).video_connector.rope_type == "split"
+    old = {k: v for k, v in section.items() if k not in checkpoint.LTX_2_5_SWITCHES}
+    assert EmbeddingsProcessorConfig.from_transformer_config(old).video_connector.rope_type == "interleaved"
