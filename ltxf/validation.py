@@ -269,7 +269,7 @@ class Validator:
             conditionings = [_conditioning_to_cpu(prepare_conditioning(encoder, r)) for r in requests]
             del encoder
             free_memory()
-        video_decoder = load_video_vae_decoder(pack.video_vae_file(), dtype=dtype, device=device)
+        video_decoder = load_video_vae_decoder(pack.video_decoder_file(), dtype=dtype, device=device)
         audio_decoder = vocoder = None
         if config.generate_audio:
             try:

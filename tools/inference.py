@@ -217,7 +217,7 @@ def run(args: InferenceArgs) -> InferenceResult:
                                                  with_feature_extractor=False),
         video_encoder=load_video_vae_encoder(pack.video_vae_file(), dtype=dtype, device=device)
         if needs_encoder else None,
-        video_decoder=load_video_vae_decoder(pack.video_vae_file(), dtype=dtype, device=device),
+        video_decoder=load_video_vae_decoder(pack.video_decoder_file(), dtype=dtype, device=device),
         audio_decoder=None if args.skip_audio else load_audio_vae_decoder(pack.audio_vae_file(), device=device),
         vocoder=None if args.skip_audio else load_vocoder(pack.audio_vae_file(), device=device),
         autocast_dtype=None if dtype == torch.float32 else dtype,

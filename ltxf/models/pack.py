@@ -55,6 +55,15 @@ def is_diffusion_video_vae(path: str | Path) -> bool:
     return isinstance(vae, Mapping) and vae.get("_class_name") == "CausalDiffusionVAE"
 
 
+def _is_conv_video_vae(path: Path) -> bool:
+    try:
+        vae = read_config(path).get("vae")
+    except ValueError:
+        return False
+    return isinstance(vae, Mapping) and bool(vae.get("decoder_blocks")) and \
+        vae.get("_class_name") != "CausalDiffusionVAE"
+
+
 def read_video_scale_factors(path: str | Path) -> tuple[int, int, int]:
     """(time, height, width) pixel units per latent cell, with the official rule: from the *flat*
     ``vae.encoder_blocks`` (else ``vae.decoder_blocks``) and ``vae.patch_size``, counting the compressing blocks
@@ -99,6 +108,26 @@ class ModelPack:
 
     def video_vae_file(self) -> Path:
         return self._require("video_vae", "--model.video_vae")
+
+    def video_decoder_file(self) -> Path:
+        """The video VAE file to *decode* with: the video VAE, or, when that is the LTX-2.5 diffusion-decoder VAE
+        (whose decoder ltxf does not implement), the conv VAE of the same pack found next to it (a warning says
+        so); with none there a ``ValueError`` names the file to pass."""
+        path = self.video_vae_file()
+        if not is_diffusion_video_vae(path):
+            return path
+        candidates = sorted(p for p in path.parent.glob("*.safetensors") if p != path and _is_conv_video_vae(p))
+        if len(candidates) != 1:
+            found = f"found {len(candidates)} candidates: {[str(c) for c in candidates]}" if candidates else \
+                "found none next to it"
+            raise ValueError(f"{path} is the LTX-2.5 diffusion-decoder video VAE, whose decoder ltxf does not "
+                             f"implement; decoding needs the conv VAE of the pack ({found}): pass the "
+                             "ltx-2.5-video-vae-conv*.safetensors file as the video VAE (--model.video_vae / "
+                             "--video-vae-path)")
+        logger.warning("%s is the LTX-2.5 diffusion-decoder video VAE, whose decoder ltxf does not implement: "
+                       "decoding with the pack's conv VAE %s instead (same latent space and encoder)", path,
+                       candidates[0])
+        return candidates[0]
 
     def audio_vae_file(self) -> Path:
         return self._require("audio_vae", "--model.audio_vae")

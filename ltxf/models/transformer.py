@@ -12,6 +12,8 @@ a velocity per token. The two versions share this code path and differ by config
 * LTX-2.5: LTX-2.3 plus four switches (``ff_bias``, ``audio_ff_bias``, ``use_prompt_adaln_single``,
   ``use_keyframes_abs_pos_embedding``). The last adds one learned vector to the video tokens that the
   ``keyframes_mask`` of the video :class:`Modality` marks (tokens whose latent encodes a single standalone frame).
+  As in ltx-core 1.2 (which defines 2.5; checked against its goldens), a stream's audio<->video AdaLN scale/shift
+  follows its own per-token timesteps; in LTX-2 / 2.3 (ltx-core 1.0) they follow the other stream's sigma.
 
 Parameter names equal those of the official checkpoints after ``model.diffusion_model.`` is stripped.
 
@@ -312,8 +314,8 @@ class Modality:
 
     Attributes:
         latent: ``[B, T, C]`` patchified noisy tokens (conditioning tokens included).
-        sigma: ``[B]`` noise level per sample; drives the *other* stream's audio<->video AdaLN and (LTX-2.3)
-            this stream's prompt AdaLN.
+        sigma: ``[B]`` noise level per sample; drives the *other* stream's audio<->video AdaLN (LTX-2.5: only its
+            output gate) and (LTX-2.3/2.5) this stream's prompt AdaLN.
         timesteps: ``[B, T]`` (or ``[B, T, 1]``) per-token noise level, 0 for clean conditioning tokens; or
             ``[B]`` / ``[B, 1]`` when every token of a sample shares one value.
         positions: ``[B, A, T, 2]`` ``[start, end)`` bounds: video ``A = 3`` (seconds, pixels, pixels), audio

@@ -768,7 +768,7 @@ def decode_latents(config: DecodeLatentsConfig) -> PrepSummary:
     rank, world = rank_and_world_size()
     device = resolve_device(config.device)
     pack = config.pack()
-    decoder = load_video_vae_decoder(pack.video_vae_file(), resolve_dtype(config.vae_dtype, device), device)
+    decoder = load_video_vae_decoder(pack.video_decoder_file(), resolve_dtype(config.vae_dtype, device), device)
     summary = decode_video_dir(latents_dir, output_dir, decoder=decoder, seed=config.seed, tiling=config.vae_tiling,
                                overwrite=config.overwrite, rank=rank, world_size=world)
     del decoder
@@ -934,8 +934,8 @@ def process_dataset(config: ProcessDatasetConfig) -> PrepSummary:
         if config.reference_column and (out / "reference_latents").is_dir():
             from ltxf.models.video_vae import load_video_vae_decoder
 
-            decoder = load_video_vae_decoder(decode.pack().video_vae_file(), resolve_dtype(config.vae_dtype, device),
-                                             device)
+            decoder = load_video_vae_decoder(decode.pack().video_decoder_file(),
+                                             resolve_dtype(config.vae_dtype, device), device)
             decode_video_dir(out / "reference_latents", out / "decoded_reference_videos", decoder=decoder,
                              seed=config.seed, tiling=config.vae_tiling, overwrite=config.overwrite, rank=rank,
                              world_size=world).log()

@@ -154,17 +154,20 @@ def test_full_fine_tune_exports_a_25_transformer_file(transformer_for_the_data, 
     assert reloaded.config.version == "ltx-2.5" and reloaded.config.keyframes_embedding
 
 
-def test_inference_tool_samples_with_the_split_pack(transformer_for_the_data, tmp_path):
+def test_inference_tool_samples_with_the_split_pack(transformer_for_the_data, tmp_path, caplog):
+    """Given the diffusion-decoder VAE (as the official docs pass it), decoding falls back to the pack's conv VAE
+    next to it, with a warning."""
     from tools.inference import main as inference
 
     result = inference([
         "--checkpoint", str(transformer_for_the_data), "--text-encoder-path", str(TEXT_ENCODER),
-        "--video-vae-path", str(VIDEO_VAE_CONV), "--audio-vae-path", str(AUDIO_VAE), "--prompt", "a red cat",
+        "--video-vae-path", str(VIDEO_VAE_DIFFUSION), "--audio-vae-path", str(AUDIO_VAE), "--prompt", "a red cat",
         "--output", str(tmp_path / "clip.mp4"), "--width", "96", "--height", "64", "--num-frames", "9",
         "--num-inference-steps", "2", "--stg-blocks", "1", "--device", "cpu", "--dtype", "float32",
         "--frame-rate", "24",
     ])
     assert result.output.is_file() and result.clip.num_frames == 9 and result.clip.audio_sample_rate == 48000
+    assert "decoding with the pack's conv VAE" in caplog.text and VIDEO_VAE_CONV.name in caplog.text
 
 
 def test_inference_tool_refuses_a_split_pack_without_its_vaes(transformer_for_the_data, tmp_path):

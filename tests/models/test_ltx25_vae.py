@@ -89,3 +89,15 @@ def test_diffusion_vae_file_encoder_and_decoder_fallback_message():
                      "diffusion VAE file encode")
     with pytest.raises(ValueError, match=r"diffusion-decoder video VAE.*conv VAE.*--model\.video_vae"):
         load_video_vae_decoder(VIDEO_VAE_DIFFUSION)
+
+
+def test_decoding_with_a_diffusion_vae_falls_back_to_the_packs_conv_vae(tmp_path, caplog):
+    from ltxf.models.pack import resolve_pack
+
+    assert resolve_pack(TRANSFORMER, video_vae=VIDEO_VAE_DIFFUSION).video_decoder_file() == VIDEO_VAE_CONV
+    assert "diffusion-decoder video VAE" in caplog.text
+    assert resolve_pack(TRANSFORMER, video_vae=VIDEO_VAE_CONV).video_decoder_file() == VIDEO_VAE_CONV
+    alone = tmp_path / VIDEO_VAE_DIFFUSION.name
+    alone.write_bytes(VIDEO_VAE_DIFFUSION.read_bytes())
+    with pytest.raises(ValueError, match=r"diffusion-decoder video VAE.*found none next to it.*--model\.video_vae"):
+        resolve_pack(TRANSFORMER, video_vae=alone).video_decoder_file()
