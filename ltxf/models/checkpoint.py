@@ -187,9 +187,11 @@ def detect_text_version(transformer_config: Mapping, path: str | Path = "<config
     return "ltx-2.3"
 
 
-def detect_version(config: Mapping, path: str | Path = "<config>") -> ModelVersion:
-    """Model version of a full checkpoint config (the ``transformer`` section decides)."""
-    return detect_text_version(config_section(config, "transformer", path), path)
+def detect_version(config: Mapping, path: str | Path = "<config>", model_version: str | None = None
+                   ) -> ModelVersion:
+    """Model version of a checkpoint config (the ``transformer`` section decides, with the file's
+    ``model_version`` metadata when given; see :func:`detect_model_version`)."""
+    return detect_model_version(config_section(config, "transformer", path), model_version, path)
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -201,8 +201,10 @@ def text_encoder_identity(path: str | Path) -> str:
     return str(config.get("gemma_version") or text_encoder_family(str(config.get("model_type", ""))))
 
 
-def _packed_tokenizer(path: Path, tensors: Mapping[str, torch.Tensor], max_length: int) -> PreTrainedTokenizerBase:
-    """The tokenizer rebuilt in memory from the packed ``tokenizer_json`` bytes and ``tokenizer_config.json``."""
+def _packed_tokenizer(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                      max_length: int) -> PreTrainedTokenizerBase:
+    """The tokenizer rebuilt in memory from the packed ``tokenizer_json`` bytes and ``tokenizer_config.json`` (a
+    ``hf_asset__`` tensor, or a metadata string in older packs)."""
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
@@ -215,6 +217,12 @@ def _packed_tokenizer(path: Path, tensors: Mapping[str, torch.Tensor], max_lengt
     config_key = PACKED_ASSET_PREFIX + "tokenizer_config.json"
     if config_key in tensors:
         tokenizer_config = json.loads(text_of(config_key))
+    else:
+        raw = metadata.get("tokenizer_config.json") or metadata.get("tokenizer_config")
+        if raw is None:
+            raise ValueError(f"{path}: packed text encoder without tokenizer_config.json (neither a "
+                             f"'{config_key}' tensor nor a 'tokenizer_config.json' metadata entry)")
+        tokenizer_config = json.loads(raw)
     special = {name: tokenizer_config[name] for name in ("bos_token", "eos_token", "pad_token", "unk_token",
                                                          "mask_token")
                if isinstance(tokenizer_config.get(name), str)}
@@ -278,7 +286,9 @@ def load_packed_text_encoder(
     missing = [name for name in model.state_dict() if name not in state]
     if missing:
         raise ValueError(f"{path}: the packed language model lacks {len(missing)} tensors, e.g. {missing[:5]}")
-    tokenizer = _packed_tokenizer(path, assets, max_length)
+    from ltxf.models.checkpoint import read_metadata
+
+    tokenizer = _packed_tokenizer(path, assets, read_metadata(path), max_length)
     identity = str(config.get("gemma_version") or family)
     logger.info("loaded packed %s text encoder %r from %s (%d layers, width %d, %s) on %s", config["model_type"],
                 identity, path, text_config.num_hidden_layers, text_config.hidden_size, dtype, device)

@@ -169,3 +169,16 @@ def test_connector_rope_default_follows_the_version():
     assert EmbeddingsProcessorConfig.from_transformer_config(section).video_connector.rope_type == "split"
     old = {k: v for k, v in section.items() if k not in checkpoint.LTX_2_5_SWITCHES}
     assert EmbeddingsProcessorConfig.from_transformer_config(old).video_connector.rope_type == "interleaved"
+
+
+def test_older_pack_with_tokenizer_config_in_metadata_and_bad_files(tmp_path, encoder):
+    tensors = load_file(str(TEXT_ENCODER))
+    config_bytes = tensors.pop("hf_asset__tokenizer_config.json")
+    metadata = checkpoint.read_metadata(TEXT_ENCODER)
+    older = tmp_path / "older.safetensors"
+    text = bytes(config_bytes.tolist()).decode()
+    save_file(tensors, str(older), metadata={**metadata, "tokenizer_config.json": text})
+    ids, _ = load_text_encoder(older, dtype=torch.float32).tokenize(_prompts())
+    assert torch.equal(ids, golden("text")["token_ids"])
+    with pytest.raises(ValueError, match="not a packed text-encoder file"):
+        load_text_encoder(TRANSFORMER)
