@@ -83,6 +83,27 @@ def read_video_scale_factors(path: str | Path) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PipelineDefaults:
+    """The official pipelines' version-dependent sampling defaults (ltx-pipelines 1.2 ``detect_params``)."""
+
+    default_image_crf: int
+    """CRF of the H.264 round trip applied to conditioning images."""
+    num_inference_steps: int
+    video_stg_blocks: tuple[int, ...]
+    audio_stg_blocks: tuple[int, ...]
+
+
+def pipeline_defaults(model_version: str | None) -> PipelineDefaults | None:
+    """Sampling defaults for a ``model_version`` string ("-" read as ".", as the pipelines do): from 2.4 on
+    (``LTX_2_4_PARAMS``) CRF 18, 30 steps and STG on block 28 for video and audio; None for older or unversioned
+    files (their defaults are not versioned by this string)."""
+    if parse_model_version((model_version or "").replace("-", ".")) >= (2, 4):
+        return PipelineDefaults(default_image_crf=18, num_inference_steps=30, video_stg_blocks=(28,),
+                                audio_stg_blocks=(28,))
+    return None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelPack:
     """The file of each model component. ``None`` means "not given" (only allowed for a split transformer)."""
 
@@ -354,12 +375,14 @@ __all__ = [
     "CONDITIONS_TEXT_ENCODER_KEY",
     "DEFAULT_VIDEO_SCALE_FACTORS",
     "ModelPack",
+    "PipelineDefaults",
     "adapt_transformer_latent_widths",
     "check_conditions_text_encoder",
     "check_gemma_pairing",
     "expected_text_encoder",
     "is_diffusion_video_vae",
     "is_split_transformer",
+    "pipeline_defaults",
     "read_video_scale_factors",
     "resolve_pack",
 ]

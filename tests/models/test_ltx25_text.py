@@ -182,3 +182,30 @@ def test_older_pack_with_tokenizer_config_in_metadata_and_bad_files(tmp_path, en
     assert torch.equal(ids, golden("text")["token_ids"])
     with pytest.raises(ValueError, match="not a packed text-encoder file"):
         load_text_encoder(TRANSFORMER)
+
+
+def test_version_facts_of_the_official_helpers():
+    """``goldens/facts.json``: split detection, version parsing (plain and with "-" read as ".") and the pipeline
+    defaults the official helpers derived for every file of the pack."""
+    from ltxf.models.pack import is_split_transformer, pipeline_defaults
+
+    facts = json.loads((LTX25 / "goldens" / "facts.json").read_text())
+    for text, parsed in facts["parse_model_version"].items():
+        assert list(checkpoint.parse_model_version(text)) == parsed
+    assert list(checkpoint.parse_model_version("2.4-rc2".replace("-", "."))) == \
+        facts["parse_model_version_after_dash_normalisation('2.4-rc2')"]
+    for entry in facts["files"].values():
+        path = LTX25 / entry["file"]
+        metadata = checkpoint.read_metadata(path)
+        config = json.loads(metadata["config"]) if "config" in metadata else {}
+        assert is_split_transformer(config) == entry["is_split_transformer"]
+        assert metadata.get("model_version") == entry["model_version"]
+        if "read_video_scale_factors" in entry:
+            assert list(read_video_scale_factors(path)) == entry["read_video_scale_factors"]
+        if "detect_params" in entry:
+            defaults = pipeline_defaults(metadata["model_version"])
+            assert {"default_image_crf": defaults.default_image_crf,
+                    "num_inference_steps": defaults.num_inference_steps,
+                    "video_stg_blocks": list(defaults.video_stg_blocks),
+                    "audio_stg_blocks": list(defaults.audio_stg_blocks)} == entry["detect_params"]
+    assert pipeline_defaults(None) is None and pipeline_defaults("2.3.0") is None
