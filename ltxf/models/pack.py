@@ -198,6 +198,10 @@ def resolve_pack(
     for name, path in (("model.video_vae", video), ("model.audio_vae", audio)):
         if path is not None and not path.is_file():
             raise ValueError(f"{name} must be a .safetensors file, got {path}")
+    if video is not None and read_video_scale_factors(video) != DEFAULT_VIDEO_SCALE_FACTORS:
+        # Positions, buckets and frame counts in ltxf assume the released models' compression.
+        raise ValueError(f"{video}: the video VAE compresses (time, height, width) by "
+                         f"{read_video_scale_factors(video)}; ltxf supports the released {DEFAULT_VIDEO_SCALE_FACTORS}")
     return ModelPack(transformer=transformer, text_encoder=_check_exists(text_encoder, "model.text_encoder"),
                      video_vae=video, audio_vae=audio, split=split,
                      model_version=read_metadata(transformer).get("model_version"))

@@ -209,3 +209,13 @@ def test_version_facts_of_the_official_helpers():
                     "video_stg_blocks": list(defaults.video_stg_blocks),
                     "audio_stg_blocks": list(defaults.audio_stg_blocks)} == entry["detect_params"]
     assert pipeline_defaults(None) is None and pipeline_defaults("2.3.0") is None
+
+
+def test_a_video_vae_with_other_scale_factors_is_refused(tmp_path):
+    config = checkpoint.read_config(VIDEO_VAE_CONV)
+    config["vae"]["encoder_blocks"] = [b for b in config["vae"]["encoder_blocks"] if b[0] != "compress_time_res"]
+    path = tmp_path / "vae-16x4.safetensors"
+    checkpoint.write_checkpoint(path, {"encoder.x": torch.zeros(1)}, config)
+    assert read_video_scale_factors(path) == (4, 32, 32)
+    with pytest.raises(ValueError, match=r"vae-16x4\.safetensors.*\(4, 32, 32\).*\(8, 32, 32\)"):
+        resolve_pack(TRANSFORMER, video_vae=path)
