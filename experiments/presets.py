@@ -8,6 +8,7 @@ Paths (``--model.checkpoint``, ``--data.root``) are given on the command line an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,10 +116,39 @@ def demo() -> TrainConfig:
     )
 
 
+def ltx25_av_lora() -> TrainConfig:
+    """LTX-2.5 audio-video LoRA on a split pack: the ltx2_av_lora recipe, with the keyframe embedding trained as it
+    is sampled (strategy.keyframes_mask 'first_frame') and the 2.5 validation defaults (STG on block 28). Give the
+    pack: ``--model.checkpoint ltx-2.5-22b-dev-transformer-bf16.safetensors --model.text_encoder
+    gemma4-12b-with-proj-ltx-2.5-bf16.safetensors --model.video_vae ltx-2.5-video-vae-conv-bf16.safetensors
+    --model.audio_vae ltx-2.5-audio-vae-bf16.safetensors``."""
+    base = ltx2_av_lora()
+    return dataclasses.replace(
+        base,
+        strategy=dataclasses.replace(base.strategy, keyframes_mask="first_frame"),
+        validation=dataclasses.replace(base.validation, stg_blocks=(28,), frame_rate=24.0),
+        output_dir=Path("outputs/ltx25_av_lora"),
+    )
+
+
+def ltx25_full() -> TrainConfig:
+    """LTX-2.5 full fine-tune (as ltx2_full); the export is a 2.5 transformer file (connectors and the pack's
+    metadata included) that replaces the pack's transformer file."""
+    base = ltx2_full()
+    return dataclasses.replace(
+        base,
+        strategy=dataclasses.replace(base.strategy, keyframes_mask="first_frame"),
+        validation=dataclasses.replace(base.validation, stg_blocks=(28,), frame_rate=24.0),
+        output_dir=Path("outputs/ltx25_full"),
+    )
+
+
 PRESETS: dict[str, Callable[[], TrainConfig]] = {
     "demo": demo,
     "ltx2_av_lora": ltx2_av_lora,
     "ltx2_av_lora_low_vram": ltx2_av_lora_low_vram,
     "ltx2_v2v_ic_lora": ltx2_v2v_ic_lora,
     "ltx2_full": ltx2_full,
+    "ltx25_av_lora": ltx25_av_lora,
+    "ltx25_full": ltx25_full,
 }

@@ -117,7 +117,8 @@ class ValidationConfig:
     include_reference_in_output: bool = False
     """IC-LoRA: show the reference (resized to the output height) to the left of each sample."""
     text_encoder_path: Path | None = None
-    """Gemma 3 model directory, used once at start to embed the prompts, then freed."""
+    """Gemma 3 model directory or packed text-encoder file (LTX-2.5), used once at start to embed the prompts,
+    then freed; default: model.text_encoder."""
     text_encoder_8bit: bool = False
     """Load Gemma in 8-bit (bitsandbytes, CUDA only) for the one-off prompt embedding."""
     prompt_features_path: Path | None = None
@@ -173,9 +174,6 @@ class ValidationConfig:
             raise ValueError(f"validation.guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
         if self.include_reference_in_output and self.reference_videos is None:
             raise ValueError("validation.include_reference_in_output needs validation.reference_videos")
-        if self.prompts and self.text_encoder_path is None and self.prompt_features_path is None:
-            raise ValueError("validation.text_encoder_path (a Gemma 3 directory) is required to embed "
-                             "validation.prompts, unless validation.prompt_features_path gives precomputed features")
 
     @property
     def enabled(self) -> bool:
@@ -206,15 +204,29 @@ class ValidationConfig:
         if self.prompt_features_path is not None:
             if not Path(self.prompt_features_path).is_file():
                 raise ValueError(f"validation.prompt_features_path: file not found: {self.prompt_features_path}")
-        elif self.text_encoder_path is not None and not Path(self.text_encoder_path).is_dir():
-            raise ValueError(f"validation.text_encoder_path: Gemma directory not found: {self.text_encoder_path}")
+        elif self.text_encoder_path is not None and not Path(self.text_encoder_path).exists():
+            raise ValueError(f"validation.text_encoder_path: Gemma directory or packed text-encoder file not found: "
+                             f"{self.text_encoder_path}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     checkpoint: Path | None = None
-    """Official LTX-2 / LTX-2.3 single-file checkpoint (.safetensors) holding the transformer and the text
-    connectors. Version is detected from its config metadata."""
+    """Official LTX-2 / LTX-2.3 single-file checkpoint (.safetensors), or the transformer file of an LTX-2.5
+    split pack; both hold the transformer and the text connectors. Version is detected from the config metadata
+    and ``model_version``."""
+
+    text_encoder: Path | None = None
+    """Text encoder of the model: the LTX-2.5 packed Gemma 4 file (it holds the feature extractor) or a Gemma 3
+    directory. Checked against the transformer's ``gemma_source_checkpoint`` at start; validation embeds its
+    prompts with it unless validation.text_encoder_path is set."""
+
+    video_vae: Path | None = None
+    """Video VAE file (LTX-2.5: the conv or the diffusion-decoder VAE); default: inside model.checkpoint (single
+    files only)."""
+
+    audio_vae: Path | None = None
+    """Audio VAE + vocoder file; default: inside model.checkpoint (single files only)."""
 
     training_mode: Literal["lora", "full"] = "lora"
     """'lora' trains adapters on a frozen base; 'full' trains every transformer weight."""
@@ -232,8 +244,10 @@ class ModelConfig:
     a zero-initialised B. A resumed run ignores it (the checkpoint holds the adapters)."""
 
     def __post_init__(self) -> None:
-        if self.checkpoint is not None and str(self.checkpoint).startswith(("http:/", "https:/")):
-            raise ValueError(f"model.checkpoint must be a local file, got the URL {self.checkpoint}")
+        for name in ("checkpoint", "text_encoder", "video_vae", "audio_vae"):
+            value = getattr(self, name)
+            if value is not None and str(value).startswith(("http:/", "https:/")):
+                raise ValueError(f"model.{name} must be a local file or folder, got the URL {value}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,7 +273,16 @@ class StrategyConfig:
     independent_audio_sigma: bool = False
     """Draw the audio sigma independently of the video sigma (the official trainer shares one sigma)."""
 
+    keyframes_mask: Literal["first_frame", "none"] = "first_frame"
+    """LTX-2.5 keyframe embedding in training (models without it ignore this). 'first_frame' marks the first
+    latent frame of every target, as inference (the official pipelines and validation) always does: that latent
+    encodes pixel frame 0 alone in training data too, so the model is trained in the regime it is sampled in.
+    'none' leaves the mask unset, as ltx-trainer 1.2 does (upstream issue #283): the embedding is then never
+    applied in training but is at inference."""
+
     def __post_init__(self) -> None:
+        if self.keyframes_mask not in ("first_frame", "none"):
+            raise ValueError(f"strategy.keyframes_mask must be 'first_frame' or 'none', got {self.keyframes_mask!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"strategy.name must be a registered strategy name, got {self.name!r}")
         if not 0.0 <= self.first_frame_conditioning_p <= 1.0:
@@ -454,6 +477,12 @@ class TrainConfig:
 
         object.__setattr__(self, "strategy", resolve_strategy_config(self.strategy))
         self.strategy.check_train_config(self)
+        v = self.validation
+        if v.prompts and v.text_encoder_path is None and v.prompt_features_path is None \
+                and self.model.text_encoder is None and not self.demo_model:
+            raise ValueError("validation.text_encoder_path (a Gemma 3 directory or packed text-encoder file) or "
+                             "model.text_encoder is required to embed validation.prompts, unless "
+                             "validation.prompt_features_path gives precomputed features")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the resolved config."""
@@ -470,6 +499,10 @@ def check_paths(cfg: TrainConfig) -> None:
         raise ValueError("--data.root is required: a preprocessed dataset folder (latents/, conditions/, ...)")
     if not Path(checkpoint).is_file():
         raise ValueError(f"model.checkpoint: file not found: {checkpoint}")
+    for name in ("text_encoder", "video_vae", "audio_vae"):
+        value = getattr(cfg.model, name)
+        if value is not None and not Path(value).exists():
+            raise ValueError(f"model.{name}: not found: {value}")
     if cfg.model.init_lora is not None and not Path(cfg.model.init_lora).is_file():
         raise ValueError(f"model.init_lora: file not found: {cfg.model.init_lora}")
     root = Path(cfg.data.root)

@@ -155,18 +155,18 @@ def _fps(data: Mapping[str, Any], path: Path) -> float | None:
     return fps
 
 
-def _audio_latents(data: Mapping[str, Any], path: Path) -> torch.Tensor:
+def _audio_latents(data: Mapping[str, Any], path: Path, channels: int = AUDIO_LATENT_CHANNELS) -> torch.Tensor:
     latents = _require(data, "latents", path)
     if (
         not isinstance(latents, torch.Tensor)
         or latents.ndim != 3
-        or latents.shape[0] != AUDIO_LATENT_CHANNELS
+        or latents.shape[0] != channels
         or latents.shape[2] != AUDIO_FREQUENCY_BINS
         or latents.shape[1] == 0
     ):
         shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(
-            f"{path}: audio 'latents' must be [{AUDIO_LATENT_CHANNELS}, T, {AUDIO_FREQUENCY_BINS}] with T > 0, "
+            f"{path}: audio 'latents' must be [{channels}, T, {AUDIO_FREQUENCY_BINS}] with T > 0, "
             f"got {shape}"
         )
     return latents
@@ -261,7 +261,8 @@ class PrecomputedDataset(Dataset):
     skipped, logged and listed in :attr:`bad_samples`.
 
     ``text_length`` left-pads trimmed conditions files to that many tokens (1024, the tokenizer's length; None
-    keeps them as stored).
+    keeps them as stored). ``latent_channels`` / ``audio_latent_channels`` are the expected latent widths (the
+    model's; 128 and 8 for the released models).
     """
 
     def __init__(
@@ -275,6 +276,7 @@ class PrecomputedDataset(Dataset):
         text_length: int | None = TEXT_MAX_TOKENS,
         latent_channels: int = LATENT_CHANNELS,
         num_scan_threads: int = 8,
+        audio_latent_channels: int = AUDIO_LATENT_CHANNELS,
     ) -> None:
         super().__init__()
         if on_missing not in ("skip", "error"):
@@ -287,6 +289,7 @@ class PrecomputedDataset(Dataset):
             raise ValueError(f"optional_sources {stray} are not in sources {list(self.sources)}")
         self.text_length = text_length
         self.latent_channels = latent_channels
+        self.audio_latent_channels = audio_latent_channels
         self.skip_bad_samples = skip_bad_samples
         self.missing: list[str] = []
         self.bad_samples: list[tuple[str, str]] = []
@@ -403,7 +406,7 @@ class PrecomputedDataset(Dataset):
             elif role == "reference_latents":
                 reference_shape = tuple(_video_latents(data, path, self.latent_channels).shape)
             elif role == "audio_latents":
-                audio_length = int(_audio_latents(data, path).shape[1])
+                audio_length = int(_audio_latents(data, path, self.audio_latent_channels).shape[1])
             else:
                 _text_conditions(data, path, self.text_length)
         return SampleInfo(
@@ -448,8 +451,8 @@ class PrecomputedDataset(Dataset):
                 sample[REFERENCE_LATENTS] = latents = _video_latents(data, path, self.latent_channels)
                 expected = info.reference_shape
             elif role == "audio_latents":
-                sample[AUDIO_LATENTS] = latents = _audio_latents(data, path)
-                expected = (AUDIO_LATENT_CHANNELS, info.audio_length, AUDIO_FREQUENCY_BINS)
+                sample[AUDIO_LATENTS] = latents = _audio_latents(data, path, self.audio_latent_channels)
+                expected = (self.audio_latent_channels, info.audio_length, AUDIO_FREQUENCY_BINS)
             else:
                 sample.update(_text_conditions(data, path, self.text_length))
                 continue

@@ -58,6 +58,7 @@ from ltxf.sampling import (
     append_reference_video,
     condition_video_frame,
     denoise,
+    first_frame_keyframes_mask,
     init_latent_state,
     ltx2_sigma_schedule,
     noise_state,
@@ -240,17 +241,21 @@ def encode_prompts(
     fed to the connectors at every generation. Prompts are encoded one at a time (the stacked hidden states of a
     1024-token prompt are ~0.4 GB in bf16 at full size).
     """
-    from ltxf.models.gemma import DEFAULT_MAX_LENGTH, load_gemma_text_encoder
+    from ltxf.models.gemma import DEFAULT_MAX_LENGTH, load_text_encoder
+    from ltxf.models.pack import check_gemma_pairing
     from ltxf.models.text import load_embeddings_processor
 
     text_encoder_path = Path(text_encoder_path)
-    if not text_encoder_path.is_dir():
-        raise ValueError(f"text_encoder_path: Gemma directory not found: {text_encoder_path}")
-    encoder = load_gemma_text_encoder(text_encoder_path, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
-                                      max_length=max_length or DEFAULT_MAX_LENGTH)
+    if not text_encoder_path.exists():
+        raise ValueError(f"text_encoder_path: Gemma directory or packed text-encoder file not found: "
+                         f"{text_encoder_path}")
+    check_gemma_pairing(checkpoint, text_encoder_path)
+    encoder = load_text_encoder(text_encoder_path, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
+                                max_length=max_length or DEFAULT_MAX_LENGTH)
     processor = load_embeddings_processor(
         checkpoint, dtype=dtype, device=device, with_feature_extractor=True,
         gemma_hidden_size=encoder.model.config.hidden_size, gemma_num_hidden_states=encoder.num_hidden_states,
+        text_encoder_path=text_encoder_path,
     )
     try:
         features = []
@@ -495,6 +500,9 @@ def sample(
     video_state = init_latent_state(
         torch.zeros(1, num_tokens, config.in_channels, device=device),
         video_positions(1, num_latent_frames, latent_height, latent_width, request.frame_rate, device=device),
+        # As the official pipelines: the target's first latent frame is a keyframe (LTX-2.5 embedding; ignored
+        # by models without it), also when an image condition replaces it.
+        keyframes_mask_BT=first_frame_keyframes_mask(1, num_tokens, latent_height * latent_width, device=device),
     )
     if conditioning.image_latents is not None:
         video_state = condition_video_frame(video_state, conditioning.image_latents.to(device, torch.float32))

@@ -52,7 +52,8 @@ class LatentState:
     ``latent`` ``[B, T, C]`` is the current (noisy) sample; ``denoise_mask`` ``[B, T]`` float32 in [0, 1] is how
     much of each token is generated (1) versus held at ``clean_latent`` ``[B, T, C]`` (0); ``positions`` is
     ``[B, A, T, 2]`` (see :mod:`ltxf.latents`); ``attention_mask`` ``[B, T, T]`` in [0, 1] or None (full
-    attention).
+    attention); ``keyframes_mask`` ``[B, T]`` float32, 1 on tokens whose latent encodes one standalone pixel
+    frame (the LTX-2.5 keyframe embedding; see :func:`first_frame_keyframes_mask`), or None.
     """
 
     latent: torch.Tensor
@@ -60,6 +61,7 @@ class LatentState:
     positions: torch.Tensor
     clean_latent: torch.Tensor
     attention_mask: torch.Tensor | None = None
+    keyframes_mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.latent.ndim != 3:
@@ -88,20 +90,35 @@ class LatentState:
                 f"got shape {tuple(self.attention_mask.shape)}"
             )
 
+        if self.keyframes_mask is not None and tuple(self.keyframes_mask.shape) != (batch_size, num_tokens):
+            raise ValueError(f"LatentState.keyframes_mask must be [B, T] = [{batch_size}, {num_tokens}], "
+                             f"got shape {tuple(self.keyframes_mask.shape)}")
+
     @property
     def num_tokens(self) -> int:
         return self.latent.shape[1]
 
 
+def first_frame_keyframes_mask(batch_size: int, num_tokens: int, tokens_per_frame: int,
+                               device: torch.device | str | None = None) -> torch.Tensor:
+    """``[B, T]`` float32: 1 on the first latent frame's tokens (frame-major order), 0 elsewhere. The causal VAE
+    encodes pixel frame 0 alone into latent frame 0, so those tokens are a standalone keyframe; the official
+    pipelines mark them in every target whatever the conditioning (``VideoLatentTools.create_initial_state``)."""
+    mask_T = (torch.arange(num_tokens, device=device) < tokens_per_frame).to(torch.float32)
+    return mask_T[None].expand(batch_size, num_tokens).clone()
+
+
 def init_latent_state(
-    clean_latent_BTC: torch.Tensor, positions: torch.Tensor, *, denoise_mask_BT: torch.Tensor | None = None
+    clean_latent_BTC: torch.Tensor, positions: torch.Tensor, *, denoise_mask_BT: torch.Tensor | None = None,
+    keyframes_mask_BT: torch.Tensor | None = None,
 ) -> LatentState:
     """A state whose sample is ``clean_latent_BTC`` (zeros for pure generation) and whose mask is all ones unless
     given. Call :func:`noise_state` on it before sampling."""
     if denoise_mask_BT is None:
         denoise_mask_BT = torch.ones(clean_latent_BTC.shape[:2], device=clean_latent_BTC.device, dtype=torch.float32)
     return LatentState(
-        latent=clean_latent_BTC, denoise_mask=denoise_mask_BT, positions=positions, clean_latent=clean_latent_BTC
+        latent=clean_latent_BTC, denoise_mask=denoise_mask_BT, positions=positions, clean_latent=clean_latent_BTC,
+        keyframes_mask=keyframes_mask_BT,
     )
 
 
@@ -184,11 +201,15 @@ def append_reference_video(
                                 dtype=state.positions.dtype, device=state.positions.device)
     mask_BT = torch.full(tokens_BTC.shape[:2], 1.0 - strength, device=state.denoise_mask.device,
                          dtype=state.denoise_mask.dtype)
+    keyframes = state.keyframes_mask
+    if keyframes is not None:  # reference tokens are never marked (as in the official pipelines)
+        keyframes = torch.cat([keyframes, torch.zeros_like(mask_BT, dtype=keyframes.dtype)], dim=1)
     return LatentState(
         latent=torch.cat([state.latent, tokens_BTC.to(state.latent.dtype)], dim=1),
         denoise_mask=torch.cat([state.denoise_mask, mask_BT], dim=1),
         positions=torch.cat([state.positions, positions], dim=2),
         clean_latent=torch.cat([state.clean_latent, tokens_BTC], dim=1),
+        keyframes_mask=keyframes,
     )
 
 
@@ -518,6 +539,7 @@ class _StreamInputs:
     positions: torch.Tensor
     context: torch.Tensor
     attention_mask: torch.Tensor | None
+    keyframes_mask: torch.Tensor | None = None
 
     def modality(self, x_BTC: torch.Tensor, sigma: torch.Tensor, num_passes: int) -> Modality:
         return Modality(
@@ -527,6 +549,7 @@ class _StreamInputs:
             positions=self.positions,
             context=self.context,
             attention_mask=self.attention_mask,
+            keyframes_mask=self.keyframes_mask,
         )
 
 
@@ -551,6 +574,7 @@ def _group_inputs(group: list[_Pass], video_state: LatentState, audio_state: Lat
             positions=rep(state.positions),
             context=contexts[0] if n == 1 else torch.cat(contexts, dim=0),
             attention_mask=rep(state.attention_mask),
+            keyframes_mask=rep(state.keyframes_mask),
         )
 
     perturbations = group[0].perturbations if n == 1 else _cat_perturbations(

@@ -34,12 +34,19 @@ from torch import nn
 
 from ltxf import checkpoint as run_checkpoint
 from ltxf.config import LoraConfig, TrainConfig, check_paths
-from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
+from ltxf.data import AUDIO_FREQUENCY_BINS, BucketBatchSampler, PrecomputedDataset, ResumableLoader
 from ltxf.lora import init_lora_parameters, inject_lora, load_lora_weights, lora_parameters, lora_state_dict
 from ltxf.lora_formats import linear_shapes, load_lora_file, match_lora
 from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, write_checkpoint
+from ltxf.models.pack import (
+    ModelPack,
+    check_conditions_text_encoder,
+    check_gemma_pairing,
+    expected_text_encoder,
+    resolve_pack,
+)
 from ltxf.models.text import load_embeddings_processor
-from ltxf.models.transformer import load_transformer
+from ltxf.models.transformer import load_transformer, read_transformer_config
 from ltxf.monitor import Monitor, memory_metrics
 from ltxf.optim import GradientTransformation, adamw, adamw_8bit, chain, clip_by_global_norm, make_schedule
 from ltxf.parallel import DistInfo, all_reduce_sum, barrier, init_distributed, parallelize, shutdown_distributed
@@ -96,6 +103,8 @@ class Model:
     text_processor: nn.Module
     checkpoint_config: dict
     """The config metadata of the base checkpoint (written back into full-model exports)."""
+    pack: ModelPack
+    """Where each component of the model lives (LTX-2.5: one file each)."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -171,15 +180,26 @@ def build_validator(plan: RunPlan) -> Validator | None:
     cfg = plan.cfg
     if not cfg.validation.enabled:
         return None
-    return Validator.build(cfg.validation, checkpoint=Path(cfg.model.checkpoint), device=plan.dist.device,
+    return Validator.build(cfg.validation, checkpoint=model_pack(cfg), device=plan.dist.device,
                            dtype=plan.compute_dtype)
+
+
+def model_pack(cfg: TrainConfig) -> ModelPack:
+    """The model's component files (``--model.checkpoint`` plus the optional ``--model.text_encoder`` /
+    ``video_vae`` / ``audio_vae``), with the transformer <-> text-encoder pairing checked when both are known."""
+    m = cfg.model
+    pack = resolve_pack(m.checkpoint, text_encoder=m.text_encoder, video_vae=m.video_vae, audio_vae=m.audio_vae)
+    if pack.text_encoder is not None:
+        check_gemma_pairing(pack.transformer, pack.text_encoder)
+    return pack
 
 
 def build_model(plan: RunPlan) -> Model:
     """Load the transformer and the text connectors, freeze what does not train, inject and initialise LoRA, and
     parallelize (activation checkpointing, compile, FSDP2). The one place weights are loaded."""
     cfg, device = plan.cfg, plan.dist.device
-    checkpoint_path = Path(cfg.model.checkpoint)
+    pack = model_pack(cfg)
+    checkpoint_path = pack.transformer
     # Full fine-tuning keeps fp32 master weights (FSDP2 casts to bf16 for compute; one process uses autocast).
     weights_dtype = torch.float32 if plan.full else plan.compute_dtype
     logger.info("loading the transformer from %s", checkpoint_path)
@@ -204,7 +224,7 @@ def build_model(plan: RunPlan) -> Model:
                 reduce_dtype=DTYPES[cfg.parallel.reduce_dtype])
     transformer.train()
     return Model(transformer=transformer, text_processor=text_processor,
-                 checkpoint_config=read_config(checkpoint_path))
+                 checkpoint_config=read_config(checkpoint_path), pack=pack)
 
 
 def apply_initial_lora(transformer: nn.Module, path: Path, lora: LoraConfig) -> None:
@@ -244,8 +264,15 @@ def build_optimizer(cfg: TrainConfig) -> GradientTransformation:
 def build_data(plan: RunPlan, strategy: Strategy) -> Data:
     """The dataset the strategy reads, a resumable bucketed loader over it, and the export metadata."""
     cfg, dist = plan.cfg, plan.dist
+    # Latent widths from the transformer (LTX: 128 video, 8 x 16 audio; the tiny LTX-2.5 pack: 4 and 2 x 16).
+    transformer_config = read_transformer_config(cfg.model.checkpoint)
     dataset = PrecomputedDataset(cfg.data.root, sources=list(strategy.data_sources()),
-                                 skip_bad_samples=cfg.data.skip_bad_samples, text_length=cfg.data.text_length)
+                                 skip_bad_samples=cfg.data.skip_bad_samples, text_length=cfg.data.text_length,
+                                 latent_channels=transformer_config.in_channels,
+                                 audio_latent_channels=transformer_config.audio_in_channels // AUDIO_FREQUENCY_BINS)
+    # Features of another Gemma have the same shapes (LTX-2.3 vs 2.5): refuse files tagged for another encoder.
+    check_conditions_text_encoder([s.files["conditions"] for s in dataset.samples if "conditions" in s.files],
+                                  expected_text_encoder(cfg.model.checkpoint))
     sampler = BucketBatchSampler(dataset.bucket_keys(), batch_size=cfg.optim.batch_size, seed=cfg.seed,
                                  rank=dist.rank, world_size=dist.world_size)
     loader = ResumableLoader(dataset, sampler, num_workers=cfg.data.num_workers,
@@ -543,6 +570,8 @@ def export(run: Run, step: int) -> Path:
         weights = _gather_full(model.transformer.state_dict(), keep=is_main, dtype=dtype)
         path = exports / f"model_weights_step_{step:06d}.safetensors"
         if is_main:
+            # The base file (an LTX-2.5 pack's transformer file holds both connectors) gives every untrained
+            # tensor and the metadata (model_version, gemma_source_checkpoint, license): a drop-in replacement.
             run_checkpoint.export_full_model(path, weights, model.checkpoint_config, dtype=dtype,
                                              base_checkpoint=cfg.model.checkpoint, connectors=connectors)
     else:

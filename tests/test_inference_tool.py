@@ -155,7 +155,7 @@ def test_single_frame_png(assets, tmp_path):
     ("change", "match"),
     [
         ({"--checkpoint": "missing.safetensors"}, "--checkpoint: file not found"),
-        ({"--text_encoder_path": "no_gemma"}, "--text_encoder_path: Gemma model directory not found"),
+        ({"--text_encoder_path": "no_gemma"}, "--text_encoder_path: Gemma model directory or packed"),
         ({"--lora_path": "missing_lora.safetensors"}, "--lora_path: file not found"),
         ({"--condition_image": "missing.png"}, "--condition_image: file not found"),
         ({"--reference_video": "missing.mp4"}, "--reference_video: file not found"),

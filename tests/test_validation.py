@@ -116,7 +116,6 @@ def assets(tmp_path_factory) -> dict[str, Path]:
         (dict(stg_blocks=(-1,)), "validation.stg_blocks"),
         (dict(guidance_rescale=1.5), "validation.guidance_rescale"),
         (dict(include_reference_in_output=True), "validation.include_reference_in_output"),
-        (dict(prompt_features_path=None), "validation.text_encoder_path"),
     ],
 )
 def test_config_errors_name_the_field(overrides, match):

@@ -57,9 +57,11 @@ class InferenceArgs:
     """Generate one clip with an LTX-2 / LTX-2.3 model."""
 
     checkpoint: Path
-    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) with the transformer, text side, VAEs and vocoder."""
+    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) with the transformer, text side, VAEs and vocoder, or the
+    transformer file of an LTX-2.5 split pack (then pass --video_vae_path and --audio_vae_path)."""
     text_encoder_path: Path
-    """Gemma 3 model directory (e.g. gemma-3-12b-it) used to embed the prompts; freed before sampling."""
+    """Gemma 3 model directory (e.g. gemma-3-12b-it), or the LTX-2.5 packed text-encoder file, used to embed the
+    prompts; freed before sampling."""
     prompt: str
     """What to generate."""
     output: Path
@@ -113,6 +115,11 @@ class InferenceArgs:
     """Load Gemma in 8-bit (bitsandbytes, CUDA only) to save memory while embedding the prompt."""
     config_from: Path | None = None
     """Single checkpoint file whose config applies when --checkpoint has none in its metadata (a split-off file)."""
+    video_vae_path: Path | None = None
+    """Video VAE file (LTX-2.5: the conv VAE; the diffusion-decoder VAE is not supported for decoding);
+    default: inside --checkpoint."""
+    audio_vae_path: Path | None = None
+    """Audio VAE + vocoder file (LTX-2.5); default: inside --checkpoint."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -127,10 +134,12 @@ def check_args(args: InferenceArgs) -> None:
     """Fail before loading anything: missing files and incompatible options are ``ValueError`` naming the flag."""
     if not args.checkpoint.is_file():
         raise ValueError(f"--checkpoint: file not found: {args.checkpoint}")
-    if not args.text_encoder_path.is_dir():
-        raise ValueError(f"--text_encoder_path: Gemma model directory not found: {args.text_encoder_path}")
+    if not args.text_encoder_path.exists():
+        raise ValueError(f"--text_encoder_path: Gemma model directory or packed text-encoder file not found: "
+                         f"{args.text_encoder_path}")
     for flag, path in (("--lora_path", args.lora_path), ("--condition_image", args.condition_image),
-                       ("--reference_video", args.reference_video), ("--config_from", args.config_from)):
+                       ("--reference_video", args.reference_video), ("--config_from", args.config_from),
+                       ("--video_vae_path", args.video_vae_path), ("--audio_vae_path", args.audio_vae_path)):
         if path is not None and not path.is_file():
             raise ValueError(f"{flag}: file not found: {path}")
     suffix = args.output.suffix.lower()
@@ -186,11 +195,17 @@ def run(args: InferenceArgs) -> InferenceResult:
 
 def _run(args: InferenceArgs) -> InferenceResult:
     from ltxf.models.audio_vae import load_audio_vae_decoder
+    from ltxf.models.pack import resolve_pack
     from ltxf.models.text import load_embeddings_processor
     from ltxf.models.transformer import load_transformer
     from ltxf.models.video_vae import load_video_vae_decoder, load_video_vae_encoder
     from ltxf.models.vocoder import load_vocoder
 
+    pack = resolve_pack(args.checkpoint, text_encoder=args.text_encoder_path, video_vae=args.video_vae_path,
+                        audio_vae=args.audio_vae_path)
+    pack.video_vae_file()  # a split pack without its VAE files fails here, before anything is loaded
+    if not args.skip_audio:
+        pack.audio_vae_file()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
@@ -226,10 +241,11 @@ def _run(args: InferenceArgs) -> InferenceResult:
         transformer=transformer,
         text_processor=load_embeddings_processor(args.checkpoint, dtype=dtype, device=device,
                                                  with_feature_extractor=False),
-        video_encoder=load_video_vae_encoder(args.checkpoint, dtype=dtype, device=device) if needs_encoder else None,
-        video_decoder=load_video_vae_decoder(args.checkpoint, dtype=dtype, device=device),
-        audio_decoder=None if args.skip_audio else load_audio_vae_decoder(args.checkpoint, device=device),
-        vocoder=None if args.skip_audio else load_vocoder(args.checkpoint, device=device),
+        video_encoder=load_video_vae_encoder(pack.video_vae_file(), dtype=dtype, device=device)
+        if needs_encoder else None,
+        video_decoder=load_video_vae_decoder(pack.video_decoder_file(), dtype=dtype, device=device),
+        audio_decoder=None if args.skip_audio else load_audio_vae_decoder(pack.audio_vae_file(), device=device),
+        vocoder=None if args.skip_audio else load_vocoder(pack.audio_vae_file(), device=device),
         autocast_dtype=None if dtype == torch.float32 else dtype,
     )
     clip = generate(models, request)

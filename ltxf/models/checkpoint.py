@@ -1,8 +1,10 @@
-"""The official single-file checkpoint format: config metadata, key prefixes, version detection, strict loading.
+"""The official checkpoint formats: config metadata, key prefixes, version detection, strict loading.
 
 An official LTX-2 / LTX-2.3 checkpoint is one ``.safetensors`` file. Its ``__metadata__["config"]`` entry is a
 JSON document with the sections ``transformer``, ``vae``, ``audio_vae``, ``vocoder`` and ``scheduler``; the
-tensors of every component live in the same file under the prefixes in :data:`COMPONENT_PREFIXES`.
+tensors of every component live in the same file under the prefixes below. LTX-2.5 ships a split pack instead
+(one file per component, a ``model_version`` metadata string on each; see :mod:`ltxf.models.pack`); the
+transformer file keeps the monolith's ``model.diffusion_model.`` layout.
 
 Loading is always the same three moves: build the module on the ``meta`` device from the config, read only the
 requested component's tensors (one at a time, cast on the fly, so host memory peaks near one copy of the
@@ -26,7 +28,7 @@ from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
-ModelVersion = Literal["ltx-2", "ltx-2.3"]
+ModelVersion = Literal["ltx-2", "ltx-2.3", "ltx-2.5"]
 
 # Where each component's tensors live inside an official checkpoint.
 TRANSFORMER_PREFIX = "model.diffusion_model."
@@ -156,6 +158,11 @@ def read_tensor_shapes(path: str | Path, keys: Iterable[str]) -> dict[str, tuple
     return shapes
 
 
+# Transformer config keys new in LTX-2.5 (their presence alone marks a 2.5-family config).
+LTX_2_5_SWITCHES = ("ff_bias", "audio_ff_bias", "use_prompt_adaln_single", "use_keyframes_abs_pos_embedding")
+# From this ``model_version`` on, a transformer must name the Gemma it was trained with (the pairing check).
+GEMMA_PAIRING_REQUIRED_FROM = (2, 4, 0)
+
 # -------------------------------------------------------------------------------------------------------------
 # Key layouts
 
@@ -198,6 +205,37 @@ def official_key_names(path: str | Path, keys: Iterable[str]) -> dict[str, str]:
 # Version detection
 
 
+def parse_model_version(text: str | None) -> tuple[int, ...]:
+    """The numeric dot-separated prefix of a ``model_version`` string, as the official parser reads it:
+    ``"2.5.0"`` -> (2, 5, 0), ``"2.3.rc1"`` -> (2, 3), ``"2.4-rc2"`` -> (2,), ``""`` / None -> ()."""
+    parts: list[int] = []
+    for part in (text or "").strip().split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def detect_model_version(transformer_config: Mapping, model_version: str | None = None,
+                         path: str | Path = "<config>") -> ModelVersion:
+    """Model version of a transformer config section plus the file's ``model_version`` metadata string.
+
+    The text path comes from :func:`detect_text_version`. A V2 config is LTX-2.5 when it carries any of the
+    2.5 switches (:data:`LTX_2_5_SWITCHES`) or its ``model_version`` is at least 2.4 (``-`` read as ``.``, as the
+    official pipelines do); the architecture itself is always built from the keys.
+    """
+    text_version = detect_text_version(transformer_config, path)
+    switches = sorted(k for k in LTX_2_5_SWITCHES if k in transformer_config)
+    numeric = parse_model_version((model_version or "").replace("-", "."))
+    if not switches and numeric < (2, 4):
+        return text_version
+    if text_version == "ltx-2":
+        why = f"keys {switches}" if switches else f"model_version {model_version!r}"
+        raise ValueError(f"{path}: the transformer config says LTX-2.5 ({why}) but has none of the V2 text keys "
+                         f"{sorted(V2_TEXT_KEYS)} that every LTX-2.3/2.5 config sets")
+    return "ltx-2.5"
+
+
 def detect_text_version(transformer_config: Mapping, path: str | Path = "<config>") -> ModelVersion:
     """Decide LTX-2 vs LTX-2.3 from the four V2 text keys, with the reference's exact rules.
 
@@ -221,9 +259,11 @@ def detect_text_version(transformer_config: Mapping, path: str | Path = "<config
     return "ltx-2.3"
 
 
-def detect_version(config: Mapping, path: str | Path = "<config>") -> ModelVersion:
-    """Model version of a full checkpoint config (the ``transformer`` section decides)."""
-    return detect_text_version(config_section(config, "transformer", path), path)
+def detect_version(config: Mapping, path: str | Path = "<config>", model_version: str | None = None
+                   ) -> ModelVersion:
+    """Model version of a checkpoint config (the ``transformer`` section decides, with the file's
+    ``model_version`` metadata when given; see :func:`detect_model_version`)."""
+    return detect_model_version(config_section(config, "transformer", path), model_version, path)
 
 
 # -------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from torch import nn
 from ltxf.models.attention import Attention
 from ltxf.models.checkpoint import (
     AUDIO_CONNECTOR_PREFIX,
+    LTX_2_5_SWITCHES,
     TEXT_PROJECTION_PREFIX,
     VIDEO_CONNECTOR_PREFIX,
     ModelVersion,
@@ -151,13 +152,16 @@ class EmbeddingsProcessorConfig:
         Keys (ltx-core defaults in brackets): ``connector_num_layers`` [2], ``connector_num_attention_heads``
         [30], ``connector_attention_head_dim`` [128], ``connector_num_learnable_registers`` [128],
         ``connector_apply_gated_attention`` [False], ``audio_connector_{num_layers,num_attention_heads,
-        attention_head_dim}`` [the video values], ``rope_type`` ["interleaved"], ``frequencies_precision``
+        attention_head_dim}`` [the video values], ``rope_type`` ["interleaved"; "split" for an LTX-2.5 config],
+        ``frequencies_precision``
         ["float64" -> double-precision grid], ``connector_positional_embedding_max_pos`` [[1]]. The version comes
         from :func:`ltxf.models.checkpoint.detect_text_version`.
         """
         cfg = transformer_config
         version = detect_text_version(cfg, source)
-        rope_type = cfg.get("rope_type", "interleaved")
+        # ltx-core 1.2 (LTX-2.5) changed the code default to "split"; a config with any 2.5 switch is read so.
+        is_25 = any(key in cfg for key in LTX_2_5_SWITCHES)
+        rope_type = cfg.get("rope_type", "split" if is_25 else "interleaved")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"{source}: transformer.rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
         max_pos = cfg.get("connector_positional_embedding_max_pos", [1])
@@ -565,10 +569,16 @@ def load_embeddings_processor(
     device: torch.device | str = "cpu",
     *,
     with_feature_extractor: bool = True,
-    gemma_hidden_size: int = GEMMA_HIDDEN_SIZE,
+    gemma_hidden_size: int | None = None,
     gemma_num_hidden_states: int | None = None,
+    text_encoder_path: str | Path | None = None,
 ) -> EmbeddingsProcessor:
     """Load the text embeddings processor (feature extractor + connectors) from an official checkpoint.
+
+    LTX-2.5 splits it over two files: the config and the connectors in the transformer file (``path``), the
+    feature extractor's ``text_embedding_projection.*`` in the packed text-encoder file (``text_encoder_path``,
+    whose Gemma config also gives the Gemma width and layer count). A single-file checkpoint needs no
+    ``text_encoder_path`` (a Gemma 3 directory passed there is ignored).
 
     The version comes from the config metadata (the ``transformer`` section's V2 text keys) and is cross-checked
     against the weights: the aggregate-embed keys (V1 ``aggregate_embed`` vs V2 ``{video,audio}_aggregate_embed``)
@@ -582,7 +592,8 @@ def load_embeddings_processor(
         with_feature_extractor: False skips the aggregate projection (1-1.2 B parameters) when only cached
             features will be processed (training).
         gemma_hidden_size: Gemma width ``D``; the number of hidden states is inferred from the aggregate weight
-            (``in_features = D * L``). The official config stores neither; 3840 is Gemma-3-12B.
+            (``in_features = D * L``). The official single-file config stores neither; None means the packed text
+            encoder's ``hidden_size``, else 3840 (Gemma-3-12B).
         gemma_num_hidden_states: optional expected ``L`` (49 for Gemma-3-12B); checked against the weights.
     """
     path = Path(path)
@@ -590,6 +601,29 @@ def load_embeddings_processor(
     transformer_config = config_section(config, "transformer", path)
     version = detect_text_version(transformer_config, path)
     keys = list_keys(path)
+    projection_path = path
+    has_projection = any(k.startswith(TEXT_PROJECTION_PREFIX) for k in keys)
+    packed = text_encoder_path is not None and Path(text_encoder_path).is_file()
+    if packed:
+        from ltxf.models.gemma import read_packed_text_encoder_config
+
+        gemma_config = read_packed_text_encoder_config(text_encoder_path)
+        text_config = gemma_config.get("text_config", gemma_config)
+        if gemma_hidden_size is None:
+            gemma_hidden_size = int(text_config["hidden_size"])
+        if gemma_num_hidden_states is None:
+            gemma_num_hidden_states = int(text_config["num_hidden_layers"]) + 1
+    gemma_hidden_size = GEMMA_HIDDEN_SIZE if gemma_hidden_size is None else gemma_hidden_size
+    if with_feature_extractor and not has_projection:
+        if not packed:
+            given = "" if text_encoder_path is None else f" (got {text_encoder_path}, not a packed file)"
+            raise ValueError(
+                f"{path}: no feature-extractor weights ({TEXT_PROJECTION_PREFIX}*) in this file: an LTX-2.5 split "
+                "transformer keeps them in the packed text-encoder file; pass that file as text_encoder_path "
+                f"(--model.text_encoder / --text-encoder-path){given}"
+            )
+        projection_path = Path(text_encoder_path)
+        keys = keys + [k for k in list_keys(projection_path) if k.startswith(TEXT_PROJECTION_PREFIX)]
 
     weights_version = _weights_version(keys, path)
     if weights_version is not None and weights_version != version:
@@ -606,9 +640,9 @@ def load_embeddings_processor(
     num_hidden_states = GEMMA_NUM_HIDDEN_STATES if gemma_num_hidden_states is None else gemma_num_hidden_states
     if with_feature_extractor:
         weight_key = _V1_AGGREGATE_KEY if version == "ltx-2" else _V2_AGGREGATE_KEYS[0]
-        (weight_shape,) = read_tensor_shapes(path, [weight_key]).values()
+        (weight_shape,) = read_tensor_shapes(projection_path, [weight_key]).values()
         num_hidden_states = _infer_num_hidden_states(
-            weight_shape[1], gemma_hidden_size, gemma_num_hidden_states, weight_key, path
+            weight_shape[1], gemma_hidden_size, gemma_num_hidden_states, weight_key, projection_path
         )
 
     processor_config = EmbeddingsProcessorConfig.from_transformer_config(
@@ -627,11 +661,14 @@ def load_embeddings_processor(
                 f"{config_key} or its default) but the weights under {prefix} have {num_layers}"
             )
     if with_feature_extractor:
-        _check_aggregate_shapes(path, processor_config)
+        _check_aggregate_shapes(projection_path, processor_config)
 
     with torch.device("meta"):
         processor = EmbeddingsProcessor(processor_config, with_feature_extractor=with_feature_extractor)
-    tensors = read_tensors(path, _select_text_tensors(with_feature_extractor), dtype=dtype, device=device)
+    tensors = read_tensors(path, _select_text_tensors(with_feature_extractor and projection_path == path),
+                           dtype=dtype, device=device)
+    if with_feature_extractor and projection_path != path:
+        tensors.update(read_tensors(projection_path, _select_text_tensors(True), dtype=dtype, device=device))
     components: list[tuple[str, str, nn.Module | None]] = [
         ("video_connector.", VIDEO_CONNECTOR_PREFIX, processor.video_connector),
         ("audio_connector.", AUDIO_CONNECTOR_PREFIX, processor.audio_connector),
@@ -641,7 +678,8 @@ def load_embeddings_processor(
         if module is None:
             continue
         part = {k[len(module_prefix):]: v for k, v in tensors.items() if k.startswith(module_prefix)}
-        load_state_dict_strict(module, part, source=f"{path} [{file_prefix}*]")
+        source = projection_path if file_prefix == TEXT_PROJECTION_PREFIX else path
+        load_state_dict_strict(module, part, source=f"{source} [{file_prefix}*]")
     check_nothing_on_meta(processor, path)
     logger.info("loaded %s text embeddings processor from %s (%s, feature extractor: %s)", version, path, dtype,
                 with_feature_extractor)

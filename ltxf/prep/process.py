@@ -40,6 +40,7 @@ import tyro
 
 from ltxf import media
 from ltxf.data import save_pt
+from ltxf.models.pack import CONDITIONS_TEXT_ENCODER_KEY
 from ltxf.monitor import Progress
 from ltxf.prep.buckets import Bucket, choose_bucket, fit_to_bucket, format_buckets, parse_buckets
 from ltxf.prep.captions import prepare_caption
@@ -185,6 +186,9 @@ def encode_captions(
                 "audio_prompt_embeds": audio,
                 "prompt_attention_mask": features.prompt_attention_mask[i].to("cpu", torch.int64).clone(),
             }
+            identity = getattr(text_encoder, "identity", None)
+            if identity is not None:  # which Gemma made these features (the official reader ignores the key)
+                data[CONDITIONS_TEXT_ENCODER_KEY] = identity
             save_pt(data, output_file(output_dir, entry))
             summary.processed.append(entry.rel_path.as_posix())
         progress.advance(len(batch))
@@ -195,15 +199,18 @@ def encode_captions(
 def load_text_models(
     model_path: Path, text_encoder_path: Path, *, device: torch.device, dtype: torch.dtype, load_in_8bit: bool
 ) -> tuple[Any, torch.nn.Module]:
-    """The Gemma text encoder and the checkpoint's text embeddings processor, on ``device``."""
-    from ltxf.models.gemma import load_gemma_text_encoder
+    """The Gemma text encoder (a Gemma 3 directory or an LTX-2.5 packed file, checked to pair with the
+    transformer) and the checkpoint's text embeddings processor, on ``device``."""
+    from ltxf.models.gemma import load_text_encoder
+    from ltxf.models.pack import check_gemma_pairing
     from ltxf.models.text import load_embeddings_processor
 
-    text_encoder = load_gemma_text_encoder(text_encoder_path, dtype=dtype, device=device, load_in_8bit=load_in_8bit)
+    check_gemma_pairing(model_path, text_encoder_path)
+    text_encoder = load_text_encoder(text_encoder_path, dtype=dtype, device=device, load_in_8bit=load_in_8bit)
     processor = load_embeddings_processor(
         model_path, dtype, device, with_feature_extractor=True,
         gemma_hidden_size=text_encoder.model.config.hidden_size,
-        gemma_num_hidden_states=text_encoder.num_hidden_states,
+        gemma_num_hidden_states=text_encoder.num_hidden_states, text_encoder_path=text_encoder_path,
     )
     return text_encoder, processor
 
@@ -220,7 +227,7 @@ class ProcessCaptionsConfig:
     model_path: Path
     """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) holding the text feature extractor."""
     text_encoder_path: Path
-    """Local Gemma 3 model directory (weights + tokenizer)."""
+    """Local Gemma 3 model directory (weights + tokenizer), or the LTX-2.5 packed text-encoder file."""
     caption_column: str = DEFAULT_CAPTION_COLUMN
     """Column holding the captions."""
     media_column: str = DEFAULT_MEDIA_COLUMN
@@ -499,7 +506,12 @@ class ProcessVideosConfig:
     output_dir: Path
     """Where the video latents go (mirrors the media paths)."""
     model_path: Path
-    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) holding the video (and audio) VAE."""
+    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) holding the video (and audio) VAE, or an LTX-2.5
+    transformer file (then --video-vae-path / --audio-vae-path name the VAEs)."""
+    video_vae_path: Path | None = None
+    """Video VAE file (LTX-2.5 split pack); default: inside --model-path."""
+    audio_vae_path: Path | None = None
+    """Audio VAE file (LTX-2.5 split pack); default: inside --model-path."""
     video_column: str = DEFAULT_MEDIA_COLUMN
     """Column holding the media paths."""
     device: str | None = None
@@ -535,13 +547,16 @@ class ProcessVideosConfig:
 
 
 def load_media_encoders(
-    model_path: Path, *, device: torch.device, dtype: torch.dtype, with_audio: bool
+    model_path: Path, *, device: torch.device, dtype: torch.dtype, with_audio: bool,
+    video_vae_path: Path | None = None, audio_vae_path: Path | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     from ltxf.models.audio_vae import load_audio_vae_encoder
+    from ltxf.models.pack import resolve_pack
     from ltxf.models.video_vae import load_video_vae_encoder
 
-    video_encoder = load_video_vae_encoder(model_path, dtype, device)
-    audio_encoder = load_audio_vae_encoder(model_path, torch.float32, device) if with_audio else None
+    pack = resolve_pack(model_path, video_vae=video_vae_path, audio_vae=audio_vae_path)
+    video_encoder = load_video_vae_encoder(pack.video_vae_file(), dtype, device)
+    audio_encoder = load_audio_vae_encoder(pack.audio_vae_file(), torch.float32, device) if with_audio else None
     return video_encoder, audio_encoder
 
 
@@ -558,7 +573,8 @@ def process_videos(config: ProcessVideosConfig) -> PrepSummary:
     mine = shard(entries, rank, world)
     device = resolve_device(config.device)
     video_encoder, audio_encoder = load_media_encoders(
-        config.model_path, device=device, dtype=resolve_dtype(config.vae_dtype, device), with_audio=config.with_audio
+        config.model_path, device=device, dtype=resolve_dtype(config.vae_dtype, device), with_audio=config.with_audio,
+        video_vae_path=config.video_vae_path, audio_vae_path=config.audio_vae_path,
     )
     try:
         return encode_media(
@@ -710,7 +726,12 @@ class DecodeLatentsConfig:
     output_dir: Annotated[Path, tyro.conf.Positional]
     """Where the .mp4 files (.png for one-frame latents) go."""
     model_path: Path
-    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) holding the VAE decoders and the vocoder."""
+    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) holding the VAE decoders and the vocoder, or an LTX-2.5
+    transformer file with --video-vae-path / --audio-vae-path."""
+    video_vae_path: Path | None = None
+    """Video VAE file (LTX-2.5 split pack); default: inside --model-path."""
+    audio_vae_path: Path | None = None
+    """Audio VAE + vocoder file (LTX-2.5 split pack); default: inside --model-path."""
     device: str | None = None
     """Torch device; default: cuda when available, else cpu."""
     vae_dtype: DTypeName = "auto"
@@ -728,6 +749,12 @@ class DecodeLatentsConfig:
     overwrite: bool = False
     """Re-decode files whose outputs exist."""
 
+    def pack(self) -> Any:
+        """The :class:`ltxf.models.pack.ModelPack` the decoders come from."""
+        from ltxf.models.pack import resolve_pack
+
+        return resolve_pack(self.model_path, video_vae=self.video_vae_path, audio_vae=self.audio_vae_path)
+
 
 def decode_latents(config: DecodeLatentsConfig) -> PrepSummary:
     """Decode ``config.latents_dir`` (and audio latents with ``with_audio``) with this process's share of files."""
@@ -740,7 +767,8 @@ def decode_latents(config: DecodeLatentsConfig) -> PrepSummary:
         raise ValueError(f"latents folder {latents_dir} does not exist")
     rank, world = rank_and_world_size()
     device = resolve_device(config.device)
-    decoder = load_video_vae_decoder(config.model_path, resolve_dtype(config.vae_dtype, device), device)
+    pack = config.pack()
+    decoder = load_video_vae_decoder(pack.video_decoder_file(), resolve_dtype(config.vae_dtype, device), device)
     summary = decode_video_dir(latents_dir, output_dir, decoder=decoder, seed=config.seed, tiling=config.vae_tiling,
                                overwrite=config.overwrite, rank=rank, world_size=world)
     del decoder
@@ -750,8 +778,8 @@ def decode_latents(config: DecodeLatentsConfig) -> PrepSummary:
         if not audio_dir.is_dir():
             raise ValueError(f"audio latents folder {audio_dir} does not exist")
         audio_out = Path(config.audio_output_dir or output_dir.parent / "decoded_audio")
-        audio_decoder = load_audio_vae_decoder(config.model_path, torch.float32, device)
-        vocoder = load_vocoder(config.model_path, torch.float32, device)
+        audio_decoder = load_audio_vae_decoder(pack.audio_vae_file(), torch.float32, device)
+        vocoder = load_vocoder(pack.audio_vae_file(), torch.float32, device)
         summary = summary.merged(decode_audio_dir(audio_dir, audio_out, decoder=audio_decoder, vocoder=vocoder,
                                                   overwrite=config.overwrite, rank=rank, world_size=world))
     return summary
@@ -772,9 +800,16 @@ class ProcessDatasetConfig:
     resolution_buckets: str
     """Buckets as 'WxHxF;WxHxF' (W, H multiples of 32; F = 8k + 1), e.g. '768x512x49;512x512x97'."""
     model_path: Path
-    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors): VAEs, audio VAE, vocoder, text feature extractor."""
+    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors): VAEs, audio VAE, vocoder, text feature extractor; or
+    the LTX-2.5 transformer file (with --video-vae-path, --audio-vae-path and the packed text encoder)."""
     text_encoder_path: Path
-    """Local Gemma 3 model directory (weights + tokenizer)."""
+    """Local Gemma 3 model directory (weights + tokenizer), or the LTX-2.5 packed text-encoder file (it also holds
+    the text feature extractor)."""
+    video_vae_path: Path | None = None
+    """Video VAE file (LTX-2.5 split pack; the conv or the diffusion-decoder VAE, whose encoder is the same conv
+    encoder); default: inside --model-path."""
+    audio_vae_path: Path | None = None
+    """Audio VAE file (LTX-2.5 split pack); default: inside --model-path."""
     caption_column: str = DEFAULT_CAPTION_COLUMN
     """Column holding the captions."""
     video_column: str = DEFAULT_MEDIA_COLUMN
@@ -858,7 +893,8 @@ def process_dataset(config: ProcessDatasetConfig) -> PrepSummary:
 
     captions = process_captions_for(readable, config, out / "conditions", device)
     video_encoder, audio_encoder = load_media_encoders(
-        config.model_path, device=device, dtype=resolve_dtype(config.vae_dtype, device), with_audio=config.with_audio
+        config.model_path, device=device, dtype=resolve_dtype(config.vae_dtype, device), with_audio=config.with_audio,
+        video_vae_path=config.video_vae_path, audio_vae_path=config.audio_vae_path,
     )
     try:
         videos = encode_media(
@@ -887,6 +923,7 @@ def process_dataset(config: ProcessDatasetConfig) -> PrepSummary:
     if config.decode:
         decode = DecodeLatentsConfig(
             latents_dir=out / "latents", output_dir=out / "decoded_videos", model_path=config.model_path,
+            video_vae_path=config.video_vae_path, audio_vae_path=config.audio_vae_path,
             device=config.device, vae_dtype=config.vae_dtype, vae_tiling=config.vae_tiling, seed=config.seed,
             with_audio=config.with_audio and (out / "audio_latents").is_dir(),
             audio_latents_dir=out / "audio_latents", audio_output_dir=out / "decoded_audio",
@@ -897,7 +934,8 @@ def process_dataset(config: ProcessDatasetConfig) -> PrepSummary:
         if config.reference_column and (out / "reference_latents").is_dir():
             from ltxf.models.video_vae import load_video_vae_decoder
 
-            decoder = load_video_vae_decoder(config.model_path, resolve_dtype(config.vae_dtype, device), device)
+            decoder = load_video_vae_decoder(decode.pack().video_decoder_file(),
+                                             resolve_dtype(config.vae_dtype, device), device)
             decode_video_dir(out / "reference_latents", out / "decoded_reference_videos", decoder=decoder,
                              seed=config.seed, tiling=config.vae_tiling, overwrite=config.overwrite, rank=rank,
                              world_size=world).log()

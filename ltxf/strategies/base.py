@@ -190,3 +190,24 @@ class Strategy(Protocol):
     def export_metadata(self, samples: Sequence[SampleInfo]) -> dict[str, str]:
         """String metadata for the exported LoRA (at least ``ltxf_strategy``), from the dataset's samples."""
         ...
+
+
+def training_keyframes_mask(
+    policy: str, batch_size: int, num_tokens: int, tokens_per_frame: int, *, num_leading: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor | None:
+    """The video ``Modality.keyframes_mask`` ``[B, num_leading + T, 1]`` for ``strategy.keyframes_mask``:
+    'first_frame' marks the target's first latent frame (as inference does), never the ``num_leading`` tokens
+    placed before the target (IC-LoRA references, not marked in inference either); 'none' gives None (the
+    official 1.2 trainer). Only models with the LTX-2.5 keyframe embedding read it."""
+    if policy == "none":
+        return None
+    if policy != "first_frame":
+        raise ValueError(f"strategy.keyframes_mask must be 'first_frame' or 'none', got {policy!r}")
+    from ltxf.sampling import first_frame_keyframes_mask
+
+    mask_BT = first_frame_keyframes_mask(batch_size, num_tokens, tokens_per_frame, device=device)
+    if num_leading:
+        mask_BT = torch.cat([mask_BT.new_zeros(batch_size, num_leading), mask_BT], dim=1)
+    return mask_BT[..., None]
+

@@ -23,6 +23,7 @@ from ltxf.strategies.base import (
     noisy_tokens,
     per_sample_noise,
     sample_sigmas,
+    training_keyframes_mask,
 )
 
 if TYPE_CHECKING:
@@ -66,6 +67,8 @@ def prepare_text_to_video(
         positions=video_positions_for_batch(batch_size, num_frames, height, width, batch["fps"], device=device),
         context=context.video_context.to(dtype),
         context_mask=context.context_mask,
+        keyframes_mask=training_keyframes_mask(strategy.keyframes_mask, batch_size, num_frames * height * width,
+                                               height * width, device=device),
     )
 
     audio = None

@@ -93,7 +93,9 @@ def test_files_have_the_official_keys_shapes_and_dtypes(processed):
     assert image["latents"].shape == (128, 1, 2, 2) and image["fps"] == 1.0
 
     conditions = torch.load(out / "conditions" / "clips" / "a.pt", weights_only=True)
-    assert set(conditions) == {"video_prompt_embeds", "audio_prompt_embeds", "prompt_attention_mask"}
+    # + which text encoder made them (an extra key the official reader ignores)
+    assert set(conditions) == {"video_prompt_embeds", "audio_prompt_embeds", "prompt_attention_mask", "text_encoder"}
+    assert conditions["text_encoder"] == "gemma3"
     assert conditions["video_prompt_embeds"].shape == (1024, 32)
     assert conditions["video_prompt_embeds"].dtype == conditions["audio_prompt_embeds"].dtype == torch.bfloat16
     mask = conditions["prompt_attention_mask"]
