@@ -44,23 +44,98 @@ class ModelConfig:
             raise ValueError(f"model.checkpoint must be a local file, got the URL {self.checkpoint}")
 
 
+ConditionType = Literal["first_frame", "prefix", "suffix", "spatial_crop", "mask", "reference"]
+CONDITION_TYPES: tuple[str, ...] = ("first_frame", "prefix", "suffix", "spatial_crop", "mask", "reference")
+# The one field each condition type requires (first_frame needs none); any other field set is an error.
+_CONDITION_FIELDS = {"prefix": "temporal_boundary", "suffix": "temporal_boundary", "spatial_crop": "spatial_region",
+                     "mask": "mask_dir", "reference": "latents_dir"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConditionConfig:
+    """One condition of a modality in the flexible strategy (official 1.2 ``ConditionConfig``)."""
+
+    type: ConditionType
+    """first_frame | prefix | suffix | spatial_crop | mask | reference."""
+
+    probability: float = 1.0
+    """Chance the condition applies: drawn per sample (intrinsic conditions) or per batch (reference)."""
+
+    temporal_boundary: int | None = None
+    """prefix / suffix: latent frames (video) or audio latent steps kept clean at the start / end."""
+
+    spatial_region: tuple[int, int, int, int] | None = None
+    """spatial_crop: pixel region (y1, x1, y2, x2) kept clean on every frame."""
+
+    mask_dir: str | None = None
+    """mask: folder of per-sample masks under the data root (video_masks/ or audio_masks/)."""
+
+    latents_dir: str | None = None
+    """reference: folder of reference latents under the data root (reference_latents/ or
+    reference_audio_latents/)."""
+
+    def __post_init__(self) -> None:
+        if self.type not in CONDITION_TYPES:
+            raise ValueError(f"condition type must be one of {list(CONDITION_TYPES)}, got {self.type!r}")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"condition {self.type!r}: probability must be in [0, 1], got {self.probability}")
+        required = _CONDITION_FIELDS.get(self.type)
+        for name in ("temporal_boundary", "spatial_region", "mask_dir", "latents_dir"):
+            value = getattr(self, name)
+            if name == required and value is None:
+                raise ValueError(f"condition {self.type!r} needs the field {name!r}")
+            if name != required and value is not None:
+                raise ValueError(f"condition {self.type!r} takes no field {name!r} (it takes "
+                                 f"{[required] if required else []} and 'probability')")
+        if self.temporal_boundary is not None and self.temporal_boundary < 1:
+            raise ValueError(f"condition {self.type!r}: temporal_boundary must be >= 1, got {self.temporal_boundary}")
+        if self.spatial_region is not None:
+            y1, x1, y2, x2 = self.spatial_region
+            if not (0 <= y1 < y2 and 0 <= x1 < x2):
+                raise ValueError(f"condition 'spatial_crop': spatial_region (y1, x1, y2, x2) must satisfy "
+                                 f"0 <= y1 < y2 and 0 <= x1 < x2, got {self.spatial_region}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModalityConfig:
+    """One modality (video or audio) of the flexible strategy (official 1.2 ``video:`` / ``audio:`` block)."""
+
+    is_generated: bool
+    """True: noised, trained on (loss). False: given clean at timestep 0 and conditions the other modality."""
+
+    latents_dir: str
+    """Folder of this modality's latents under the data root (latents/ or audio_latents/)."""
+
+    conditions: tuple[ConditionConfig, ...] = ()
+    """Conditions applied in order (intrinsic ones only when the modality is generated)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class StrategyConfig:
-    name: Literal["text_to_video", "video_to_video"] = "text_to_video"
-    """'text_to_video' (optionally with joint audio and first-frame conditioning) or 'video_to_video'
-    (IC-LoRA: clean reference tokens first, no loss on them)."""
+    name: Literal["flexible", "text_to_video", "video_to_video"] = "text_to_video"
+    """'flexible' (official 1.2: per-modality generation and conditions, see video/audio), or the older
+    'text_to_video' (optionally with joint audio and first-frame conditioning) and 'video_to_video' (IC-LoRA),
+    kept so older configs run; the presets use 'flexible'."""
+
+    video: ModalityConfig | None = None
+    """flexible: the video modality (None: no video stream)."""
+
+    audio: ModalityConfig | None = None
+    """flexible: the audio modality (None: no audio stream)."""
 
     first_frame_conditioning_p: float = 0.1
-    """Probability, drawn per sample, that the first latent frame is given clean (timestep 0, no loss)."""
+    """text_to_video / video_to_video: probability, drawn per sample, that the first latent frame is given clean
+    (timestep 0, no loss)."""
 
     with_audio: bool = False
-    """Train audio jointly (needs audio_latents/ in the dataset); adds an audio loss term."""
+    """text_to_video: train audio jointly (needs audio_latents/ in the dataset); adds an audio loss term."""
 
     audio_loss_weight: float = 1.0
     """Weight of the audio loss term in the total loss (video weight is 1)."""
 
     independent_audio_sigma: bool = False
-    """Draw the audio sigma independently of the video sigma (the official trainer shares one sigma)."""
+    """text_to_video: draw the audio sigma independently of the video sigma (that strategy shares one sigma;
+    flexible always draws one per generated modality)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.first_frame_conditioning_p <= 1.0:
@@ -72,6 +147,29 @@ class StrategyConfig:
         if self.name == "video_to_video" and self.with_audio:
             raise ValueError("strategy.with_audio is not supported with strategy.name='video_to_video' (IC-LoRA is "
                              "video only)")
+        if self.name == "flexible":
+            self._check_flexible()
+        elif self.video is not None or self.audio is not None:
+            raise ValueError(f"strategy.video / strategy.audio are fields of strategy.name='flexible', not "
+                             f"{self.name!r}")
+
+    def _check_flexible(self) -> None:
+        modalities = {"video": self.video, "audio": self.audio}
+        if not any(m is not None and m.is_generated for m in modalities.values()):
+            raise ValueError("strategy 'flexible': at least one of strategy.video / strategy.audio must have "
+                             "is_generated=True")
+        if self.audio is not None:
+            for condition in self.audio.conditions:
+                if condition.type in ("first_frame", "spatial_crop"):
+                    raise ValueError(f"strategy.audio.conditions: {condition.type!r} is a video-only condition; "
+                                     "audio allows ['prefix', 'suffix', 'mask', 'reference']")
+        for name, modality in modalities.items():
+            if modality is None:
+                continue
+            references = [c for c in modality.conditions if c.type == "reference"]
+            if len(references) > 1:
+                raise ValueError(f"strategy.{name}.conditions: at most one 'reference' condition, got "
+                                 f"{len(references)}")
 
 
 @dataclass(frozen=True, kw_only=True)
