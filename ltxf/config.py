@@ -378,6 +378,10 @@ def check_paths(cfg: TrainConfig) -> None:
         required.append("audio_latents")
     if cfg.strategy.name == "video_to_video":
         required.append("reference_latents")
+    if cfg.strategy.name == "flexible":
+        from ltxf.strategies.flexible import data_sources
+
+        required = list(dict.fromkeys(data_sources(cfg.strategy).values()))
     missing = [name for name in required if not (root / name).is_dir()]
     if missing:
         raise ValueError(f"data.root: {root} is missing the folder(s) {missing} needed by strategy "

@@ -25,6 +25,7 @@ from ltxf.rng import make_generator
 from ltxf.state import TrainState
 from ltxf.strategies import prepare_text_to_video, prepare_video_to_video
 from ltxf.strategies.base import StepLosses, compute_losses
+from ltxf.strategies.flexible import compute_flexible_losses, prepare_flexible
 
 # Loss is also reported per sigma bucket: [0, .25), [.25, .5), [.5, .75), [.75, 1].
 SIGMA_BUCKET_NAMES = ("0.00-0.25", "0.25-0.50", "0.50-0.75", "0.75-1.00")
@@ -77,12 +78,38 @@ def sample_generators(ctx: StepContext, step: int, micro_batch: int, batch_size:
     return [make_generator(ctx.cfg.seed, step, first + j, "sample") for j in range(batch_size)]
 
 
+def batch_size_of(batch: dict[str, torch.Tensor]) -> int:
+    """Samples in a micro-batch (video latents, or audio latents for audio-only data)."""
+    return batch["video_latents" if "video_latents" in batch else "audio_latents"].shape[0]
+
+
+def num_latent_elements(batch: dict[str, torch.Tensor]) -> int:
+    """Latent positions in a micro-batch, for throughput: video F*H*W per sample, else audio steps."""
+    if "video_latents" in batch:
+        return math.prod(batch["video_latents"].shape[2:]) * batch["video_latents"].shape[0]
+    batch_size, _, num_steps, _ = batch["audio_latents"].shape
+    return batch_size * num_steps
+
+
 def loss_fn(
-    ctx: StepContext, batch: dict[str, torch.Tensor], generators: list[torch.Generator]
+    ctx: StepContext, batch: dict[str, torch.Tensor], generators: list[torch.Generator],
+    batch_generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, StepLosses, torch.Tensor]:
-    """Mean loss of one micro-batch, its per-sample terms, and the sigmas [B] it was drawn at."""
+    """Mean loss of one micro-batch, its per-sample terms, and the sigmas [B] it was drawn at.
+    ``batch_generator`` (flexible strategy) is keyed by (seed, step, micro-batch), the same on every process."""
     cfg = ctx.cfg
     context = text_context(ctx, batch)
+    if cfg.strategy.name == "flexible":
+        flexible = prepare_flexible(batch, context, strategy=cfg.strategy, flow=cfg.flow, generators=generators,
+                                    batch_generator=batch_generator, dtype=ctx.compute_dtype)
+        streams = (flexible.video, flexible.audio)
+        device_type = next(s for s in streams if s is not None).modality.latent.device.type
+        autocast = ctx.compute_dtype != torch.float32 and not ctx.fsdp
+        with torch.autocast(device_type, dtype=ctx.compute_dtype, enabled=autocast):
+            video_pred, audio_pred = ctx.transformer(video=None if streams[0] is None else streams[0].modality,
+                                                     audio=None if streams[1] is None else streams[1].modality)
+        losses = compute_flexible_losses(flexible, video_pred, audio_pred, cfg.strategy.audio_loss_weight)
+        return losses.total_B.mean(), losses, flexible.sigma_B
     prepare = prepare_video_to_video if cfg.strategy.name == "video_to_video" else prepare_text_to_video
     inputs = prepare(batch, context, strategy=cfg.strategy, flow=cfg.flow, generators=generators,
                      dtype=ctx.compute_dtype)
@@ -126,11 +153,12 @@ def train_step(
     num_tokens = 0
 
     for i, batch in enumerate(micro_batches):
-        generators = sample_generators(ctx, step, i, batch["video_latents"].shape[0])
+        generators = sample_generators(ctx, step, i, batch_size_of(batch))
+        batch_generator = make_generator(cfg.seed, step, i, "batch")
         if ctx.fsdp:
             # Reduce-scatter gradients only once, after the last micro-batch.
             ctx.transformer.set_requires_gradient_sync(i == num_micro - 1)
-        loss, losses, sigma_B = loss_fn(ctx, batch, generators)
+        loss, losses, sigma_B = loss_fn(ctx, batch, generators, batch_generator)
         (loss / num_micro).backward()
         with torch.no_grad():
             loss_sum += loss.detach()
@@ -140,8 +168,8 @@ def train_step(
             index_B = _bucket_index(sigma_B)
             bucket_sum.index_add_(0, index_B, losses.total_B.detach().float())
             bucket_count.index_add_(0, index_B, torch.ones_like(sigma_B, dtype=torch.float32))
-        num_samples += batch["video_latents"].shape[0]
-        num_tokens += math.prod(batch["video_latents"].shape[2:]) * batch["video_latents"].shape[0]
+        num_samples += batch_size_of(batch)
+        num_tokens += num_latent_elements(batch)
 
     grads = {}
     for key, param in state.params.items():

@@ -88,7 +88,11 @@ def apply_initial_lora(transformer: nn.Module, path: Path, lora: LoraConfig) -> 
     logger.info("LoRA initialised from %s (%d modules)", path, len(lora_file.scales))
 
 
-def _data_sources(cfg: TrainConfig) -> list[str]:
+def _data_sources(cfg: TrainConfig) -> list[str] | dict[str, str]:
+    if cfg.strategy.name == "flexible":
+        from ltxf.strategies.flexible import data_sources
+
+        return data_sources(cfg.strategy)
     sources = ["latents", "conditions"]
     if cfg.strategy.with_audio:
         sources.append("audio_latents")
@@ -169,6 +173,9 @@ def _run(cfg: TrainConfig, dist_info: DistInfo) -> RunResult:
                       data=replace(cfg.data, root=assets.dataset),
                       validation=replace(cfg.validation, prompt_features_path=assets.prompt_features))
     check_paths(cfg)
+    if cfg.strategy.name != "flexible":
+        logger.warning("strategy.name=%r is the pre-1.2 strategy, kept so older configs run; the presets now use "
+                       "'flexible' (README: Training modes)", cfg.strategy.name)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_dict = cfg.to_dict()
     if dist_info.is_main:
@@ -380,7 +387,7 @@ def export_weights(
     dist_info: DistInfo,
     *,
     full: bool,
-    reference_factor: int | None = None,
+    reference_factor: int | dict[str, str] | None = None,
 ) -> Path | None:
     """Write the trained weights for use outside ltxf: a ComfyUI-layout LoRA, or an official-layout checkpoint;
     trained text connectors go to their own official-layout file (``text_connectors_step_N.safetensors``).
@@ -397,7 +404,9 @@ def export_weights(
     else:
         weights = _gather_full(lora_state_dict(transformer))
         metadata = {"ltxf_step": str(step), "ltxf_strategy": cfg.strategy.name}
-        if reference_factor is not None:
+        if isinstance(reference_factor, dict):
+            metadata.update(reference_factor)
+        elif reference_factor is not None:
             metadata["reference_downscale_factor"] = str(reference_factor)
         path = exports / f"lora_weights_step_{step:06d}.safetensors"
         if dist_info.is_main:
@@ -413,8 +422,13 @@ def export_weights(
     return path
 
 
-def _reference_downscale_factor(cfg: TrainConfig, dataset: PrecomputedDataset) -> int | None:
-    """IC-LoRA: the reference downscale factor of the dataset (one value per run), for the LoRA metadata."""
+def _reference_downscale_factor(cfg: TrainConfig, dataset: PrecomputedDataset) -> int | dict[str, str] | None:
+    """IC-LoRA: the reference downscale factor of the dataset (one value per run), for the LoRA metadata; the
+    flexible strategy gives its metadata entries (see :func:`ltxf.strategies.flexible.reference_metadata`)."""
+    if cfg.strategy.name == "flexible":
+        from ltxf.strategies.flexible import reference_metadata
+
+        return reference_metadata(cfg.strategy, dataset.samples)
     if cfg.strategy.name != "video_to_video":
         return None
     from ltxf.strategies.video_to_video import reference_downscale_factor

@@ -86,6 +86,7 @@ def test_reads_hand_written_official_files(tmp_path):
         "prompt_attention_mask",
         "audio_latents",
         "reference_latents",
+        "reference_fps",
     }
     assert sample["sample_id"] == "clips/a"
     assert sample["video_latents"].dtype == torch.bfloat16

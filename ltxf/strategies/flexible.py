@@ -31,11 +31,13 @@ Shape legend: B batch, C channels, F/H/W latent frames/height/width, T tokens, R
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ltxf.config import ConditionConfig, FlowConfig, ModalityConfig, StrategyConfig
+from ltxf.data import SampleInfo
 from ltxf.latents import (
     VIDEO_SPATIAL_SCALE,
     audio_positions,
@@ -130,6 +132,35 @@ def data_sources(strategy: StrategyConfig) -> dict[str, str]:
             elif condition.type == "mask":
                 sources[MASK_ROLES[name]] = condition.mask_dir
     return sources
+
+
+def reference_metadata(strategy: StrategyConfig, samples: Sequence[SampleInfo]) -> dict[str, str]:
+    """LoRA metadata of a video reference, as the official files carry it (strings; only factors != 1):
+    ``reference_spatial_scale_factor`` and ``reference_downscale_factor`` (the older name), and
+    ``reference_temporal_scale_factor``. The factors come from every sample's latent shapes and must agree
+    (the official trainer scans a working-directory-relative folder and silently falls back to 1)."""
+    video = strategy.video
+    if video is None or not any(c.type == "reference" for c in video.conditions):
+        return {}
+    factors = {}
+    for info in samples:
+        if info.video_shape is None or info.reference_shape is None:
+            continue
+        factors[info.sample_id] = reference_scale_factors(tuple(info.video_shape[1:]), tuple(info.reference_shape[1:]))
+    distinct = set(factors.values())
+    if len(distinct) > 1:
+        examples = {f: next(k for k, v in factors.items() if v == f) for f in distinct}
+        raise ValueError(f"the dataset mixes reference (spatial, temporal) scale factors: {examples} (one sample "
+                         "each); a LoRA is trained for one pair")
+    if not distinct:
+        return {}
+    spatial, temporal = distinct.pop()
+    metadata = {}
+    if spatial != 1:
+        metadata["reference_spatial_scale_factor"] = metadata["reference_downscale_factor"] = str(spatial)
+    if temporal != 1:
+        metadata["reference_temporal_scale_factor"] = str(temporal)
+    return metadata
 
 
 # ----------------------------------------------------------------------------------------------------------------

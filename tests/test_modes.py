@@ -1,0 +1,96 @@
+"""Every training mode of the official trainer 1.2 (experiments/presets.py MODE_PRESETS) trains on tiny data made
+here: its data sources are read, its model inputs run through the tiny LTX-2.3 model, and its loss falls."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments.presets import MODE_PRESETS
+from ltxf.checkpoint import load_lora_file
+from ltxf.config import DataConfig, FlowConfig, LogConfig, ModelConfig, ParallelConfig, TrainConfig
+from ltxf.data import save_pt
+from ltxf.demo import build_demo_checkpoint, build_demo_dataset
+from ltxf.lora import LoraConfig
+from ltxf.train import main
+
+STEPS = 10
+LEARNING_RATE = 1e-1  # a few steps of a rank-4 LoRA on a random tiny model must move the loss visibly
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """The demo checkpoint and 2 demo clips of one bucket (every step trains on both, so the logged loss moves with
+    training), plus half-size video references, audio references, and video and audio masks (the top half of
+    each frame / the first half of the audio kept) for each."""
+    root = tmp_path_factory.mktemp("modes")
+    checkpoint = build_demo_checkpoint(root / "model.safetensors", seed=3)
+    dataset = build_demo_dataset(root / "data", num_samples=4, seed=3)
+    for folder in dataset.iterdir():
+        for odd in ("clip_001.pt", "clip_003.pt"):  # the other bucket
+            (folder / odd).unlink()
+    for path in sorted((dataset / "latents").glob("*.pt")):
+        video = torch.load(path, weights_only=True)
+        audio = torch.load(dataset / "audio_latents" / path.name, weights_only=True)
+        reference = video["latents"][:, :, ::2, ::2]
+        save_pt({**video, "latents": reference, "height": reference.shape[2], "width": reference.shape[3]},
+                dataset / "reference_latents" / path.name)
+        save_pt({**audio, "latents": audio["latents"].flip(1)}, dataset / "reference_audio_latents" / path.name)
+        _, frames, height, width = video["latents"].shape
+        video_mask = torch.zeros(frames, height, width)
+        video_mask[:, : height // 2] = 1.0
+        save_pt({"mask": video_mask}, dataset / "video_masks" / path.name)
+        audio_mask = torch.zeros(audio["latents"].shape[1])
+        audio_mask[: audio_mask.shape[0] // 2] = 1.0
+        save_pt({"mask": audio_mask}, dataset / "audio_masks" / path.name)
+    return checkpoint, dataset
+
+
+def _tiny(cfg: TrainConfig, checkpoint: Path, dataset: Path, output_dir: Path) -> TrainConfig:
+    """The preset on the tiny model: fp32, a few steps at a high learning rate, a fixed sigma (so the logged loss
+    moves with training, not with the sigma draw), temporal boundaries and the crop scaled to 2-frame clips."""
+    strategy = cfg.strategy
+    for name in ("video", "audio"):
+        modality = getattr(strategy, name)
+        if modality is None:
+            continue
+        conditions = []
+        for c in modality.conditions:
+            if c.temporal_boundary is not None:
+                c = replace(c, temporal_boundary=1 if name == "video" else 3)
+            if c.spatial_region is not None:
+                c = replace(c, spatial_region=(0, 0, 128, 96))  # the left half of a 192-pixel-wide clip
+            conditions.append(c)
+        strategy = replace(strategy, **{name: replace(modality, conditions=tuple(conditions))})
+    return replace(
+        cfg,
+        model=ModelConfig(checkpoint=checkpoint, training_mode="lora", dtype="float32"),
+        lora=LoraConfig(rank=4, alpha=4, target_modules=cfg.lora.target_modules, exclude_audio=cfg.lora.exclude_audio),
+        strategy=strategy,
+        optim=replace(cfg.optim, steps=STEPS, batch_size=2, learning_rate=LEARNING_RATE, warmup_steps=0,
+                      weight_decay=0.0, scheduler="constant"),
+        flow=FlowConfig(timestep_sampling="uniform", uniform_min=0.9, uniform_max=0.91),
+        data=DataConfig(root=dataset, num_workers=0, text_length=None),
+        parallel=ParallelConfig(activation_checkpointing=False),
+        checkpoints=replace(cfg.checkpoints, interval=None, export_dtype="float32"),
+        log=LogConfig(every=1, console_every_s=60.0),
+        output_dir=output_dir,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(MODE_PRESETS))
+def test_every_mode_trains_and_its_loss_falls(name, assets, tmp_path):
+    checkpoint, dataset = assets
+    result = main(_tiny(MODE_PRESETS[name](), checkpoint, dataset, tmp_path / name))
+    losses = result.losses
+    assert result.final_step == STEPS and len(losses) == STEPS
+    assert all(torch.isfinite(torch.tensor(losses)))
+    # Same clips and sigma every step: only the noise varies (about 1 % on these sizes), training moves it 5-12 %.
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.97 * first, f"{name}: loss {losses}"
+    metadata = load_lora_file(result.export_path).metadata
+    assert metadata["ltxf_strategy"] == "flexible"
+    if name in ("v2v_ic_lora", "av2av_ic_lora"):  # half-size references: the official metadata keys
+        assert metadata["reference_spatial_scale_factor"] == metadata["reference_downscale_factor"] == "2"
+        assert "reference_temporal_scale_factor" not in metadata
