@@ -14,6 +14,7 @@ import tyro
 
 from experiments.presets import PRESETS
 from ltxf.config import TrainConfig
+from ltxf.demo import prepare_demo
 from ltxf.train import main
 
 
@@ -32,4 +33,4 @@ def parse_config(args: Sequence[str] | None = None) -> TrainConfig:
 
 
 if __name__ == "__main__":
-    main(parse_config())
+    main(prepare_demo(parse_config()))

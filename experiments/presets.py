@@ -16,18 +16,16 @@ from pathlib import Path
 
 from ltxf.config import (
     CheckpointConfig,
-    ConditionConfig,
     DataConfig,
     LogConfig,
-    ModalityConfig,
     ModelConfig,
     OptimConfig,
     ParallelConfig,
-    StrategyConfig,
     TrainConfig,
 )
 from ltxf.demo import DEMO_FPS, DEMO_PROMPT_FEATURES_FILE, DEMO_VALIDATION_PROMPT
 from ltxf.lora import LoraConfig
+from ltxf.strategies.flexible import ConditionConfig, FlexibleConfig, ModalityConfig
 from ltxf.validation import ValidationConfig
 
 ATTENTION_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -67,7 +65,7 @@ def flexible_lora(
     return TrainConfig(
         model=ModelConfig(training_mode="lora", dtype="bfloat16"),
         lora=LoraConfig(rank=rank, alpha=rank, target_modules=targets),
-        strategy=StrategyConfig(name="flexible", video=video, audio=audio),
+        strategy=FlexibleConfig(video=video, audio=audio),
         optim=OptimConfig(learning_rate=learning_rate, steps=steps, batch_size=1, scheduler="linear",
                           optimizer=optimizer),
         parallel=ParallelConfig(data_parallel="auto", activation_checkpointing=True),
@@ -206,7 +204,7 @@ def ltx2_full() -> TrainConfig:
     compute, fp32 gradient reduction)."""
     return TrainConfig(
         model=ModelConfig(training_mode="full", dtype="bfloat16"),
-        strategy=StrategyConfig(name="flexible", video=video(ConditionConfig(type="first_frame", probability=0.1)),
+        strategy=FlexibleConfig(video=video(ConditionConfig(type="first_frame", probability=0.1)),
                                 audio=audio()),
         optim=OptimConfig(learning_rate=1e-5, steps=2000, batch_size=1, scheduler="cosine", warmup_steps=50),
         parallel=ParallelConfig(data_parallel="fsdp", activation_checkpointing=True),
@@ -227,7 +225,7 @@ def demo() -> TrainConfig:
         model=ModelConfig(training_mode="lora", dtype="float32"),
         lora=LoraConfig(rank=16, alpha=16, target_modules=("to_k", "to_q", "to_v", "to_out.0", "ff.net.0.proj",
                                                          "ff.net.2")),
-        strategy=StrategyConfig(name="flexible", video=video(ConditionConfig(type="first_frame", probability=0.5)),
+        strategy=FlexibleConfig(video=video(ConditionConfig(type="first_frame", probability=0.5)),
                                 audio=audio()),
         optim=OptimConfig(learning_rate=5e-3, steps=1500, batch_size=4, scheduler="cosine", warmup_steps=50,
                           weight_decay=0.0),

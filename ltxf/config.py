@@ -1,5 +1,10 @@
 """Training configuration: frozen keyword-only dataclasses, validated in ``__post_init__``.
 
+Importing this module loads no torch, model or media code (``train.py --help`` stays fast): the sections that
+other modules use (:class:`LoraConfig` for ``ltxf.lora``, :class:`ValidationConfig` for ``ltxf.validation``) are
+defined here and re-exported there. A strategy owns its section: ``strategy`` holds the config class that the
+strategy registered (``ltxf.strategies.registry``), looked up by ``strategy.name`` when the config is built.
+
 Presets are Python functions in ``experiments/`` returning a :class:`TrainConfig`; ``train.py`` lets tyro override
 any field from the command line (``--optim.learning_rate 2e-4``). Attribute docstrings become the ``--help`` text.
 """
@@ -10,12 +15,199 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ltxf.lora import LoraConfig
-from ltxf.validation import ValidationConfig
+if TYPE_CHECKING:
+    from ltxf.sampling import GuidanceConfig
 
 DType = Literal["bfloat16", "float32"]
+
+DEFAULT_NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jittery, distorted"
+"""The official trainer's default negative prompt for validation samples."""
+
+
+def check_reference_downscale_factor(factor: int, width: int, height: int, name: str) -> None:
+    """``factor >= 1``; when ``> 1``, ``width`` and ``height`` divisible by it with multiples of 32 as quotients."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {factor!r}")
+    if factor == 1:
+        return
+    for side, value in (("width", width), ("height", height)):
+        if value % factor or (value // factor) % 32:
+            raise ValueError(
+                f"{name}={factor}: the {side} {value} must be divisible by {factor} and {side}/{factor} must be a "
+                f"multiple of 32 (the reference is encoded at 1/{factor} of the output size)"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Which Linear layers get adapters, and their shape."""
+
+    rank: int = 64
+    """Adapter rank r: lora_A is [r, in], lora_B is [out, r]."""
+    alpha: float = 64
+    """The adapter output is scaled by alpha / rank (PEFT without rsLoRA)."""
+    dropout: float = 0.0
+    """Dropout on the adapter input only; the base path never sees it."""
+    target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+    """PEFT-style patterns: a module matches if its name equals a pattern or ends with "." + pattern."""
+    exclude_audio: bool = False
+    """Give no adapter to audio-stream or audio<->video modules (see ``is_audio_module``)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"LoraConfig.rank must be an integer >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, str):
+            raise ValueError(
+                f"LoraConfig.target_modules must be a sequence of patterns, got the string {self.target_modules!r}"
+            )
+        targets = tuple(self.target_modules)
+        if not targets or not all(isinstance(t, str) and t and not t.startswith(".") for t in targets):
+            raise ValueError(
+                f"LoraConfig.target_modules must be non-empty module-name patterns, got {self.target_modules!r}"
+            )
+        object.__setattr__(self, "target_modules", targets)  # a list from a CLI/JSON becomes a tuple
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationConfig:
+    """Validation sampling during training (one clip per prompt, the same seed for every prompt)."""
+
+    prompts: tuple[str, ...] = ()
+    """Prompts to sample; empty disables validation."""
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    """Negative prompt for classifier-free guidance."""
+    images: tuple[Path, ...] | None = None
+    """First-frame images (image-to-video), one per prompt."""
+    reference_videos: tuple[Path, ...] | None = None
+    """IC-LoRA reference videos, one per prompt."""
+    reference_downscale_factor: int = 1
+    """References are used at 1/n of the output size, positions scaled by n (the IC-LoRA's training ratio)."""
+    video_dims: tuple[int, int, int] = (512, 288, 49)
+    """(width, height, frames): width and height multiples of 32, frames 8k + 1."""
+    frame_rate: float = 25.0
+    seed: int = 42
+    """Seed of the initial noise, the same for every prompt."""
+    inference_steps: int = 30
+    interval: int | None = 100
+    """Sample every N optimizer steps (and at step 0 unless skip_initial_validation); None disables."""
+    guidance_scale: float = 4.0
+    """Classifier-free guidance scale; 1 disables CFG (and its negative-prompt pass)."""
+    stg_scale: float = 1.0
+    """Spatio-temporal guidance scale; 0 disables STG (and its perturbed pass)."""
+    stg_blocks: tuple[int, ...] | None = (29,)
+    """Transformer blocks whose self-attention the STG pass skips; None means every block."""
+    stg_mode: Literal["stg_av", "stg_v"] = "stg_av"
+    """stg_av skips video and audio self-attention in stg_blocks; stg_v only video."""
+    guidance_rescale: float = 0.0
+    """Std-rescaling of the guided prediction toward the conditional one (0 disables)."""
+    generate_audio: bool = True
+    """Generate an audio track jointly (loads the audio VAE decoder and the vocoder)."""
+    skip_initial_validation: bool = False
+    """Do not sample at step 0."""
+    include_reference_in_output: bool = False
+    """IC-LoRA: show the reference (resized to the output height) to the left of each sample."""
+    text_encoder_path: Path | None = None
+    """Gemma 3 model directory, used once at start to embed the prompts, then freed."""
+    text_encoder_8bit: bool = False
+    """Load Gemma in 8-bit (bitsandbytes, CUDA only) for the one-off prompt embedding."""
+    prompt_features_path: Path | None = None
+    """Precomputed prompt features instead of Gemma: a .pt written by ltxf.validation.save_prompt_features."""
+    offload_optimizer: bool = False
+    """Move the optimizer state to the CPU while sampling (the training loop does it; not under FSDP)."""
+
+    def __post_init__(self) -> None:
+        for name in ("prompts", "images", "reference_videos", "video_dims", "stg_blocks"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                raise ValueError(f"validation.{name} must be a sequence, got the string {value!r}")
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+        for name in ("images", "reference_videos"):
+            paths = getattr(self, name)
+            if paths is None:
+                continue
+            if len(paths) != len(self.prompts):
+                raise ValueError(f"validation.{name} has {len(paths)} entries but validation.prompts has "
+                                 f"{len(self.prompts)}; give one per prompt")
+            object.__setattr__(self, name, tuple(Path(p) for p in paths))
+        if len(self.video_dims) != 3:
+            raise ValueError(f"validation.video_dims must be (width, height, frames), got {self.video_dims}")
+        width, height, num_frames = self.video_dims
+        for side, value in (("width", width), ("height", height)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 32 or value % 32:
+                raise ValueError(f"validation.video_dims: {side} must be a positive multiple of 32, got {value!r}")
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 8:
+            raise ValueError(f"validation.video_dims: frames must be 8k + 1 (1, 9, ..., 49, 97, 121), got "
+                             f"{num_frames!r}")
+        check_reference_downscale_factor(self.reference_downscale_factor, width, height,
+                                         "validation.reference_downscale_factor")
+        if not self.frame_rate > 0:
+            raise ValueError(f"validation.frame_rate must be > 0, got {self.frame_rate}")
+        if isinstance(self.inference_steps, bool) or not isinstance(self.inference_steps, int) \
+                or self.inference_steps < 1:
+            raise ValueError(f"validation.inference_steps must be an integer >= 1, got {self.inference_steps!r}")
+        if self.interval is not None and (isinstance(self.interval, bool) or not isinstance(self.interval, int)
+                                          or self.interval < 1):
+            raise ValueError(f"validation.interval must be an integer >= 1 or None, got {self.interval!r}")
+        if not self.guidance_scale >= 1.0:
+            raise ValueError(f"validation.guidance_scale must be >= 1 (1 disables CFG), got {self.guidance_scale}")
+        if not self.stg_scale >= 0.0:
+            raise ValueError(f"validation.stg_scale must be >= 0 (0 disables STG), got {self.stg_scale}")
+        if self.stg_mode not in ("stg_av", "stg_v"):
+            raise ValueError(f"validation.stg_mode must be 'stg_av' or 'stg_v', got {self.stg_mode!r}")
+        if self.stg_blocks is not None and any(isinstance(b, bool) or not isinstance(b, int) or b < 0
+                                               for b in self.stg_blocks):
+            raise ValueError(f"validation.stg_blocks must be non-negative block indices or None, got "
+                             f"{self.stg_blocks}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"validation.guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
+        if self.include_reference_in_output and self.reference_videos is None:
+            raise ValueError("validation.include_reference_in_output needs validation.reference_videos")
+        if self.prompts and self.text_encoder_path is None and self.prompt_features_path is None:
+            raise ValueError("validation.text_encoder_path (a Gemma 3 directory) is required to embed "
+                             "validation.prompts, unless validation.prompt_features_path gives precomputed features")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any sampling happens (prompts given and an interval set)."""
+        return bool(self.prompts) and self.interval is not None
+
+    @property
+    def guidance(self) -> GuidanceConfig:
+        from ltxf.sampling import GuidanceConfig  # the sampler (torch) loads only when a run samples
+
+        return GuidanceConfig(cfg_scale=self.guidance_scale, stg_scale=self.stg_scale, stg_blocks=self.stg_blocks,
+                              stg_mode=self.stg_mode, guidance_rescale=self.guidance_rescale)
+
+    def should_run(self, step: int) -> bool:
+        """Step 0 unless ``skip_initial_validation``, then every ``interval`` steps; never when disabled."""
+        if not self.enabled:
+            return False
+        if step == 0:
+            return not self.skip_initial_validation
+        return step % self.interval == 0
+
+    def check_paths(self) -> None:
+        """Every input file exists (checked at run start, so configs can be built without the files)."""
+        for name in ("images", "reference_videos"):
+            for i, path in enumerate(getattr(self, name) or ()):
+                if not Path(path).is_file():
+                    raise ValueError(f"validation.{name}[{i}]: file not found: {path}")
+        if self.prompt_features_path is not None:
+            if not Path(self.prompt_features_path).is_file():
+                raise ValueError(f"validation.prompt_features_path: file not found: {self.prompt_features_path}")
+        elif self.text_encoder_path is not None and not Path(self.text_encoder_path).is_dir():
+            raise ValueError(f"validation.text_encoder_path: Gemma directory not found: {self.text_encoder_path}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,132 +236,41 @@ class ModelConfig:
             raise ValueError(f"model.checkpoint must be a local file, got the URL {self.checkpoint}")
 
 
-ConditionType = Literal["first_frame", "prefix", "suffix", "spatial_crop", "mask", "reference"]
-CONDITION_TYPES: tuple[str, ...] = ("first_frame", "prefix", "suffix", "spatial_crop", "mask", "reference")
-# The one field each condition type requires (first_frame needs none); any other field set is an error.
-_CONDITION_FIELDS = {"prefix": "temporal_boundary", "suffix": "temporal_boundary", "spatial_crop": "spatial_region",
-                     "mask": "mask_dir", "reference": "latents_dir"}
-
-
-@dataclass(frozen=True, kw_only=True)
-class ConditionConfig:
-    """One condition of a modality in the flexible strategy (official 1.2 ``ConditionConfig``)."""
-
-    type: ConditionType
-    """first_frame | prefix | suffix | spatial_crop | mask | reference."""
-
-    probability: float = 1.0
-    """Chance the condition applies: drawn per sample (intrinsic conditions) or per batch (reference)."""
-
-    temporal_boundary: int | None = None
-    """prefix / suffix: latent frames (video) or audio latent steps kept clean at the start / end."""
-
-    spatial_region: tuple[int, int, int, int] | None = None
-    """spatial_crop: pixel region (y1, x1, y2, x2) kept clean on every frame."""
-
-    mask_dir: str | None = None
-    """mask: folder of per-sample masks under the data root (video_masks/ or audio_masks/)."""
-
-    latents_dir: str | None = None
-    """reference: folder of reference latents under the data root (reference_latents/ or
-    reference_audio_latents/)."""
-
-    def __post_init__(self) -> None:
-        if self.type not in CONDITION_TYPES:
-            raise ValueError(f"condition type must be one of {list(CONDITION_TYPES)}, got {self.type!r}")
-        if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"condition {self.type!r}: probability must be in [0, 1], got {self.probability}")
-        required = _CONDITION_FIELDS.get(self.type)
-        for name in ("temporal_boundary", "spatial_region", "mask_dir", "latents_dir"):
-            value = getattr(self, name)
-            if name == required and value is None:
-                raise ValueError(f"condition {self.type!r} needs the field {name!r}")
-            if name != required and value is not None:
-                raise ValueError(f"condition {self.type!r} takes no field {name!r} (it takes "
-                                 f"{[required] if required else []} and 'probability')")
-        if self.temporal_boundary is not None and self.temporal_boundary < 1:
-            raise ValueError(f"condition {self.type!r}: temporal_boundary must be >= 1, got {self.temporal_boundary}")
-        if self.spatial_region is not None:
-            y1, x1, y2, x2 = self.spatial_region
-            if not (0 <= y1 < y2 and 0 <= x1 < x2):
-                raise ValueError(f"condition 'spatial_crop': spatial_region (y1, x1, y2, x2) must satisfy "
-                                 f"0 <= y1 < y2 and 0 <= x1 < x2, got {self.spatial_region}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModalityConfig:
-    """One modality (video or audio) of the flexible strategy (official 1.2 ``video:`` / ``audio:`` block)."""
-
-    is_generated: bool
-    """True: noised, trained on (loss). False: given clean at timestep 0 and conditions the other modality."""
-
-    latents_dir: str
-    """Folder of this modality's latents under the data root (latents/ or audio_latents/)."""
-
-    conditions: tuple[ConditionConfig, ...] = ()
-    """Conditions applied in order (intrinsic ones only when the modality is generated)."""
-
-
 @dataclass(frozen=True, kw_only=True)
 class StrategyConfig:
-    name: Literal["flexible", "text_to_video", "video_to_video"] = "text_to_video"
-    """'flexible' (official 1.2: per-modality generation and conditions, see video/audio), or the older
-    'text_to_video' (optionally with joint audio and first-frame conditioning) and 'video_to_video' (IC-LoRA),
-    kept so older configs run; the presets use 'flexible'."""
+    """The fields every strategy shares. A strategy with options of its own registers a subclass as its
+    ``config_type``; ``TrainConfig`` turns a plain ``StrategyConfig`` into that class (keeping the shared values),
+    so ``StrategyConfig(name=...)`` and ``--strategy.name ...`` work for every registered strategy."""
 
-    video: ModalityConfig | None = None
-    """flexible: the video modality (None: no video stream)."""
-
-    audio: ModalityConfig | None = None
-    """flexible: the audio modality (None: no audio stream)."""
+    name: str = "text_to_video"
+    """Registered strategy: 'text_to_video' (optionally with joint audio and first-frame conditioning),
+    'video_to_video' (IC-LoRA: clean reference tokens first, no loss on them), or any strategy added to
+    ltxf.strategies.registry."""
 
     first_frame_conditioning_p: float = 0.1
-    """text_to_video / video_to_video: probability, drawn per sample, that the first latent frame is given clean
-    (timestep 0, no loss)."""
+    """Probability, drawn per sample, that the first latent frame is given clean (timestep 0, no loss)."""
 
     with_audio: bool = False
-    """text_to_video: train audio jointly (needs audio_latents/ in the dataset); adds an audio loss term."""
+    """Train audio jointly (needs audio_latents/ in the dataset); adds an audio loss term."""
 
     audio_loss_weight: float = 1.0
     """Weight of the audio loss term in the total loss (video weight is 1)."""
 
     independent_audio_sigma: bool = False
-    """text_to_video: draw the audio sigma independently of the video sigma (that strategy shares one sigma;
-    flexible always draws one per generated modality)."""
+    """Draw the audio sigma independently of the video sigma (the official trainer shares one sigma)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"strategy.name must be a registered strategy name, got {self.name!r}")
         if not 0.0 <= self.first_frame_conditioning_p <= 1.0:
             raise ValueError(
                 f"strategy.first_frame_conditioning_p must be in [0, 1], got {self.first_frame_conditioning_p}"
             )
         if self.audio_loss_weight < 0:
             raise ValueError(f"strategy.audio_loss_weight must be >= 0, got {self.audio_loss_weight}")
-        if self.name == "video_to_video" and self.with_audio:
-            raise ValueError("strategy.with_audio is not supported with strategy.name='video_to_video' (IC-LoRA is "
-                             "video only)")
-        if self.name == "flexible":
-            self._check_flexible()
-        elif self.video is not None or self.audio is not None:
-            raise ValueError(f"strategy.video / strategy.audio are fields of strategy.name='flexible', not "
-                             f"{self.name!r}")
 
-    def _check_flexible(self) -> None:
-        modalities = {"video": self.video, "audio": self.audio}
-        if not any(m is not None and m.is_generated for m in modalities.values()):
-            raise ValueError("strategy 'flexible': at least one of strategy.video / strategy.audio must have "
-                             "is_generated=True")
-        if self.audio is not None:
-            for condition in self.audio.conditions:
-                if condition.type in ("first_frame", "spatial_crop"):
-                    raise ValueError(f"strategy.audio.conditions: {condition.type!r} is a video-only condition; "
-                                     "audio allows ['prefix', 'suffix', 'mask', 'reference']")
-        for name, modality in modalities.items():
-            if modality is None:
-                continue
-            references = [c for c in modality.conditions if c.type == "reference"]
-            if len(references) > 1:
-                raise ValueError(f"strategy.{name}.conditions: at most one 'reference' condition, got "
-                                 f"{len(references)}")
+    def check_train_config(self, cfg: TrainConfig) -> None:
+        """Checks that need the whole run config (e.g. a strategy that only trains LoRA); raise ``ValueError``."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -348,8 +449,10 @@ class TrainConfig:
     validation.prompt_features_path then point there."""
 
     def __post_init__(self) -> None:
-        if self.strategy.name == "video_to_video" and self.model.training_mode != "lora":
-            raise ValueError("strategy.name='video_to_video' (IC-LoRA) needs model.training_mode='lora'")
+        from ltxf.strategies.registry import resolve_strategy_config
+
+        object.__setattr__(self, "strategy", resolve_strategy_config(self.strategy))
+        self.strategy.check_train_config(self)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the resolved config."""
@@ -373,15 +476,10 @@ def check_paths(cfg: TrainConfig) -> None:
         raise ValueError(f"data.root: folder not found: {root}")
     if (root / ".precomputed").is_dir():
         root = root / ".precomputed"
-    required = ["latents", "conditions"]
-    if cfg.strategy.with_audio:
-        required.append("audio_latents")
-    if cfg.strategy.name == "video_to_video":
-        required.append("reference_latents")
-    if cfg.strategy.name == "flexible":
-        from ltxf.strategies.flexible import data_sources
+    from ltxf.strategies.registry import build_strategy
 
-        required = list(dict.fromkeys(data_sources(cfg.strategy).values()))
+    sources = build_strategy(cfg).data_sources()  # folder names, or a mapping role -> folder
+    required = list(dict.fromkeys(sources.values() if isinstance(sources, dict) else sources))
     missing = [name for name in required if not (root / name).is_dir()]
     if missing:
         raise ValueError(f"data.root: {root} is missing the folder(s) {missing} needed by strategy "

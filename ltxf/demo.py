@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -43,7 +44,11 @@ from ltxf.models.text import EmbeddingsProcessor, EmbeddingsProcessorConfig
 from ltxf.models.transformer import AVTransformer, TransformerConfig
 from ltxf.models.video_vae import VideoDecoder, VideoEncoder, VideoVAEConfig
 from ltxf.models.vocoder import build_vocoder, vocoder_config_from_checkpoint
+from ltxf.parallel import barrier, init_distributed
 from ltxf.validation import save_prompt_features
+
+if TYPE_CHECKING:
+    from ltxf.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -331,3 +336,22 @@ def build_demo_assets(directory: Path, *, seed: int) -> DemoAssets:
         build_demo_prompt_features(assets.prompt_features, assets.dataset)
         logger.info("demo: wrote validation prompt features to %s", assets.prompt_features)
     return assets
+
+
+def prepare_demo(cfg: TrainConfig) -> TrainConfig:
+    """For a config with ``demo_model``: build the demo assets in ``output_dir/demo_assets`` (rank 0; the other
+    ranks wait) and return the config pointing ``model.checkpoint``, ``data.root`` and
+    ``validation.prompt_features_path`` at them. Any other config comes back unchanged. ``train.py`` calls it
+    before :func:`ltxf.train.main`; the training core knows nothing of the demo."""
+    if not cfg.demo_model:
+        return cfg
+    directory = Path(cfg.output_dir).expanduser().resolve() / "demo_assets"
+    dist_info = init_distributed()
+    if dist_info.is_main:
+        build_demo_assets(directory, seed=cfg.seed)
+    barrier()
+    assets = DemoAssets.in_directory(directory)
+    # The demo model has its own tiny text widths, so only the demo's prompt features fit it.
+    return replace(cfg, model=replace(cfg.model, checkpoint=assets.checkpoint),
+                   data=replace(cfg.data, root=assets.dataset),
+                   validation=replace(cfg.validation, prompt_features_path=assets.prompt_features))

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltxf.checkpoint import LoraFile
+from ltxf.config import DEFAULT_NEGATIVE_PROMPT, check_reference_downscale_factor
 from ltxf.latents import (
     audio_latent_length,
     audio_positions,
@@ -67,8 +68,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NEGATIVE_PROMPT = "worst quality, inconsistent motion, blurry, jittery, distorted"
-"""The official trainer's default negative prompt for validation samples."""
 
 # Tiled VAE decode (and encode) above these sizes; the tile geometry is the official pipelines' default.
 TILE_SIZE_PX = 512
@@ -155,20 +154,6 @@ class GenerationRequest:
     def latent_size(self) -> tuple[int, int, int]:
         """``(F', H', W')`` of the generated latent."""
         return video_latent_size(self.num_frames, self.height, self.width)
-
-
-def check_reference_downscale_factor(factor: int, width: int, height: int, name: str) -> None:
-    """``factor >= 1``; when ``> 1``, ``width`` and ``height`` divisible by it with multiples of 32 as quotients."""
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {factor!r}")
-    if factor == 1:
-        return
-    for side, value in (("width", width), ("height", height)):
-        if value % factor or (value // factor) % 32:
-            raise ValueError(
-                f"{name}={factor}: the {side} {value} must be divisible by {factor} and {side}/{factor} must be a "
-                f"multiple of 32 (the reference is encoded at 1/{factor} of the output size)"
-            )
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

@@ -15,12 +15,13 @@ refused: PEFT had to fix reading adapter sizes from local shards (huggingface/pe
 
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ltxf.config import LoraConfig
 
 logger = logging.getLogger(__name__)
 
@@ -55,44 +56,6 @@ def is_audio_module(name: str) -> bool:
     (the cross-modal AdaLN layers that only feed the audio<->video attentions).
     """
     return any(part in AUDIO_MODULE_PARTS or part.startswith(("audio_", "av_ca_")) for part in name.split("."))
-
-
-@dataclass(frozen=True, kw_only=True)
-class LoraConfig:
-    """Which Linear layers get adapters, and their shape."""
-
-    rank: int = 64
-    """Adapter rank r: lora_A is [r, in], lora_B is [out, r]."""
-    alpha: float = 64
-    """The adapter output is scaled by alpha / rank (PEFT without rsLoRA)."""
-    dropout: float = 0.0
-    """Dropout on the adapter input only; the base path never sees it."""
-    target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
-    """PEFT-style patterns: a module matches if its name equals a pattern or ends with "." + pattern."""
-    exclude_audio: bool = False
-    """Give no adapter to audio-stream or audio<->video modules (see ``is_audio_module``)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"LoraConfig.rank must be an integer >= 1, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.target_modules, str):
-            raise ValueError(
-                f"LoraConfig.target_modules must be a sequence of patterns, got the string {self.target_modules!r}"
-            )
-        targets = tuple(self.target_modules)
-        if not targets or not all(isinstance(t, str) and t and not t.startswith(".") for t in targets):
-            raise ValueError(
-                f"LoraConfig.target_modules must be non-empty module-name patterns, got {self.target_modules!r}"
-            )
-        object.__setattr__(self, "target_modules", targets)  # a list from a CLI/JSON becomes a tuple
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
 
 class LoRALinear(nn.Linear):

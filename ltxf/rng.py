@@ -13,7 +13,7 @@ import hashlib
 
 import torch
 
-__all__ = ["fold_in", "make_generator"]
+__all__ = ["fold_in", "make_generator", "sample_keys"]
 
 _PERSON = b"ltxf.fold_in"  # BLAKE2b personalisation: domain separation from any other use of the hash
 _SEED_BITS = 63  # keeps derived seeds valid for torch, numpy and anything else that wants a signed int64
@@ -57,3 +57,12 @@ def make_generator(
     generator = torch.Generator(device=device)
     generator.manual_seed(fold_in(seed, step, rank, purpose))
     return generator
+
+
+def sample_keys(seed: int, step: int, first_index: int, batch_size: int) -> torch.Tensor:
+    """The explicit randomness of one micro-batch: int64 [batch_size], entry j the derived seed
+    ``fold_in(seed, step, first_index + j, "sample")`` of the sample at global index ``first_index + j`` of this
+    step's global batch. ``torch.Generator().manual_seed(key[j])`` is the stream ``make_generator(seed, step,
+    first_index + j, "sample")``, so a sample's draws do not depend on which process or micro-batch holds it."""
+    return torch.tensor([fold_in(seed, step, first_index + j, "sample") for j in range(batch_size)],
+                        dtype=torch.int64)

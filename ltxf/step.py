@@ -21,11 +21,9 @@ from ltxf.config import TrainConfig
 from ltxf.models.text import TextContext
 from ltxf.optim import GradientTransformation, apply_updates, last_learning_rate
 from ltxf.parallel import DistInfo, all_reduce_mean_
-from ltxf.rng import make_generator
+from ltxf.rng import fold_in, sample_keys
 from ltxf.state import TrainState
-from ltxf.strategies import prepare_text_to_video, prepare_video_to_video
-from ltxf.strategies.base import StepLosses, compute_losses
-from ltxf.strategies.flexible import compute_flexible_losses, prepare_flexible
+from ltxf.strategies.base import StepLosses, Strategy
 
 # Loss is also reported per sigma bucket: [0, .25), [.25, .5), [.5, .75), [.75, 1].
 SIGMA_BUCKET_NAMES = ("0.00-0.25", "0.25-0.50", "0.50-0.75", "0.75-1.00")
@@ -44,6 +42,7 @@ class StepContext:
     text_processor: nn.Module
     tx: GradientTransformation
     cfg: TrainConfig
+    strategy: Strategy
     dist: DistInfo
     fsdp: bool
     compute_dtype: torch.dtype
@@ -70,12 +69,19 @@ def text_context(ctx: StepContext, batch: dict[str, torch.Tensor]) -> TextContex
     return context
 
 
-def sample_generators(ctx: StepContext, step: int, micro_batch: int, batch_size: int) -> list[torch.Generator]:
-    """One generator per sample, keyed by the sample's index in the global batch of this step (micro-batch
-    major, then rank, then position), so 1 process with batch 2B draws what 2 processes with batch B draw."""
+def micro_batch_key(ctx: StepContext, step: int, micro_batch: int, batch_size: int) -> torch.Tensor:
+    """The key [B] of a micro-batch: one derived seed per sample, keyed by the sample's index in the global batch
+    of this step (micro-batch major, then rank, then position), so 1 process with batch 2B draws what 2 processes
+    with batch B draw."""
     world, rank = ctx.dist.world_size, ctx.dist.rank
     first = micro_batch * world * batch_size + rank * batch_size
-    return [make_generator(ctx.cfg.seed, step, first + j, "sample") for j in range(batch_size)]
+    return sample_keys(ctx.cfg.seed, step, first, batch_size)
+
+
+def micro_batch_shared_key(ctx: StepContext, step: int, micro_batch: int) -> torch.Tensor:
+    """int64 [1]: the seed of draws that apply to a whole micro-batch (the flexible strategy's reference, which
+    changes the sequence length), keyed by (seed, step, micro-batch) only, so every process draws the same."""
+    return torch.tensor([fold_in(ctx.cfg.seed, step, micro_batch, "batch")], dtype=torch.int64)
 
 
 def batch_size_of(batch: dict[str, torch.Tensor]) -> int:
@@ -92,32 +98,16 @@ def num_latent_elements(batch: dict[str, torch.Tensor]) -> int:
 
 
 def loss_fn(
-    ctx: StepContext, batch: dict[str, torch.Tensor], generators: list[torch.Generator],
-    batch_generator: torch.Generator | None = None,
+    ctx: StepContext, batch: dict[str, torch.Tensor], key: torch.Tensor, shared_key: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, StepLosses, torch.Tensor]:
-    """Mean loss of one micro-batch, its per-sample terms, and the sigmas [B] it was drawn at.
-    ``batch_generator`` (flexible strategy) is keyed by (seed, step, micro-batch), the same on every process."""
-    cfg = ctx.cfg
+    """Mean loss of one micro-batch, its per-sample terms, and the sigmas [B] it was drawn at."""
     context = text_context(ctx, batch)
-    if cfg.strategy.name == "flexible":
-        flexible = prepare_flexible(batch, context, strategy=cfg.strategy, flow=cfg.flow, generators=generators,
-                                    batch_generator=batch_generator, dtype=ctx.compute_dtype)
-        streams = (flexible.video, flexible.audio)
-        device_type = next(s for s in streams if s is not None).modality.latent.device.type
-        autocast = ctx.compute_dtype != torch.float32 and not ctx.fsdp
-        with torch.autocast(device_type, dtype=ctx.compute_dtype, enabled=autocast):
-            video_pred, audio_pred = ctx.transformer(video=None if streams[0] is None else streams[0].modality,
-                                                     audio=None if streams[1] is None else streams[1].modality)
-        losses = compute_flexible_losses(flexible, video_pred, audio_pred, cfg.strategy.audio_loss_weight)
-        return losses.total_B.mean(), losses, flexible.sigma_B
-    prepare = prepare_video_to_video if cfg.strategy.name == "video_to_video" else prepare_text_to_video
-    inputs = prepare(batch, context, strategy=cfg.strategy, flow=cfg.flow, generators=generators,
-                     dtype=ctx.compute_dtype)
-    device_type = inputs.video.latent.device.type
+    inputs = ctx.strategy.prepare_inputs(batch, context, key, dtype=ctx.compute_dtype, shared_key=shared_key)
+    device_type = (inputs.video or inputs.audio).latent.device.type
     autocast = ctx.compute_dtype != torch.float32 and not ctx.fsdp
     with torch.autocast(device_type, dtype=ctx.compute_dtype, enabled=autocast):
         video_pred, audio_pred = ctx.transformer(video=inputs.video, audio=inputs.audio)
-    losses = compute_losses(inputs, video_pred, audio_pred, cfg.strategy.audio_loss_weight)
+    losses = ctx.strategy.per_sample_losses(inputs, video_pred, audio_pred)
     return losses.total_B.mean(), losses, inputs.sigma_B
 
 
@@ -153,12 +143,11 @@ def train_step(
     num_tokens = 0
 
     for i, batch in enumerate(micro_batches):
-        generators = sample_generators(ctx, step, i, batch_size_of(batch))
-        batch_generator = make_generator(cfg.seed, step, i, "batch")
+        key = micro_batch_key(ctx, step, i, batch_size_of(batch))
         if ctx.fsdp:
             # Reduce-scatter gradients only once, after the last micro-batch.
             ctx.transformer.set_requires_gradient_sync(i == num_micro - 1)
-        loss, losses, sigma_B = loss_fn(ctx, batch, generators, batch_generator)
+        loss, losses, sigma_B = loss_fn(ctx, batch, key, micro_batch_shared_key(ctx, step, i))
         (loss / num_micro).backward()
         with torch.no_grad():
             loss_sum += loss.detach()

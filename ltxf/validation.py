@@ -32,22 +32,20 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ltxf import pytree
+from ltxf.config import ValidationConfig
 from ltxf.generate import (
-    DEFAULT_NEGATIVE_PROMPT,
     Conditioning,
     GeneratedClip,
     GenerationModels,
     GenerationRequest,
-    check_reference_downscale_factor,
     clip_suffix,
     describe_clip,
     encode_prompts,
@@ -59,7 +57,6 @@ from ltxf.generate import (
 )
 from ltxf.models.gemma import PromptFeatures
 from ltxf.monitor import Monitor
-from ltxf.sampling import GuidanceConfig
 
 logger = logging.getLogger(__name__)
 
@@ -69,136 +66,6 @@ _FEATURE_KEYS = ("video_prompt_embeds", "audio_prompt_embeds", "prompt_attention
 
 # -------------------------------------------------------------------------------------------------------------
 # Configuration
-
-
-@dataclass(frozen=True, kw_only=True)
-class ValidationConfig:
-    """Validation sampling during training (one clip per prompt, the same seed for every prompt)."""
-
-    prompts: tuple[str, ...] = ()
-    """Prompts to sample; empty disables validation."""
-    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
-    """Negative prompt for classifier-free guidance."""
-    images: tuple[Path, ...] | None = None
-    """First-frame images (image-to-video), one per prompt."""
-    reference_videos: tuple[Path, ...] | None = None
-    """IC-LoRA reference videos, one per prompt."""
-    reference_downscale_factor: int = 1
-    """References are used at 1/n of the output size, positions scaled by n (the IC-LoRA's training ratio)."""
-    video_dims: tuple[int, int, int] = (512, 288, 49)
-    """(width, height, frames): width and height multiples of 32, frames 8k + 1."""
-    frame_rate: float = 25.0
-    seed: int = 42
-    """Seed of the initial noise, the same for every prompt."""
-    inference_steps: int = 30
-    interval: int | None = 100
-    """Sample every N optimizer steps (and at step 0 unless skip_initial_validation); None disables."""
-    guidance_scale: float = 4.0
-    """Classifier-free guidance scale; 1 disables CFG (and its negative-prompt pass)."""
-    stg_scale: float = 1.0
-    """Spatio-temporal guidance scale; 0 disables STG (and its perturbed pass)."""
-    stg_blocks: tuple[int, ...] | None = (29,)
-    """Transformer blocks whose self-attention the STG pass skips; None means every block."""
-    stg_mode: Literal["stg_av", "stg_v"] = "stg_av"
-    """stg_av skips video and audio self-attention in stg_blocks; stg_v only video."""
-    guidance_rescale: float = 0.0
-    """Std-rescaling of the guided prediction toward the conditional one (0 disables)."""
-    generate_audio: bool = True
-    """Generate an audio track jointly (loads the audio VAE decoder and the vocoder)."""
-    skip_initial_validation: bool = False
-    """Do not sample at step 0."""
-    include_reference_in_output: bool = False
-    """IC-LoRA: show the reference (resized to the output height) to the left of each sample."""
-    text_encoder_path: Path | None = None
-    """Gemma 3 model directory, used once at start to embed the prompts, then freed."""
-    text_encoder_8bit: bool = False
-    """Load Gemma in 8-bit (bitsandbytes, CUDA only) for the one-off prompt embedding."""
-    prompt_features_path: Path | None = None
-    """Precomputed prompt features instead of Gemma: a .pt written by ltxf.validation.save_prompt_features."""
-    offload_optimizer: bool = False
-    """Move the optimizer state to the CPU while sampling (the training loop does it; not under FSDP)."""
-
-    def __post_init__(self) -> None:
-        for name in ("prompts", "images", "reference_videos", "video_dims", "stg_blocks"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                raise ValueError(f"validation.{name} must be a sequence, got the string {value!r}")
-            if value is not None and not isinstance(value, tuple):
-                object.__setattr__(self, name, tuple(value))
-        for name in ("images", "reference_videos"):
-            paths = getattr(self, name)
-            if paths is None:
-                continue
-            if len(paths) != len(self.prompts):
-                raise ValueError(f"validation.{name} has {len(paths)} entries but validation.prompts has "
-                                 f"{len(self.prompts)}; give one per prompt")
-            object.__setattr__(self, name, tuple(Path(p) for p in paths))
-        if len(self.video_dims) != 3:
-            raise ValueError(f"validation.video_dims must be (width, height, frames), got {self.video_dims}")
-        width, height, num_frames = self.video_dims
-        for side, value in (("width", width), ("height", height)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 32 or value % 32:
-                raise ValueError(f"validation.video_dims: {side} must be a positive multiple of 32, got {value!r}")
-        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1 or (num_frames - 1) % 8:
-            raise ValueError(f"validation.video_dims: frames must be 8k + 1 (1, 9, ..., 49, 97, 121), got "
-                             f"{num_frames!r}")
-        check_reference_downscale_factor(self.reference_downscale_factor, width, height,
-                                         "validation.reference_downscale_factor")
-        if not self.frame_rate > 0:
-            raise ValueError(f"validation.frame_rate must be > 0, got {self.frame_rate}")
-        if isinstance(self.inference_steps, bool) or not isinstance(self.inference_steps, int) \
-                or self.inference_steps < 1:
-            raise ValueError(f"validation.inference_steps must be an integer >= 1, got {self.inference_steps!r}")
-        if self.interval is not None and (isinstance(self.interval, bool) or not isinstance(self.interval, int)
-                                          or self.interval < 1):
-            raise ValueError(f"validation.interval must be an integer >= 1 or None, got {self.interval!r}")
-        if not self.guidance_scale >= 1.0:
-            raise ValueError(f"validation.guidance_scale must be >= 1 (1 disables CFG), got {self.guidance_scale}")
-        if not self.stg_scale >= 0.0:
-            raise ValueError(f"validation.stg_scale must be >= 0 (0 disables STG), got {self.stg_scale}")
-        if self.stg_mode not in ("stg_av", "stg_v"):
-            raise ValueError(f"validation.stg_mode must be 'stg_av' or 'stg_v', got {self.stg_mode!r}")
-        if self.stg_blocks is not None and any(isinstance(b, bool) or not isinstance(b, int) or b < 0
-                                               for b in self.stg_blocks):
-            raise ValueError(f"validation.stg_blocks must be non-negative block indices or None, got "
-                             f"{self.stg_blocks}")
-        if not 0.0 <= self.guidance_rescale <= 1.0:
-            raise ValueError(f"validation.guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
-        if self.include_reference_in_output and self.reference_videos is None:
-            raise ValueError("validation.include_reference_in_output needs validation.reference_videos")
-        if self.prompts and self.text_encoder_path is None and self.prompt_features_path is None:
-            raise ValueError("validation.text_encoder_path (a Gemma 3 directory) is required to embed "
-                             "validation.prompts, unless validation.prompt_features_path gives precomputed features")
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any sampling happens (prompts given and an interval set)."""
-        return bool(self.prompts) and self.interval is not None
-
-    @property
-    def guidance(self) -> GuidanceConfig:
-        return GuidanceConfig(cfg_scale=self.guidance_scale, stg_scale=self.stg_scale, stg_blocks=self.stg_blocks,
-                              stg_mode=self.stg_mode, guidance_rescale=self.guidance_rescale)
-
-    def should_run(self, step: int) -> bool:
-        """Step 0 unless ``skip_initial_validation``, then every ``interval`` steps; never when disabled."""
-        if not self.enabled:
-            return False
-        if step == 0:
-            return not self.skip_initial_validation
-        return step % self.interval == 0
-
-    def check_paths(self) -> None:
-        """Every input file exists (checked at run start, so configs can be built without the files)."""
-        for name in ("images", "reference_videos"):
-            for i, path in enumerate(getattr(self, name) or ()):
-                if not Path(path).is_file():
-                    raise ValueError(f"validation.{name}[{i}]: file not found: {path}")
-        if self.prompt_features_path is not None:
-            if not Path(self.prompt_features_path).is_file():
-                raise ValueError(f"validation.prompt_features_path: file not found: {self.prompt_features_path}")
-        elif self.text_encoder_path is not None and not Path(self.text_encoder_path).is_dir():
-            raise ValueError(f"validation.text_encoder_path: Gemma directory not found: {self.text_encoder_path}")
 
 
 # -------------------------------------------------------------------------------------------------------------

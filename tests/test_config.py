@@ -32,7 +32,8 @@ def test_presets_build(name):
         (lambda: OptimConfig(betas=(0.9, 1.5)), "optim.betas"),
         (lambda: OptimConfig(steps=10, warmup_steps=10), "optim.warmup_steps"),
         (lambda: StrategyConfig(first_frame_conditioning_p=1.5), "first_frame_conditioning_p"),
-        (lambda: StrategyConfig(name="video_to_video", with_audio=True), "with_audio"),
+        (lambda: TrainConfig(strategy=StrategyConfig(name="video_to_video", with_audio=True)), "with_audio"),
+        (lambda: TrainConfig(strategy=StrategyConfig(name="image_to_video")), "unknown strategy 'image_to_video'"),
         (lambda: ModelConfig(checkpoint=Path("https://example.com/x.safetensors")), "local file"),
         (lambda: DataConfig(num_workers=-1), "data.num_workers"),
         (lambda: TrainConfig(model=ModelConfig(training_mode="full"),
@@ -105,3 +106,17 @@ def test_cli_overrides_and_help(capsys):
     assert "--optim.learning_rate" in help_text and "Peak learning rate" in help_text
     assert "--model.checkpoint" in help_text and "Official LTX-2" in help_text
     assert "--validation.prompts" in help_text and "empty disables validation" in help_text
+
+
+def test_importing_the_config_loads_no_torch_model_or_media_module():
+    """``train.py --help`` and presets stay light: ``import ltxf.config`` pulls in no torch, model, VAE or PyAV."""
+    import subprocess
+    import sys
+
+    code = "import sys, ltxf.config; print(' '.join(sorted(sys.modules)))"
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True).stdout
+    loaded = out.split()
+    heavy = [m for m in loaded if m.split(".")[0] in ("torch", "av", "numpy", "safetensors", "transformers")
+             or m.startswith(("ltxf.models", "ltxf.media", "ltxf.strategies"))]
+    assert heavy == []

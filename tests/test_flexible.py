@@ -4,10 +4,18 @@ positions, sequence order) equal the official 1.2 formulas, written out independ
 import pytest
 import torch
 
-from ltxf.config import ConditionConfig, FlowConfig, ModalityConfig, StrategyConfig
+from ltxf.config import FlowConfig, StrategyConfig, TrainConfig
 from ltxf.models.text import TextContext
-from ltxf.rng import make_generator
-from ltxf.strategies.flexible import compute_flexible_losses, data_sources, prepare_flexible
+from ltxf.rng import fold_in, sample_keys
+from ltxf.strategies.flexible import (
+    ConditionConfig,
+    FlexibleConfig,
+    ModalityConfig,
+    compute_flexible_losses,
+    data_sources,
+    prepare_flexible,
+)
+from ltxf.strategies.registry import build_strategy
 
 B, F, H, W, T = 4, 3, 4, 6, 10  # video latent grid and audio steps
 
@@ -47,15 +55,16 @@ def _context(batch_size=B):
 
 
 def _prepare(strategy, batch, *, first=0, micro=0, step=3, seed=7, context=None):
+    """The inputs as the training step builds them: per-sample keys by global index, the micro-batch's key."""
     batch_size = batch["video_latents"].shape[0]
-    generators = [make_generator(seed, step, first + i, "sample") for i in range(batch_size)]
+    shared_key = torch.tensor([fold_in(seed, step, micro, "batch")])
     return prepare_flexible(batch, context or _context(batch_size), strategy=strategy, flow=FlowConfig(),
-                            generators=generators, batch_generator=make_generator(seed, step, micro, "batch"),
+                            key=sample_keys(seed, step, first, batch_size), shared_key=shared_key,
                             dtype=torch.float32)
 
 
 def _strategy(video=None, audio=None):
-    return StrategyConfig(name="flexible", video=video, audio=audio)
+    return FlexibleConfig(video=video, audio=audio)
 
 
 def _video(*conditions, generated=True):
@@ -93,13 +102,14 @@ def test_text_to_audio_video_draws_one_sigma_per_modality_and_official_positions
     batch = _batch()
     inputs = _prepare(_strategy(_video(), _audio()), batch)
     zeros_v = torch.zeros(B, F * H * W)
-    check_generated(inputs.video, _video_tokens(batch["video_latents"]), zeros_v)
-    check_generated(inputs.audio, _audio_tokens(batch["audio_latents"]), torch.zeros(B, T))
-    assert not torch.equal(inputs.video.sigma_B, inputs.audio.sigma_B), "independent sigma per modality"
+    check_generated(inputs.video_stream, _video_tokens(batch["video_latents"]), zeros_v)
+    check_generated(inputs.audio_stream, _audio_tokens(batch["audio_latents"]), torch.zeros(B, T))
+    assert not torch.equal(inputs.video_stream.sigma_B, inputs.audio_stream.sigma_B), "independent sigma per modality"
     for b, fps in enumerate(batch["fps"].tolist()):
-        torch.testing.assert_close(inputs.video.modality.positions[b], official_video_positions(F, H, W, fps))
-    torch.testing.assert_close(inputs.audio.modality.positions, official_audio_positions(T)[None].expand(B, 1, T, 2))
-    assert inputs.video.modality.positions.dtype == torch.float32
+        torch.testing.assert_close(inputs.video_stream.modality.positions[b], official_video_positions(F, H, W, fps))
+    expected_audio = official_audio_positions(T)[None].expand(B, 1, T, 2)
+    torch.testing.assert_close(inputs.audio_stream.modality.positions, expected_audio)
+    assert inputs.video_stream.modality.positions.dtype == torch.float32
 
 
 @pytest.mark.parametrize(
@@ -118,8 +128,8 @@ def test_video_intrinsic_conditions(condition, expected_T):
     batch = _batch()
     inputs = _prepare(_strategy(_video(condition)), batch)
     cond_BT = torch.tensor(expected_T, dtype=torch.float32).expand(B, -1)
-    check_generated(inputs.video, _video_tokens(batch["video_latents"]), cond_BT)
-    assert inputs.audio is None
+    check_generated(inputs.video_stream, _video_tokens(batch["video_latents"]), cond_BT)
+    assert inputs.audio_stream is None
 
 
 def test_video_mask_condition_is_the_mask_frame_major():
@@ -127,7 +137,7 @@ def test_video_mask_condition_is_the_mask_frame_major():
     inputs = _prepare(_strategy(_video(ConditionConfig(type="mask", mask_dir="video_masks"))), batch)
     cond_BT = (batch["video_mask"].reshape(B, -1) > 0.5).float()
     assert 0 < cond_BT.mean() < 1
-    check_generated(inputs.video, _video_tokens(batch["video_latents"]), cond_BT)
+    check_generated(inputs.video_stream, _video_tokens(batch["video_latents"]), cond_BT)
 
 
 @pytest.mark.parametrize("kind", ["prefix", "suffix", "mask"])
@@ -140,15 +150,15 @@ def test_audio_intrinsic_conditions(kind):
     index = torch.arange(T)
     cond_T = {"prefix": index < 3, "suffix": index >= T - 2}.get(kind)
     cond_BT = (batch["audio_mask"] > 0.5).float() if kind == "mask" else cond_T.float().expand(B, -1)
-    check_generated(inputs.audio, _audio_tokens(batch["audio_latents"]), cond_BT)
-    assert inputs.video is None
+    check_generated(inputs.audio_stream, _audio_tokens(batch["audio_latents"]), cond_BT)
+    assert inputs.video_stream is None
 
 
 def test_video_reference_with_spatial_and_temporal_scale():
     # Target F=3 (17 frames), reference F=2 kept every 2nd frame (9 frames) at half the size.
     batch = _batch(ref_frames=2, ref_size=(H // 2, W // 2))
     inputs = _prepare(_strategy(_video(ConditionConfig(type="reference", latents_dir="reference_latents"))), batch)
-    stream = inputs.video
+    stream = inputs.video_stream
     num_ref = 2 * (H // 2) * (W // 2)
     assert stream.num_reference_tokens == num_ref
     ref_tokens = _video_tokens(batch["reference_latents"])
@@ -171,7 +181,7 @@ def test_audio_reference_and_av2av_order():
     strategy = _strategy(_video(ConditionConfig(type="reference", latents_dir="reference_latents")),
                          _audio(ConditionConfig(type="reference", latents_dir="reference_audio_latents")))
     inputs = _prepare(strategy, batch)
-    audio = inputs.audio
+    audio = inputs.audio_stream
     assert audio.num_reference_tokens == 7
     torch.testing.assert_close(audio.modality.latent[:, :7], _audio_tokens(batch["reference_audio_latents"]))
     assert torch.all(audio.modality.timesteps[:, :7] == 0)
@@ -179,7 +189,7 @@ def test_audio_reference_and_av2av_order():
     torch.testing.assert_close(audio.modality.positions, expected[None].expand(B, 1, 7 + T, 2))
     check_generated(audio, _audio_tokens(batch["audio_latents"]), torch.zeros(B, T), num_reference=7)
     # Same-size video reference: positions identical to the target's.
-    video = inputs.video
+    video = inputs.video_stream
     num_ref = F * H * W
     torch.testing.assert_close(video.modality.positions[:, :, :num_ref], video.modality.positions[:, :, num_ref:])
 
@@ -191,14 +201,14 @@ def test_given_modality_is_clean_at_timestep_zero_with_no_loss(given):
     strategy = (_strategy(_video(), _audio(generated=False)) if given == "audio"
                 else _strategy(_video(*conditions, generated=False), _audio()))
     inputs = _prepare(strategy, batch)
-    stream = getattr(inputs, given)
+    stream = getattr(inputs, f"{given}_stream")
     clean = _audio_tokens(batch["audio_latents"]) if given == "audio" else _video_tokens(batch["video_latents"])
     torch.testing.assert_close(stream.modality.latent, clean)
     assert torch.all(stream.modality.timesteps == 0) and torch.all(stream.sigma_B == 0)
     assert stream.target_BTC is None and stream.loss_mask_BT is None
-    other = inputs.video if given == "audio" else inputs.audio
-    losses = compute_flexible_losses(inputs, torch.randn_like(inputs.video.modality.latent),
-                                     torch.randn_like(inputs.audio.modality.latent))
+    other = inputs.video_stream if given == "audio" else inputs.audio_stream
+    losses = compute_flexible_losses(inputs, torch.randn_like(inputs.video_stream.modality.latent),
+                                     torch.randn_like(inputs.audio_stream.modality.latent))
     assert (losses.audio_B is None) == (given == "audio")
     assert other.is_generated
 
@@ -209,11 +219,11 @@ def test_loss_is_masked_mean_per_sample_summed_over_modalities():
                                 ConditionConfig(type="reference", latents_dir="reference_latents")),
                          _audio(ConditionConfig(type="mask", mask_dir="audio_masks")))
     inputs = _prepare(strategy, batch)
-    video_pred = torch.randn_like(inputs.video.modality.latent)
-    audio_pred = torch.randn_like(inputs.audio.modality.latent)
+    video_pred = torch.randn_like(inputs.video_stream.modality.latent)
+    audio_pred = torch.randn_like(inputs.audio_stream.modality.latent)
     losses = compute_flexible_losses(inputs, video_pred, audio_pred)
     expected = torch.zeros(B)
-    for stream, pred in ((inputs.video, video_pred), (inputs.audio, audio_pred)):
+    for stream, pred in ((inputs.video_stream, video_pred), (inputs.audio_stream, audio_pred)):
         target_len = stream.target_BTC.shape[1]
         m = stream.loss_mask_BT.float()[..., None].expand(-1, -1, pred.shape[-1])
         sq = (pred[:, -target_len:] - stream.target_BTC) ** 2
@@ -230,18 +240,18 @@ def test_draws_are_per_sample_and_independent_of_the_process_split():
     halves = [_prepare(strategy, {k: v[i * 2:(i + 1) * 2] for k, v in batch.items()}, first=2 * i)
               for i in range(2)]
     for name in ("video", "audio"):
-        a = getattr(whole, name)
+        a = getattr(whole, f"{name}_stream")
         for key in ("latent", "timesteps", "positions"):
-            joined = torch.cat([getattr(getattr(h, name).modality, key) for h in halves])
+            joined = torch.cat([getattr(getattr(h, f"{name}_stream").modality, key) for h in halves])
             assert torch.equal(getattr(a.modality, key), joined), (name, key)
-        assert torch.equal(a.sigma_B, torch.cat([getattr(h, name).sigma_B for h in halves]))
+        assert torch.equal(a.sigma_B, torch.cat([getattr(h, f"{name}_stream").sigma_B for h in halves]))
     # Per-sample Bernoulli: each sample conditions all of frame 0 or none of it, and the draws differ.
-    cond_B = (~whole.video.loss_mask_BT).any(dim=1)
+    cond_B = (~whole.video_stream.loss_mask_BT).any(dim=1)
     many = _prepare(strategy, _batch(), step=4)
-    cond_B2 = (~many.video.loss_mask_BT).any(dim=1)
+    cond_B2 = (~many.video_stream.loss_mask_BT).any(dim=1)
     assert 0 < int(cond_B.sum()) + int(cond_B2.sum()) < 2 * B
     # The reference is one draw per batch (the step's key): some steps have it, some do not.
-    applied = {_prepare(strategy, batch, step=s).video.num_reference_tokens > 0 for s in range(8)}
+    applied = {_prepare(strategy, batch, step=s).video_stream.num_reference_tokens > 0 for s in range(8)}
     assert applied == {True, False}
 
 
@@ -249,15 +259,15 @@ def test_seeds_of_video_do_not_depend_on_audio_or_other_conditions():
     batch = _batch()
     alone = _prepare(_strategy(_video()), batch)
     both = _prepare(_strategy(_video(), _audio(ConditionConfig(type="suffix", temporal_boundary=1))), batch)
-    assert torch.equal(alone.video.modality.latent, both.video.modality.latent)
+    assert torch.equal(alone.video_stream.modality.latent, both.video_stream.modality.latent)
 
 
 def test_first_frame_on_a_single_frame_clip_conditions_everything_and_loss_is_zero():
     batch = {k: v for k, v in _batch().items() if k in ("fps",)}
     batch["video_latents"] = torch.randn(B, 128, 1, H, W)
     inputs = _prepare(_strategy(_video(ConditionConfig(type="first_frame"))), batch)
-    assert not inputs.video.loss_mask_BT.any()
-    losses = compute_flexible_losses(inputs, torch.randn_like(inputs.video.modality.latent), None)
+    assert not inputs.video_stream.loss_mask_BT.any()
+    losses = compute_flexible_losses(inputs, torch.randn_like(inputs.video_stream.modality.latent), None)
     assert torch.all(losses.total_B == 0)
 
 
@@ -284,7 +294,7 @@ def test_data_sources_match_the_official_names():
         (lambda: ConditionConfig(type="first_frame", mask_dir="x"), "takes no field 'mask_dir'"),
         (lambda: ConditionConfig(type="crop"), "must be one of \\['first_frame', 'prefix'"),
         (lambda: ConditionConfig(type="first_frame", probability=1.5), "probability must be in \\[0, 1\\]"),
-        (lambda: StrategyConfig(name="text_to_video", video=_video()), "fields of strategy.name='flexible'"),
+        (lambda: TrainConfig(strategy=StrategyConfig(name="flexible")), "at least one of strategy.video"),
     ],
 )
 def test_config_errors_name_the_field_and_allowed_values(build, message):
@@ -296,3 +306,13 @@ def test_reference_shape_mismatch_names_both_shapes():
     batch = _batch(ref_frames=2, ref_size=(3, 5))
     with pytest.raises(ValueError, match=r"reference latents \[F, H, W\] = \[2, 3, 5\]"):
         _prepare(_strategy(_video(ConditionConfig(type="reference", latents_dir="reference_latents"))), batch)
+
+
+def test_registered_as_flexible_and_a_plain_section_becomes_its_config():
+    cfg = TrainConfig(strategy=_strategy(_video(), _audio(generated=False)))
+    strategy = build_strategy(cfg)
+    assert strategy.name == "flexible" and strategy.data_sources() == {"latents": "latents",
+                                                                        "audio_latents": "audio_latents",
+                                                                        "conditions": "conditions"}
+    with pytest.raises(ValueError, match="needs shared_key"):
+        strategy.prepare_inputs(_batch(), _context(), sample_keys(0, 0, 0, B), dtype=torch.float32)

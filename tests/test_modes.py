@@ -16,6 +16,7 @@ from ltxf.lora import LoraConfig
 from ltxf.train import main
 
 STEPS = 10
+AUDIO_STEPS = 100
 LEARNING_RATE = 1e-1  # a few steps of a rank-4 LoRA on a random tiny model must move the loss visibly
 
 
@@ -30,9 +31,17 @@ def assets(tmp_path_factory):
     for folder in dataset.iterdir():
         for odd in ("clip_001.pt", "clip_003.pt"):  # the other bucket
             (folder / odd).unlink()
-    for path in sorted((dataset / "latents").glob("*.pt")):
+    generator = torch.Generator().manual_seed(0)
+    for index, path in enumerate(sorted((dataset / "latents").glob("*.pt"))):
         video = torch.load(path, weights_only=True)
-        audio = torch.load(dataset / "audio_latents" / path.name, weights_only=True)
+        # 4 s of smooth audio latents (the demo's clips have 10 steps): enough tokens that one step's noise draw
+        # moves the audio loss by ~1 %, less than a few training steps do.
+        tone = torch.sin(torch.linspace(0, 12.0 * (index + 1), AUDIO_STEPS))
+        latents = tone[None, :, None] * torch.linspace(-1, 1, 8)[:, None, None] + 0.1 * torch.randn(
+            8, AUDIO_STEPS, 16, generator=generator)
+        audio = {"latents": latents, "num_time_steps": AUDIO_STEPS, "frequency_bins": 16,
+                 "duration": AUDIO_STEPS / 25.0}
+        save_pt(audio, dataset / "audio_latents" / path.name)
         reference = video["latents"][:, :, ::2, ::2]
         save_pt({**video, "latents": reference, "height": reference.shape[2], "width": reference.shape[3]},
                 dataset / "reference_latents" / path.name)

@@ -18,6 +18,7 @@ from ltxf.parallel import DistInfo
 from ltxf.rng import make_generator
 from ltxf.state import init_state, state_to_dict
 from ltxf.step import NonFiniteLossError, StepContext, train_step
+from ltxf.strategies.registry import build_strategy
 from ltxf.train import build_optimizer
 
 
@@ -38,7 +39,7 @@ def _setup(assets, tx=None, **cfg_changes):
     text.requires_grad_(False)
     tx = tx or build_optimizer(cfg)
     state = init_state(lora_parameters(transformer), tx)
-    ctx = StepContext(transformer=transformer, text_processor=text, tx=tx, cfg=cfg,
+    ctx = StepContext(transformer=transformer, text_processor=text, tx=tx, cfg=cfg, strategy=build_strategy(cfg),
                       dist=DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")), fsdp=False,
                       compute_dtype=torch.float32)
     data = PrecomputedDataset(dataset_dir, sources=["latents", "conditions", "audio_latents"], text_length=None)

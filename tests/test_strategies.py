@@ -7,8 +7,9 @@ from ltxf.config import FlowConfig, StrategyConfig
 from ltxf.latents import audio_positions, patchify_audio, patchify_video, video_positions
 from ltxf.models.text import TextContext
 from ltxf.rng import make_generator
-from ltxf.strategies import compute_losses, masked_mse_per_sample, prepare_text_to_video, prepare_video_to_video
-from ltxf.strategies.video_to_video import reference_downscale_factor
+from ltxf.strategies.base import compute_losses, masked_mse_per_sample
+from ltxf.strategies.text_to_video import prepare_text_to_video
+from ltxf.strategies.video_to_video import prepare_video_to_video, reference_downscale_factor
 
 B, F, H, W = 3, 3, 2, 4
 
@@ -123,3 +124,56 @@ def test_masked_mse_per_sample_matches_manual():
     manual0 = ((pred[0] - target[0]) ** 2).mean(-1)[mask[0]].mean()
     torch.testing.assert_close(out[0], manual0)
     assert out[1] == 0
+
+
+def test_registry_maps_names_and_resolves_strategy_owned_config():
+    """A strategy registered at run time owns its config section: a plain StrategyConfig naming it becomes its
+    config class (shared fields kept), and build_strategy returns it; unknown names are a ValueError."""
+    from dataclasses import dataclass
+
+    from ltxf.config import TrainConfig
+    from ltxf.strategies import registry
+    from ltxf.strategies.text_to_video import TextToVideo
+    from ltxf.strategies.video_to_video import VideoToVideo, VideoToVideoConfig
+
+    @dataclass(frozen=True, kw_only=True)
+    class EchoConfig(StrategyConfig):
+        name: str = "echo_test"
+        echo: int = 3
+
+    class Echo(TextToVideo):
+        name = "echo_test"
+        config_type = EchoConfig
+
+    assert registry.get_strategy("text_to_video") is TextToVideo
+    assert registry.get_strategy("video_to_video") is VideoToVideo
+    registry.register("echo_test", Echo)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register("echo_test", Echo)
+        cfg = TrainConfig(strategy=StrategyConfig(name="echo_test", first_frame_conditioning_p=0.3))
+        assert type(cfg.strategy) is EchoConfig and cfg.strategy.echo == 3
+        assert cfg.strategy.first_frame_conditioning_p == 0.3
+        strategy = registry.build_strategy(cfg)
+        assert isinstance(strategy, Echo) and strategy.config is cfg.strategy
+        assert "echo_test" in registry.strategy_names()
+    finally:
+        registry._registry.pop("echo_test")
+    v2v = TrainConfig(strategy=StrategyConfig(name="video_to_video"))
+    assert type(v2v.strategy) is VideoToVideoConfig
+    assert registry.build_strategy(v2v).data_sources() == ("latents", "conditions", "reference_latents")
+    with pytest.raises(ValueError,
+                       match="unknown strategy 'nope'; registered: flexible, text_to_video, video_to_video"):
+        registry.get_strategy("nope")
+
+
+def test_no_strategy_name_is_compared_outside_the_registry():
+    """The registry is the only place a name maps to a strategy: no ``strategy.name ==`` / ``!=`` in ltxf."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "ltxf"
+    pattern = re.compile(r"strategy\.name\s*(==|!=|in\b)|==\s*[\"'](text_to_video|video_to_video)[\"']")
+    offenders = [f"{path.relative_to(root)}:{i}" for path in root.rglob("*.py")
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []

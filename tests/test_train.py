@@ -19,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from experiments.presets import demo
 from ltxf.checkpoint import latest_checkpoint, load_lora_file
 from ltxf.config import TrainConfig
-from ltxf.demo import DEMO_AUDIO_SAMPLE_RATE, build_demo_assets, demo_transformer_config
+from ltxf.demo import DEMO_AUDIO_SAMPLE_RATE, build_demo_assets, demo_transformer_config, prepare_demo
 from ltxf.media import probe_video, read_audio
 from ltxf.step import NonFiniteLossError
 from ltxf.train import main
@@ -30,14 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 def small_demo(output_dir: Path, *, steps: int = 4, validation_interval: int | None = None, **optim) -> TrainConfig:
     """The demo, shortened; validation off unless ``validation_interval`` is given."""
     cfg = demo()
-    return replace(
+    return prepare_demo(replace(
         cfg,
         output_dir=output_dir,
         optim=replace(cfg.optim, steps=steps, warmup_steps=0, batch_size=2, **optim),
         log=replace(cfg.log, every=1),
         checkpoints=replace(cfg.checkpoints, interval=2),
         validation=replace(cfg.validation, interval=validation_interval),
-    )
+    ))
 
 
 def scalars(run_dir: Path, tag: str) -> dict[int, float]:

@@ -123,7 +123,8 @@ def bare_step_time(cfg, args) -> float:
     from ltxf.models.text import load_embeddings_processor
     from ltxf.models.transformer import load_transformer
     from ltxf.rng import make_generator
-    from ltxf.strategies import compute_losses, prepare_text_to_video
+    from ltxf.strategies.base import compute_losses
+    from ltxf.strategies.text_to_video import prepare_text_to_video
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32

@@ -1,18 +1,32 @@
-"""Shared pieces of the training strategies: model inputs, targets, loss masks and per-sample losses.
+"""The :class:`Strategy` protocol and the pieces strategies share: model inputs, targets, loss masks, noising and
+per-sample losses.
+
+A strategy turns a batch of precomputed latents into transformer inputs and targets, and model predictions into
+per-sample losses. Each lives in its own file (``text_to_video.py``, ``video_to_video.py``, ...) and is registered
+by name in ``registry.py``, the only place that maps a name to a strategy.
+
+Randomness is explicit: a strategy draws everything random from ``key``, an int64 tensor [B] holding one derived
+seed per sample (:func:`ltxf.rng.sample_keys`), so the same batch and key always give the same inputs.
 
 Shape legend: B batch, T tokens, C latent channels (128), S text tokens, D context width.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
-from ltxf.config import FlowConfig
+from ltxf.config import FlowConfig, StrategyConfig
 from ltxf.latents import patchify_video
 from ltxf.models.transformer import Modality
 from ltxf.timesteps import shifted_logit_normal_sigmas, uniform_sigmas
+
+if TYPE_CHECKING:
+    from ltxf.data import SampleInfo
+    from ltxf.models.text import TextContext
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,3 +147,53 @@ def compute_losses(
         audio_B = (audio_pred_BTC.float() - inputs.audio_target_BTC.float()).pow(2).mean(dim=(1, 2))
         total_B = video_B + audio_weight * audio_B
     return StepLosses(total_B=total_B, video_B=video_B, audio_B=audio_B)
+
+
+def generators_from_key(key_B: torch.Tensor) -> list[torch.Generator]:
+    """One fresh CPU generator per sample, seeded with that sample's derived seed. Drawing from them changes
+    nothing outside this call: the same key gives the same draws every time."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in key_B.tolist()]
+
+
+class Strategy(Protocol):
+    """What the step needs from a training strategy.
+
+    Construct one with its config: ``strategy_cls(config, flow=cfg.flow)`` (see ``registry.build_strategy``).
+    Every method is a function of its arguments (no state changes between calls).
+    """
+
+    name: ClassVar[str]
+    """The registered name (``strategy.name`` in the config)."""
+
+    config_type: ClassVar[type[StrategyConfig]]
+    """The config section this strategy reads (a :class:`~ltxf.config.StrategyConfig` subclass, or the class
+    itself when it needs no options of its own)."""
+
+    config: StrategyConfig
+
+    def data_sources(self) -> tuple[str, ...] | Mapping[str, str]:
+        """Dataset folders the strategy reads (``latents``, ``conditions``, ``audio_latents``, ...), or a mapping
+        dataset role (:data:`ltxf.data.ROLES`, :data:`ltxf.data.CONDITION_ROLES`) -> folder name."""
+        ...
+
+    def prepare_inputs(
+        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype,
+        shared_key: torch.Tensor | None = None,
+    ) -> ModelInputs:
+        """Noise the batch and build the transformer inputs and targets; all randomness from ``key`` [B] and,
+        for draws that apply to the whole micro-batch (a reference that changes the sequence length), from
+        ``shared_key`` [1] (keyed by seed, step and micro-batch: the same on every process).
+
+        The result has ``video`` / ``audio`` (:class:`~ltxf.models.transformer.Modality` or None, at least one)
+        and ``sigma_B``; :meth:`per_sample_losses` receives it back."""
+        ...
+
+    def per_sample_losses(
+        self, inputs: ModelInputs, video_pred_BTC: torch.Tensor, audio_pred_BTC: torch.Tensor | None
+    ) -> StepLosses:
+        """Per-sample loss terms of the predictions (each [B], fp32)."""
+        ...
+
+    def export_metadata(self, samples: Sequence[SampleInfo]) -> dict[str, str]:
+        """String metadata for the exported LoRA (at least ``ltxf_strategy``), from the dataset's samples."""
+        ...

@@ -31,13 +31,13 @@ Shape legend: B batch, C channels, F/H/W latent frames/height/width, T tokens, R
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
-from ltxf.config import ConditionConfig, FlowConfig, ModalityConfig, StrategyConfig
-from ltxf.data import SampleInfo
+from ltxf.config import FlowConfig, StrategyConfig
 from ltxf.latents import (
     VIDEO_SPATIAL_SCALE,
     audio_positions,
@@ -49,6 +49,9 @@ from ltxf.models.text import TextContext
 from ltxf.models.transformer import Modality
 from ltxf.rng import make_generator
 from ltxf.strategies.base import StepLosses, masked_mse_per_sample, noisy_tokens, sample_sigmas
+
+if TYPE_CHECKING:
+    from ltxf.data import SampleInfo
 
 # Batch keys (see ltxf.data) of each modality's latents, reference latents and mask.
 LATENT_KEYS = {"video": "video_latents", "audio": "audio_latents"}
@@ -100,23 +103,135 @@ class StreamInputs:
 
 @dataclass(frozen=True, kw_only=True)
 class FlexibleInputs:
-    """Both streams of one micro-batch (None where the strategy has no such modality)."""
+    """Both streams of one micro-batch (None where the strategy has no such modality); ``video`` / ``audio`` are
+    the transformer inputs, as the step expects from every strategy."""
 
-    video: StreamInputs | None
-    audio: StreamInputs | None
+    video_stream: StreamInputs | None
+    audio_stream: StreamInputs | None
+
+    @property
+    def video(self) -> Modality | None:
+        return None if self.video_stream is None else self.video_stream.modality
+
+    @property
+    def audio(self) -> Modality | None:
+        return None if self.audio_stream is None else self.audio_stream.modality
 
     @property
     def sigma_B(self) -> torch.Tensor:
         """The sigma of the first generated modality (video first), for per-sigma loss metrics."""
-        stream = self.video if self.video is not None and self.video.is_generated else self.audio
-        return stream.sigma_B
+        video = self.video_stream
+        return (video if video is not None and video.is_generated else self.audio_stream).sigma_B
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data sources and configuration
+# Configuration and data sources
 
 
-def data_sources(strategy: StrategyConfig) -> dict[str, str]:
+ConditionType = Literal["first_frame", "prefix", "suffix", "spatial_crop", "mask", "reference"]
+CONDITION_TYPES: tuple[str, ...] = ("first_frame", "prefix", "suffix", "spatial_crop", "mask", "reference")
+# The one field each condition type requires (first_frame needs none); any other field set is an error.
+_CONDITION_FIELDS = {"prefix": "temporal_boundary", "suffix": "temporal_boundary", "spatial_crop": "spatial_region",
+                     "mask": "mask_dir", "reference": "latents_dir"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConditionConfig:
+    """One condition of a modality in the flexible strategy (official 1.2 ``ConditionConfig``)."""
+
+    type: ConditionType
+    """first_frame | prefix | suffix | spatial_crop | mask | reference."""
+
+    probability: float = 1.0
+    """Chance the condition applies: drawn per sample (intrinsic conditions) or per batch (reference)."""
+
+    temporal_boundary: int | None = None
+    """prefix / suffix: latent frames (video) or audio latent steps kept clean at the start / end."""
+
+    spatial_region: tuple[int, int, int, int] | None = None
+    """spatial_crop: pixel region (y1, x1, y2, x2) kept clean on every frame."""
+
+    mask_dir: str | None = None
+    """mask: folder of per-sample masks under the data root (video_masks/ or audio_masks/)."""
+
+    latents_dir: str | None = None
+    """reference: folder of reference latents under the data root (reference_latents/ or
+    reference_audio_latents/)."""
+
+    def __post_init__(self) -> None:
+        if self.type not in CONDITION_TYPES:
+            raise ValueError(f"condition type must be one of {list(CONDITION_TYPES)}, got {self.type!r}")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"condition {self.type!r}: probability must be in [0, 1], got {self.probability}")
+        required = _CONDITION_FIELDS.get(self.type)
+        for name in ("temporal_boundary", "spatial_region", "mask_dir", "latents_dir"):
+            value = getattr(self, name)
+            if name == required and value is None:
+                raise ValueError(f"condition {self.type!r} needs the field {name!r}")
+            if name != required and value is not None:
+                raise ValueError(f"condition {self.type!r} takes no field {name!r} (it takes "
+                                 f"{[required] if required else []} and 'probability')")
+        if self.temporal_boundary is not None and self.temporal_boundary < 1:
+            raise ValueError(f"condition {self.type!r}: temporal_boundary must be >= 1, got {self.temporal_boundary}")
+        if self.spatial_region is not None:
+            y1, x1, y2, x2 = self.spatial_region
+            if not (0 <= y1 < y2 and 0 <= x1 < x2):
+                raise ValueError(f"condition 'spatial_crop': spatial_region (y1, x1, y2, x2) must satisfy "
+                                 f"0 <= y1 < y2 and 0 <= x1 < x2, got {self.spatial_region}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModalityConfig:
+    """One modality (video or audio) of the flexible strategy (official 1.2 ``video:`` / ``audio:`` block)."""
+
+    is_generated: bool
+    """True: noised, trained on (loss). False: given clean at timestep 0 and conditions the other modality."""
+
+    latents_dir: str
+    """Folder of this modality's latents under the data root (latents/ or audio_latents/)."""
+
+    conditions: tuple[ConditionConfig, ...] = ()
+    """Conditions applied in order (intrinsic ones only when the modality is generated)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlexibleConfig(StrategyConfig):
+    """The flexible strategy's section (official 1.2 ``training_strategy: {name: flexible, video:, audio:}``).
+
+    The shared fields ``first_frame_conditioning_p``, ``with_audio`` and ``independent_audio_sigma`` belong to the
+    older strategies and are not read; ``audio_loss_weight`` (1, as officially) weights the audio term."""
+
+    name: str = "flexible"
+
+    video: ModalityConfig | None = None
+    """The video modality (None: no video stream)."""
+
+    audio: ModalityConfig | None = None
+    """The audio modality (None: no audio stream)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        modalities = {"video": self.video, "audio": self.audio}
+        if not any(m is not None and m.is_generated for m in modalities.values()):
+            raise ValueError("strategy 'flexible': at least one of strategy.video / strategy.audio must have "
+                             "is_generated=True")
+        if self.audio is not None:
+            for condition in self.audio.conditions:
+                if condition.type in ("first_frame", "spatial_crop"):
+                    raise ValueError(f"strategy.audio.conditions: {condition.type!r} is a video-only condition; "
+                                     "audio allows ['prefix', 'suffix', 'mask', 'reference']")
+        for name, modality in modalities.items():
+            if modality is None:
+                continue
+            references = [c for c in modality.conditions if c.type == "reference"]
+            if len(references) > 1:
+                raise ValueError(f"strategy.{name}.conditions: at most one 'reference' condition, got "
+                                 f"{len(references)}")
+
+
+
+
+def data_sources(strategy: FlexibleConfig) -> dict[str, str]:
     """Dataset roles -> folder names the flexible strategy reads (official ``get_data_sources``); the generated
     modality's latents come first, so they define the samples."""
     modalities = [(name, getattr(strategy, name)) for name in MODALITIES if getattr(strategy, name) is not None]
@@ -134,7 +249,7 @@ def data_sources(strategy: StrategyConfig) -> dict[str, str]:
     return sources
 
 
-def reference_metadata(strategy: StrategyConfig, samples: Sequence[SampleInfo]) -> dict[str, str]:
+def reference_metadata(strategy: FlexibleConfig, samples: Sequence[SampleInfo]) -> dict[str, str]:
     """LoRA metadata of a video reference, as the official files carry it (strings; only factors != 1):
     ``reference_spatial_scale_factor`` and ``reference_downscale_factor`` (the older name), and
     ``reference_temporal_scale_factor``. The factors come from every sample's latent shapes and must agree
@@ -266,26 +381,23 @@ def video_reference_positions(
 # Randomness
 
 
-def draw_sample_seeds(generators: list[torch.Generator]) -> list[int]:
-    """One 62-bit seed per sample, the only draw the strategy makes from the sample generators."""
-    return [int(torch.randint(0, 2**62, (1,), generator=g)) for g in generators]
+def streams(key_B: torch.Tensor, modality: str, purpose: str) -> list[torch.Generator]:
+    """One CPU generator per sample for (modality, purpose), derived from the sample's key: each purpose is its
+    own stream, so a sample's draws do not depend on the other modality or on the number of conditions."""
+    return [make_generator(int(seed), 0, 0, f"flexible/{modality}/{purpose}") for seed in key_B.tolist()]
 
 
-def _streams(seeds: list[int], modality: str, purpose: str) -> list[torch.Generator]:
-    return [make_generator(seed, 0, 0, f"flexible/{modality}/{purpose}") for seed in seeds]
-
-
-def condition_draws(condition_index: int, probability: float, seeds: list[int], modality: str) -> torch.Tensor:
+def condition_draws(condition_index: int, probability: float, key_B: torch.Tensor, modality: str) -> torch.Tensor:
     """Bool ``[B]``: whether intrinsic condition ``condition_index`` applies to each sample (own stream each)."""
     draws = [torch.rand(1, generator=g) < probability
-             for g in _streams(seeds, modality, f"condition/{condition_index}")]
+             for g in streams(key_B, modality, f"condition/{condition_index}")]
     return torch.cat(draws)
 
 
-def reference_draw(probability: float, batch_seed: int, modality: str) -> bool:
-    """Whether a modality's reference applies to the whole batch: one draw from the batch seed's stream for that
-    modality (the batch seed is the same on every process)."""
-    g = make_generator(batch_seed, 0, 0, f"flexible/{modality}/reference")
+def reference_draw(probability: float, shared_key: torch.Tensor, modality: str) -> bool:
+    """Whether a modality's reference applies to the whole micro-batch: one draw from the shared key's stream
+    (the same on every process)."""
+    g = make_generator(int(shared_key.reshape(-1)[0]), 0, 0, f"flexible/{modality}/reference")
     return bool(torch.rand(1, generator=g) < probability)
 
 
@@ -300,7 +412,7 @@ def _grid(name: str, latents: torch.Tensor) -> Grid:
     return Grid(num_frames=latents.shape[2])
 
 
-def _require(batch: dict[str, torch.Tensor], key: str, why: str) -> torch.Tensor:
+def _require(batch: Mapping[str, torch.Tensor], key: str, why: str) -> torch.Tensor:
     if key not in batch:
         raise ValueError(f"strategy 'flexible': {why} needs {key!r} in the batch (found {sorted(batch)})")
     return batch[key]
@@ -309,13 +421,13 @@ def _require(batch: dict[str, torch.Tensor], key: str, why: str) -> torch.Tensor
 def prepare_stream(
     name: str,
     modality_cfg: ModalityConfig,
-    batch: dict[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
     context: torch.Tensor,
     context_mask: torch.Tensor | None,
     *,
     flow: FlowConfig,
-    seeds: list[int],
-    batch_seed: int,
+    key: torch.Tensor,
+    shared_key: torch.Tensor,
     dtype: torch.dtype,
 ) -> StreamInputs:
     """Build one modality's inputs (official ``_process_modality``)."""
@@ -331,8 +443,8 @@ def prepare_stream(
 
     if modality_cfg.is_generated:
         noise_BTC = torch.stack([torch.randn(clean_BTC.shape[1:], generator=g)
-                                 for g in _streams(seeds, name, "noise")]).to(device)
-        sigma_B = sample_sigmas(flow, grid.num_tokens, _streams(seeds, name, "sigma")).to(device)
+                                 for g in streams(key, name, "noise")]).to(device)
+        sigma_B = sample_sigmas(flow, grid.num_tokens, streams(key, name, "sigma")).to(device)
         timesteps_BT = sigma_B[:, None].expand(batch_size, grid.num_tokens).clone()
         latent_BTC = noisy_tokens(clean_BTC, noise_BTC, timesteps_BT)
         target_BTC = noise_BTC - clean_BTC
@@ -344,7 +456,7 @@ def prepare_stream(
             if condition.type == "reference":
                 continue
             cond_BT = condition_mask(condition, grid, mask_BT, batch_size).to(device)
-            applies_B = condition_draws(index, condition.probability, seeds, name).to(device)
+            applies_B = condition_draws(index, condition.probability, key, name).to(device)
             cond_BT = cond_BT * applies_B[:, None].float()
             latent_BTC, timesteps_BT, loss_mask_BT = apply_condition_mask(latent_BTC, clean_BTC, timesteps_BT,
                                                                           loss_mask_BT, cond_BT)
@@ -357,7 +469,7 @@ def prepare_stream(
     for condition in modality_cfg.conditions:
         if condition.type != "reference":
             continue
-        if not reference_draw(condition.probability, batch_seed, name):
+        if not reference_draw(condition.probability, shared_key, name):
             continue
         reference = _require(batch, REFERENCE_KEYS[name], f"the {name} reference condition")
         ref_grid = _grid(name, reference)
@@ -385,32 +497,30 @@ def prepare_stream(
 
 
 def prepare_flexible(
-    batch: dict[str, torch.Tensor],
+    batch: Mapping[str, torch.Tensor],
     context: TextContext,
     *,
-    strategy: StrategyConfig,
+    strategy: FlexibleConfig,
     flow: FlowConfig,
-    generators: list[torch.Generator],
-    batch_generator: torch.Generator,
+    key: torch.Tensor,
+    shared_key: torch.Tensor,
     dtype: torch.dtype,
 ) -> FlexibleInputs:
-    """Model inputs of both modalities. ``generators`` has one generator per sample (its global-batch key);
-    ``batch_generator`` is keyed by (seed, step, micro-batch) only, identical on every process."""
-    seeds = draw_sample_seeds(generators)
-    batch_seed = int(torch.randint(0, 2**62, (1,), generator=batch_generator))
-    streams: dict[str, StreamInputs | None] = {}
+    """Model inputs of both modalities. ``key`` [B] holds one derived seed per sample (its global-batch index);
+    ``shared_key`` [1] is keyed by (seed, step, micro-batch) only, identical on every process."""
+    built: dict[str, StreamInputs | None] = {}
     for name in MODALITIES:
         modality_cfg = getattr(strategy, name)
         if modality_cfg is None:
-            streams[name] = None
+            built[name] = None
             continue
         text = context.video_context if name == "video" else context.audio_context
         if text is None:
             raise ValueError(f"strategy 'flexible': the {name} modality needs {name} text features "
                              f"({name}_prompt_embeds in the conditions files)")
-        streams[name] = prepare_stream(name, modality_cfg, batch, text, context.context_mask, flow=flow,
-                                       seeds=seeds, batch_seed=batch_seed, dtype=dtype)
-    return FlexibleInputs(video=streams["video"], audio=streams["audio"])
+        built[name] = prepare_stream(name, modality_cfg, batch, text, context.context_mask, flow=flow, key=key,
+                                     shared_key=shared_key, dtype=dtype)
+    return FlexibleInputs(video_stream=built["video"], audio_stream=built["audio"])
 
 
 def stream_loss(stream: StreamInputs, pred_BTC: torch.Tensor) -> torch.Tensor:
@@ -424,13 +534,45 @@ def compute_flexible_losses(
 ) -> StepLosses:
     """Per-sample losses: the generated modalities' masked MSEs, summed (audio times ``audio_weight``)."""
     video_B = audio_B = None
-    if inputs.video is not None and inputs.video.is_generated:
-        video_B = stream_loss(inputs.video, video_pred_BTC)
-    if inputs.audio is not None and inputs.audio.is_generated:
-        audio_B = stream_loss(inputs.audio, audio_pred_BTC)
+    if inputs.video_stream is not None and inputs.video_stream.is_generated:
+        video_B = stream_loss(inputs.video_stream, video_pred_BTC)
+    if inputs.audio_stream is not None and inputs.audio_stream.is_generated:
+        audio_B = stream_loss(inputs.audio_stream, audio_pred_BTC)
     if video_B is None:
         total_B = audio_weight * audio_B
         video_B = torch.zeros_like(audio_B)
     else:
         total_B = video_B if audio_B is None else video_B + audio_weight * audio_B
     return StepLosses(total_B=total_B, video_B=video_B, audio_B=audio_B)
+
+
+class Flexible:
+    """The official 1.2 flexible strategy (module docstring); every mode of ``experiments/presets.py``."""
+
+    name: ClassVar[str] = "flexible"
+    config_type: ClassVar[type[StrategyConfig]] = FlexibleConfig
+
+    def __init__(self, config: FlexibleConfig, *, flow: FlowConfig) -> None:
+        self.config = config
+        self.flow = flow
+
+    def data_sources(self) -> dict[str, str]:
+        return data_sources(self.config)
+
+    def prepare_inputs(
+        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype,
+        shared_key: torch.Tensor | None = None,
+    ) -> FlexibleInputs:
+        if shared_key is None:
+            raise ValueError("strategy 'flexible' needs shared_key (the micro-batch's key, ltxf.step."
+                             "micro_batch_shared_key) for its per-batch reference draw")
+        return prepare_flexible(batch, context, strategy=self.config, flow=self.flow, key=key, shared_key=shared_key,
+                                dtype=dtype)
+
+    def per_sample_losses(
+        self, inputs: FlexibleInputs, video_pred_BTC: torch.Tensor | None, audio_pred_BTC: torch.Tensor | None
+    ) -> StepLosses:
+        return compute_flexible_losses(inputs, video_pred_BTC, audio_pred_BTC, self.config.audio_loss_weight)
+
+    def export_metadata(self, samples: Sequence[SampleInfo]) -> dict[str, str]:
+        return {"ltxf_strategy": self.name, **reference_metadata(self.config, samples)}

@@ -5,13 +5,28 @@ Shape legend: B batch, C latent channels, F/H/W latent frames/height/width, T to
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
 
 from ltxf.config import FlowConfig, StrategyConfig
 from ltxf.latents import audio_positions, patchify_audio, video_positions
 from ltxf.models.text import TextContext
 from ltxf.models.transformer import Modality
-from ltxf.strategies.base import ModelInputs, noise_video, noisy_tokens, per_sample_noise, sample_sigmas
+from ltxf.strategies.base import (
+    ModelInputs,
+    StepLosses,
+    compute_losses,
+    generators_from_key,
+    noise_video,
+    noisy_tokens,
+    per_sample_noise,
+    sample_sigmas,
+)
+
+if TYPE_CHECKING:
+    from ltxf.data import SampleInfo
 
 
 def video_positions_for_batch(
@@ -84,3 +99,32 @@ def prepare_text_to_video(
         audio_target_BTC=audio_target,
         sigma_B=noised.sigma_B,
     )
+
+
+class TextToVideo:
+    """Text-to-video (+ joint audio, + first-frame conditioning): the official trainer's default strategy."""
+
+    name: ClassVar[str] = "text_to_video"
+    config_type: ClassVar[type[StrategyConfig]] = StrategyConfig
+
+    def __init__(self, config: StrategyConfig, *, flow: FlowConfig) -> None:
+        self.config = config
+        self.flow = flow
+
+    def data_sources(self) -> tuple[str, ...]:
+        return ("latents", "conditions", "audio_latents") if self.config.with_audio else ("latents", "conditions")
+
+    def prepare_inputs(
+        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype,
+        shared_key: torch.Tensor | None = None,
+    ) -> ModelInputs:
+        return prepare_text_to_video(batch, context, strategy=self.config, flow=self.flow,
+                                     generators=generators_from_key(key), dtype=dtype)
+
+    def per_sample_losses(
+        self, inputs: ModelInputs, video_pred_BTC: torch.Tensor, audio_pred_BTC: torch.Tensor | None
+    ) -> StepLosses:
+        return compute_losses(inputs, video_pred_BTC, audio_pred_BTC, self.config.audio_loss_weight)
+
+    def export_metadata(self, samples: Sequence[SampleInfo]) -> dict[str, str]:
+        return {"ltxf_strategy": self.name}

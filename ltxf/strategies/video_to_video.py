@@ -8,14 +8,39 @@ Shape legend: B batch, C channels, F/H/W latent frames/height/width, T target to
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
 
 from ltxf.config import FlowConfig, StrategyConfig
 from ltxf.latents import patchify_video
 from ltxf.models.text import TextContext
 from ltxf.models.transformer import Modality
-from ltxf.strategies.base import ModelInputs, noise_video
+from ltxf.strategies.base import ModelInputs, StepLosses, compute_losses, generators_from_key, noise_video
 from ltxf.strategies.text_to_video import video_positions_for_batch
+
+if TYPE_CHECKING:
+    from ltxf.config import TrainConfig
+    from ltxf.data import SampleInfo
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoToVideoConfig(StrategyConfig):
+    """IC-LoRA options: the shared ones (no joint audio: IC-LoRA is video only)."""
+
+    name: str = "video_to_video"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.with_audio:
+            raise ValueError("strategy.with_audio is not supported with strategy.name='video_to_video' (IC-LoRA is "
+                             "video only)")
+
+    def check_train_config(self, cfg: TrainConfig) -> None:
+        if cfg.model.training_mode != "lora":
+            raise ValueError("strategy.name='video_to_video' (IC-LoRA) needs model.training_mode='lora'")
 
 
 def reference_downscale_factor(target_shape: tuple[int, ...], reference_shape: tuple[int, ...]) -> int:
@@ -79,3 +104,37 @@ def prepare_video_to_video(
         sigma_B=noised.sigma_B,
         num_reference_tokens=num_ref,
     )
+
+
+class VideoToVideo:
+    """IC-LoRA: learns to generate the target given a clean reference video in the same sequence."""
+
+    name: ClassVar[str] = "video_to_video"
+    config_type: ClassVar[type[StrategyConfig]] = VideoToVideoConfig
+
+    def __init__(self, config: StrategyConfig, *, flow: FlowConfig) -> None:
+        self.config = config
+        self.flow = flow
+
+    def data_sources(self) -> tuple[str, ...]:
+        return ("latents", "conditions", "reference_latents")
+
+    def prepare_inputs(
+        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype,
+        shared_key: torch.Tensor | None = None,
+    ) -> ModelInputs:
+        return prepare_video_to_video(batch, context, strategy=self.config, flow=self.flow,
+                                      generators=generators_from_key(key), dtype=dtype)
+
+    def per_sample_losses(
+        self, inputs: ModelInputs, video_pred_BTC: torch.Tensor, audio_pred_BTC: torch.Tensor | None
+    ) -> StepLosses:
+        return compute_losses(inputs, video_pred_BTC, None, 0.0)
+
+    def export_metadata(self, samples: Sequence[SampleInfo]) -> dict[str, str]:
+        """The strategy name and the dataset's reference downscale factor (one per run), which inference needs
+        to scale the reference positions."""
+        factors = {reference_downscale_factor(info.video_shape, info.reference_shape) for info in samples}
+        if len(factors) != 1:
+            raise ValueError(f"the dataset mixes reference downscale factors {sorted(factors)}; use one per run")
+        return {"ltxf_strategy": self.name, "reference_downscale_factor": str(factors.pop())}
