@@ -55,7 +55,7 @@ def processed(dataset, tiny_checkpoint, tiny_gemma, tmp_path_factory):
     args = [
         str(dataset / "dataset.json"), "--resolution-buckets", "64x64x17;96x64x9;64x64x1",
         "--model-path", str(tiny_checkpoint), "--text-encoder-path", str(tiny_gemma),
-        "--with-audio", "--decode", "--remove-llm-prefixes", "--lora-trigger", "tok", "--device", "cpu",
+        "--decode", "--remove-llm-prefixes", "--lora-trigger", "tok", "--device", "cpu",
     ]
     start = time.perf_counter()
     code = tool.main(args)
