@@ -103,3 +103,19 @@ def test_every_mode_trains_and_its_loss_falls(name, assets, tmp_path):
     if name in ("v2v_ic_lora", "av2av_ic_lora"):  # half-size references: the official metadata keys
         assert metadata["reference_spatial_scale_factor"] == metadata["reference_downscale_factor"] == "2"
         assert "reference_temporal_scale_factor" not in metadata
+
+
+def test_readme_has_one_line_per_mode_that_parses():
+    """The README's mode table is runnable: one ``python train.py MODE $DEMO ...`` line per preset, whose flags
+    parse into that preset on the demo model."""
+    from train import parse_config
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    demo_flags = next(line for line in readme.splitlines() if line.startswith('DEMO="')).split('"')[1].split()
+    lines = {line.split()[2]: line.split("#")[0].split() for line in readme.splitlines()
+             if line.startswith("python train.py") and "$DEMO" in line}
+    assert sorted(lines) == sorted(MODE_PRESETS)
+    for name, words in lines.items():
+        args = [w for w in words[2:] if w != "$DEMO"] + demo_flags
+        cfg = parse_config(args)
+        assert cfg.demo_model and cfg.strategy == MODE_PRESETS[name]().strategy, name
