@@ -220,6 +220,30 @@ class Conditioning:
     """``[1, C, F_r', H'/n, W'/n]`` the encoded reference."""
     reference_frames: torch.Tensor | None = None
     """``uint8 [F_r, H/n, W/n, 3]`` the reference as encoded (for ``include_reference_in_output``)."""
+    conditions: tuple[EncodedCondition, ...] | None = None
+    """The request's ``conditions`` encoded (:func:`encode_conditions`); None: encoded when sampling."""
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class EncodedCondition:
+    """One :class:`~ltxf.conditions.SampleCondition` as tensors: intrinsic conditions hold ``clean_BTC`` where
+    ``mask_BT`` is 1 on the generated grid; references and frozen modalities carry ``tokens_BRC`` (+ reference
+    ``positions`` and, for a video reference, its ``frames``)."""
+
+    condition: SampleCondition
+    clean_BTC: torch.Tensor | None = None
+    mask_BT: torch.Tensor | None = None
+    tokens_BRC: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    frames: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> EncodedCondition:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return EncodedCondition(condition=self.condition, clean_BTC=move(self.clean_BTC), mask_BT=move(self.mask_BT),
+                                tokens_BRC=move(self.tokens_BRC), positions=move(self.positions),
+                                frames=None if self.frames is None else self.frames.cpu())
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -533,10 +557,10 @@ def _fit_length(tokens_BTC: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(tokens_BTC, (0, 0, 0, length - tokens_BTC.shape[1]))
 
 
-def video_condition_state(
-    models: GenerationModels, request: GenerationRequest, state: LatentState, condition: SampleCondition
-) -> LatentState:
-    """Apply one intrinsic video condition (prefix, suffix, spatial_crop, mask) to the generated video state."""
+def _encode_video_condition(models: GenerationModels, request: GenerationRequest, condition: SampleCondition
+                            ) -> EncodedCondition:
+    """Intrinsic video conditions (first_frame, prefix, suffix, spatial_crop, mask) as (clean tokens, mask) on the
+    generated grid."""
     from ltxf.prep.buckets import Bucket
     from ltxf.prep.process import load_video_mask
     from ltxf.strategies.flexible import Grid, spatial_crop_mask
@@ -545,6 +569,10 @@ def video_condition_state(
     frames, height, width = request.latent_size
     per_frame = height * width
     total = frames * per_frame
+    if condition.type == "first_frame":
+        image = resize_cover_crop(_load_frames(condition.path, "first_frame", 1)[:1], request.height, request.width)
+        clean, mask = _placed(patchify_video(encode_frames(encoder, image)), total, at_end=False)
+        return EncodedCondition(condition=condition, clean_BTC=clean, mask_BT=mask)
     max_frames = {"prefix": condition.num_frames, "suffix": 10**6}.get(condition.type, request.num_frames)
     latents = clip_latents(encoder, condition.path, max_frames=max_frames, height=request.height,
                            width=request.width)
@@ -553,29 +581,25 @@ def video_condition_state(
         if condition.type == "suffix":
             tokens = tokens[:, -(condition.num_frames // 8) * per_frame:]
         clean, mask = _placed(tokens, total, at_end=condition.type == "suffix")
+        return EncodedCondition(condition=condition, clean_BTC=clean, mask_BT=mask)
+    if tokens.shape[1] != total:
+        raise ValueError(f"condition {condition.type!r}: {condition.path} gives {latents.shape[2]} latent frames, "
+                         f"the sample has {frames} (it needs at least {request.num_frames} frames)")
+    if condition.type == "spatial_crop":
+        mask_T = spatial_crop_mask(Grid(num_frames=frames, height=height, width=width), condition.spatial_region)
     else:
-        if tokens.shape[1] != total:
-            raise ValueError(f"condition {condition.type!r}: {condition.path} gives {latents.shape[2]} latent frames, "
-                             f"the sample has {frames} (it needs at least {request.num_frames} frames)")
-        clean = tokens
-        if condition.type == "spatial_crop":
-            mask = spatial_crop_mask(Grid(num_frames=frames, height=height, width=width), condition.spatial_region)
-        else:
-            bucket = Bucket(width=request.width, height=request.height, num_frames=request.num_frames)
-            mask = load_video_mask(condition.mask_path, bucket).flatten()
-        mask = mask[None].to(clean.device)
-    return condition_tokens(state, clean.to(state.clean_latent.device), mask.to(state.denoise_mask.device),
-                            strength=condition.strength)
+        bucket = Bucket(width=request.width, height=request.height, num_frames=request.num_frames)
+        mask_T = load_video_mask(condition.mask_path, bucket).flatten()
+    return EncodedCondition(condition=condition, clean_BTC=tokens, mask_BT=mask_T[None].to(tokens.device))
 
 
-def audio_condition_state(
-    models: GenerationModels, request: GenerationRequest, state: LatentState, condition: SampleCondition
-) -> LatentState:
-    """Apply one intrinsic audio condition (prefix, suffix, mask) to the generated audio state."""
+def _encode_audio_condition(models: GenerationModels, request: GenerationRequest, condition: SampleCondition
+                            ) -> EncodedCondition:
+    """Intrinsic audio conditions (prefix, suffix, mask) as (clean tokens, mask) on the generated audio grid."""
     from ltxf.prep.process import load_audio_mask
 
     encoder = _require_encoder(models.audio_encoder, "audio_encoder", condition)
-    total = state.num_tokens
+    total = audio_latent_length(request.num_frames, request.frame_rate)
     if condition.type in ("prefix", "suffix"):
         tokens = audio_tokens(encoder, condition.path, duration=condition.duration,
                               from_end=condition.type == "suffix")
@@ -583,19 +607,34 @@ def audio_condition_state(
     else:
         clean = _fit_length(audio_tokens(encoder, condition.path, duration=request.num_frames / request.frame_rate),
                             total)
-        mask = load_audio_mask(condition.mask_path, total)[None]
-    return condition_tokens(state, clean.to(state.clean_latent.device), mask.to(state.denoise_mask.device),
-                            strength=condition.strength)
+        mask = load_audio_mask(condition.mask_path, total)[None].to(clean.device)
+    return EncodedCondition(condition=condition, clean_BTC=clean, mask_BT=mask)
 
 
-def video_reference_state(
-    models: GenerationModels, request: GenerationRequest, state: LatentState, condition: SampleCondition
-) -> tuple[LatentState, torch.Tensor]:
-    """Append a video reference (IC-LoRA) at ``1 / downscale`` size keeping frames 0, S, 2S, ...; positions on the
-    target's axes as in training (:func:`ltxf.strategies.flexible.video_reference_positions`)."""
+def _encode_reference_or_given(models: GenerationModels, request: GenerationRequest, condition: SampleCondition
+                               ) -> EncodedCondition:
+    """References (video: ``1 / downscale`` size, frames 0, S, 2S, ..., positions on the target's axes as in
+    training, :func:`ltxf.strategies.flexible.video_reference_positions`; audio: own positions) and the frozen
+    modality of video_to_audio / audio_to_video."""
     from ltxf.strategies.flexible import Grid, video_reference_positions
 
+    duration = request.num_frames / request.frame_rate
+    num_audio = audio_latent_length(request.num_frames, request.frame_rate)
+    if condition.modality == "audio":
+        encoder = _require_encoder(models.audio_encoder, "audio_encoder", condition)
+        tokens = audio_tokens(encoder, condition.path, duration=duration)
+        if condition.type == "audio_to_video":
+            return EncodedCondition(condition=condition, tokens_BRC=_fit_length(tokens, num_audio))
+        return EncodedCondition(condition=condition, tokens_BRC=tokens,
+                                positions=audio_positions(1, tokens.shape[1], device=tokens.device))
     encoder = _require_encoder(models.video_encoder, "video_encoder", condition)
+    if condition.type == "video_to_audio":
+        latents = clip_latents(encoder, condition.path, max_frames=request.num_frames, height=request.height,
+                               width=request.width)
+        if latents.shape[2] != request.latent_size[0]:
+            raise ValueError(f"video_to_audio: {condition.path} gives {latents.shape[2]} latent frames, the sample "
+                             f"has {request.latent_size[0]} (it needs {request.num_frames} frames)")
+        return EncodedCondition(condition=condition, tokens_BRC=patchify_video(latents))
     n, s_factor = condition.downscale_factor, condition.temporal_scale_factor
     check_reference_downscale_factor(n, request.width, request.height, "reference downscale_factor")
     frames = _load_frames(Path(condition.path), str(condition.path), request.num_frames)[::s_factor]
@@ -606,9 +645,37 @@ def video_reference_state(
     fps = torch.tensor([float(request.frame_rate)])
     positions = video_reference_positions(Grid(num_frames=ref_f, height=ref_h, width=ref_w), fps / s_factor, fps,
                                           spatial=n, temporal=s_factor)
-    state = append_reference_tokens(state, patchify_video(latents).to(state.latent.device),
-                                    positions.to(state.positions.device))
-    return state, frames
+    return EncodedCondition(condition=condition, tokens_BRC=patchify_video(latents),
+                            positions=positions.to(latents.device), frames=frames)
+
+
+@torch.no_grad()
+def encode_conditions(models: GenerationModels, request: GenerationRequest) -> tuple[EncodedCondition, ...]:
+    """Read and encode every ``request.conditions`` entry once (the validator caches the result on the CPU)."""
+    encoded = []
+    for condition in request.conditions:
+        if condition.type in ("reference", "video_to_audio", "audio_to_video"):
+            encoded.append(_encode_reference_or_given(models, request, condition))
+        elif condition.modality == "video":
+            encoded.append(_encode_video_condition(models, request, condition))
+        else:
+            encoded.append(_encode_audio_condition(models, request, condition))
+    return tuple(encoded)
+
+
+def _apply_conditions(state: LatentState, encoded: Sequence[EncodedCondition], modality: str, *, intrinsic: bool
+                      ) -> LatentState:
+    for item in encoded:
+        condition = item.condition
+        if condition.modality != modality or condition.type in ("video_to_audio", "audio_to_video"):
+            continue
+        if intrinsic and item.clean_BTC is not None:
+            state = condition_tokens(state, item.clean_BTC.to(state.clean_latent.device),
+                                     item.mask_BT.to(state.denoise_mask.device), strength=condition.strength)
+        elif not intrinsic and condition.type == "reference":
+            state = append_reference_tokens(state, item.tokens_BRC.to(state.latent.device),
+                                            item.positions.to(state.positions.device))
+    return state
 
 
 @torch.no_grad()
@@ -643,6 +710,7 @@ def sample(
                          "(or set generate_audio=False)")
     if conditioning is None:
         conditioning = prepare_conditioning(models.video_encoder, request)
+    encoded = conditioning.conditions if conditioning.conditions is not None else encode_conditions(models, request)
 
     guidance = request.guidance
     audio_guidance = request.audio_guidance or guidance
@@ -668,52 +736,25 @@ def sample(
         video_state = init_latent_state(torch.zeros(1, num_tokens, config.in_channels, device=device), video_grid)
         if conditioning.image_latents is not None:
             video_state = condition_video_frame(video_state, conditioning.image_latents.to(device, torch.float32))
-        for condition in request.conditions:
-            if condition.modality != "video":
-                continue
-            if condition.type == "first_frame":
-                image = resize_cover_crop(_load_frames(condition.path, "first_frame", 1)[:1], request.height,
-                                          request.width)
-                latents = encode_frames(_require_encoder(models.video_encoder, "video_encoder", condition), image)
-                video_state = condition_video_frame(video_state, latents.to(device, torch.float32),
-                                                    strength=condition.strength)
-            elif condition.type in ("prefix", "suffix", "spatial_crop", "mask"):
-                video_state = video_condition_state(models, request, video_state, condition)
-        video_state = noise_state(video_state, video_noise)
+        video_state = noise_state(_apply_conditions(video_state, encoded, "video", intrinsic=True), video_noise)
         if conditioning.reference_latents is not None:
             video_state = append_reference_video(video_state, conditioning.reference_latents.to(device, torch.float32),
                                                  request.frame_rate, spatial_scale=request.reference_downscale_factor)
-        for condition in request.conditions:
-            if condition.modality == "video" and condition.type == "reference":
-                video_state, reference_frames = video_reference_state(models, request, video_state, condition)
+        video_state = _apply_conditions(video_state, encoded, "video", intrinsic=False)
+        reference_frames = next((e.frames for e in encoded if e.frames is not None), reference_frames)
     elif video_given is not None:
-        encoder = _require_encoder(models.video_encoder, "video_encoder", video_given)
-        latents = clip_latents(encoder, video_given.path, max_frames=request.num_frames, height=request.height,
-                               width=request.width)
-        if latents.shape[2] != num_latent_frames:
-            raise ValueError(f"video_to_audio: {video_given.path} gives {latents.shape[2]} latent frames, the sample "
-                             f"has {num_latent_frames} (it needs {request.num_frames} frames)")
-        video_state = frozen_state(patchify_video(latents).to(device), video_grid)
+        tokens = next(e.tokens_BRC for e in encoded if e.condition.type == "video_to_audio")
+        video_state = frozen_state(tokens.to(device), video_grid)
 
     audio_state = None
     audio_grid = audio_positions(1, num_audio_frames, device=device)
     if make_audio:
         audio_noise = torch.randn(1, num_audio_frames, config.audio_in_channels, generator=generator, device=device)
         audio_state = init_latent_state(torch.zeros_like(audio_noise), audio_grid)
-        for condition in request.conditions:
-            if condition.modality == "audio" and condition.type in ("prefix", "suffix", "mask"):
-                audio_state = audio_condition_state(models, request, audio_state, condition)
-        audio_state = noise_state(audio_state, audio_noise)
-        for condition in request.conditions:
-            if condition.modality == "audio" and condition.type == "reference":
-                encoder = _require_encoder(models.audio_encoder, "audio_encoder", condition)
-                tokens = audio_tokens(encoder, condition.path, duration=request.num_frames / request.frame_rate)
-                audio_state = append_reference_tokens(audio_state, tokens.to(device),
-                                                      audio_positions(1, tokens.shape[1], device=device))
+        audio_state = noise_state(_apply_conditions(audio_state, encoded, "audio", intrinsic=True), audio_noise)
+        audio_state = _apply_conditions(audio_state, encoded, "audio", intrinsic=False)
     elif audio_given is not None:
-        encoder = _require_encoder(models.audio_encoder, "audio_encoder", audio_given)
-        tokens = _fit_length(audio_tokens(encoder, audio_given.path, duration=request.num_frames / request.frame_rate),
-                             num_audio_frames)
+        tokens = next(e.tokens_BRC for e in encoded if e.condition.type == "audio_to_video")
         audio_state = frozen_state(tokens.to(device), audio_grid)
 
     # The shift of the schedule follows the size of what is generated (reference tokens excluded).
@@ -741,10 +782,10 @@ def sample(
                              f"expects {audio_config.z_channels} x {audio_config.latent_mel_bins}")
         audio_latents = unpatchify_audio(audio_x[:, :num_audio_frames], audio_config.z_channels,
                                          audio_config.latent_mel_bins)
-    if reference_frames is not conditioning.reference_frames:
+    if reference_frames is not conditioning.reference_frames or conditioning.conditions is None:
         conditioning = Conditioning(image_latents=conditioning.image_latents,
                                     reference_latents=conditioning.reference_latents,
-                                    reference_frames=reference_frames)
+                                    reference_frames=reference_frames, conditions=encoded)
     return SampledLatents(video_latents=video_latents, audio_latents=audio_latents, conditioning=conditioning)
 
 

@@ -25,7 +25,9 @@ from ltxf.models.audio_vae import load_audio_vae_encoder
 from ltxf.sampling import GuidanceConfig, frozen_state, official_guidance
 from tests.test_generate import FPS, HEIGHT, PROMPT, WIDTH, build_tiny_gemma, load_tiny_models, test_pattern_frames
 
-GUIDANCE = GuidanceConfig(cfg_scale=3.0, stg_scale=1.0, stg_blocks=(1,), modality_scale=2.0)
+# CFG only (two passes) keeps these fast; the frozen-stream test runs all four passes.
+GUIDANCE = GuidanceConfig(cfg_scale=3.0, stg_scale=0.0)
+ALL_PASSES = GuidanceConfig(cfg_scale=3.0, stg_scale=1.0, stg_blocks=(1,), modality_scale=2.0)
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +95,18 @@ def test_video_prefix_suffix_crop_and_mask_hold_their_tokens(tiny, media_files, 
         sampled = sample(tiny, request)
         assert holds(sampled.video_latents), name
         _write(tiny, request, sampled, tmp_path / f"{name}.mp4")
+
+
+def test_encoded_conditions_are_reused(tiny, media_files):
+    from ltxf.generate import Conditioning, encode_conditions
+
+    request = _request(conditions=(SampleCondition(type="prefix", path=media_files / "clip.mp4", num_frames=9),))
+    cached = Conditioning(conditions=tuple(e.to("cpu") for e in encode_conditions(tiny, request)))
+    no_encoder = dataclasses.replace(tiny, video_encoder=None)
+    assert torch.equal(sample(no_encoder, request, conditioning=cached).video_latents,
+                       sample(tiny, request).video_latents)
+    with pytest.raises(ValueError, match="needs GenerationModels.video_encoder"):
+        sample(no_encoder, request)
 
 
 def test_video_reference_with_downscale_and_temporal_scale(tiny, media_files, tmp_path):
@@ -163,7 +177,9 @@ def test_frozen_stream_is_seen_at_sigma_zero(tiny, media_files, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(transformer, "forward", recording)
-    sample(tiny, _request(conditions=(SampleCondition(type="video_to_audio", path=media_files / "clip.mp4"),)))
+    sample(tiny, _request(conditions=(SampleCondition(type="video_to_audio", path=media_files / "clip.mp4"),),
+                          guidance=ALL_PASSES))
+    assert len(seen) == 2 and seen[0][0].shape[0] == 4  # 2 steps, the 4 passes batched
     assert seen and all(torch.all(v == 0) and torch.all(a > 0) for v, a in seen)
     state = frozen_state(torch.ones(1, 4, 8), torch.zeros(1, 1, 4, 2))
     assert state.frozen and torch.all(state.denoise_mask == 0)
