@@ -174,3 +174,22 @@ def test_bad_arguments_are_clear_errors(assets, tmp_path, change, match):
             argv += [flag] if resolved is None else [flag, resolved]
     with pytest.raises(ValueError, match=re.escape(match)):
         tool.main(argv)
+
+
+def test_conditions_foley_and_text_to_audio_from_the_command_line(assets, tmp_path):
+    """--video-to-audio freezes the given clip (it is the output's video); --skip-video writes a .wav; an audio
+    prefix holds the given audio's tokens."""
+    from tests.test_generate import test_pattern_frames
+
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, test_pattern_frames(9, 64, 64, seed=4), FPS)
+    result = tool.main(_args(assets, tmp_path / "foley.mp4", "--video-to-audio", str(clip)))
+    assert [c.type for c in result.request.conditions] == ["video_to_audio"]
+    assert probe_video(result.output).has_audio and result.clip.frames.shape[0] == 9
+    t2a = tool.main(_args(assets, tmp_path / "sound.wav", "--skip-video", "--audio-guidance-scale", "7"))
+    assert t2a.clip.frames is None and read_audio(t2a.output).num_samples == t2a.clip.audio.shape[1]
+    assert t2a.request.audio_guidance.cfg_scale == 7.0 and t2a.request.guidance.cfg_scale == 3.0
+    with pytest.raises(ValueError, match="--mask-video and --video-mask go together"):
+        tool.main(_args(assets, tmp_path / "x.mp4", "--mask-video", str(clip)))
+    with pytest.raises(ValueError, match="--output must end in .wav"):
+        tool.main(_args(assets, tmp_path / "x.mp4", "--skip-video"))
