@@ -79,7 +79,11 @@ def test_video_prefix_suffix_crop_and_mask_hold_their_tokens(tiny, media_files, 
     clip = media_files / "clip.mp4"
     encoded = clip_latents(tiny.video_encoder, clip, max_frames=17, height=HEIGHT, width=WIDTH)  # [1, C, 3, 2, 2]
     whole = clip_latents(tiny.video_encoder, clip, max_frames=10**6, height=HEIGHT, width=WIDTH)  # 25 frames: 4
+    first = clip_latents(tiny.video_encoder, clip, max_frames=1, height=HEIGHT, width=WIDTH)
     cases = {
+        "first_frame": (SampleCondition(type="first_frame", path=clip),
+                        lambda v: torch.equal(v[:, :, :1], first)
+                        and not torch.equal(v[:, :, 1:2], encoded[:, :, 1:2])),
         "prefix": (SampleCondition(type="prefix", path=clip, num_frames=9), lambda v: torch.equal(
             v[:, :, :2], clip_latents(tiny.video_encoder, clip, max_frames=9, height=HEIGHT, width=WIDTH))),
         "suffix": (SampleCondition(type="suffix", path=clip, num_frames=8),
