@@ -293,6 +293,8 @@ def test_data_sources_match_the_official_names():
         (lambda: ConditionConfig(type="prefix", temporal_boundary=0), "temporal_boundary must be >= 1"),
         (lambda: ConditionConfig(type="first_frame", mask_dir="x"), "takes no field 'mask_dir'"),
         (lambda: ConditionConfig(type="crop"), "must be one of \\['first_frame', 'prefix'"),
+        (lambda: _strategy(_video(ConditionConfig(type="mask", mask_dir="a"),
+                                  ConditionConfig(type="mask", mask_dir="b"))), "at most one 'mask' condition"),
         (lambda: ConditionConfig(type="first_frame", probability=1.5), "probability must be in \\[0, 1\\]"),
         (lambda: TrainConfig(strategy=StrategyConfig(name="flexible")), "at least one of strategy.video"),
     ],

@@ -223,12 +223,11 @@ class FlexibleConfig(StrategyConfig):
         for name, modality in modalities.items():
             if modality is None:
                 continue
-            references = [c for c in modality.conditions if c.type == "reference"]
-            if len(references) > 1:
-                raise ValueError(f"strategy.{name}.conditions: at most one 'reference' condition, got "
-                                 f"{len(references)}")
-
-
+            for kind in ("reference", "mask"):
+                count = sum(c.type == kind for c in modality.conditions)
+                if count > 1:
+                    raise ValueError(f"strategy.{name}.conditions: at most one {kind!r} condition per modality, got "
+                                     f"{count}")
 
 
 def data_sources(strategy: FlexibleConfig) -> dict[str, str]:
