@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from ltxf.data import audio_latent_length, save_pt, write_precomputed_sample
+from ltxf.data import audio_latent_length, write_precomputed_sample
 from ltxf.models.audio_vae import AudioDecoder, AudioEncoder, AudioVAEConfig
 from ltxf.models.checkpoint import (
     AUDIO_CONNECTOR_PREFIX,
@@ -298,6 +298,7 @@ def write_demo_condition_files(root: Path, name: str, latents: torch.Tensor, aud
     """The flexible strategy's extra inputs for one demo clip, derived without randomness (the clips stay as they
     were): a half-size video reference, a time-reversed audio reference, a video mask keeping the top half of every
     frame and an audio mask keeping the first half, so every preset of experiments/presets.py runs on the demo."""
+    from ltxf.data import save_pt
     _, num_frames, height, width = latents.shape
     reference = latents[:, :, ::2, ::2].to(torch.bfloat16)
     save_pt({"latents": reference, "num_frames": num_frames, "height": reference.shape[2],

@@ -316,5 +316,7 @@ def test_registered_as_flexible_and_a_plain_section_becomes_its_config():
     assert strategy.name == "flexible" and strategy.data_sources() == {"latents": "latents",
                                                                         "audio_latents": "audio_latents",
                                                                         "conditions": "conditions"}
-    with pytest.raises(ValueError, match="needs shared_key"):
-        strategy.prepare_inputs(_batch(), _context(), sample_keys(0, 0, 0, B), dtype=torch.float32)
+    key = sample_keys(0, 0, 0, B)
+    with_shared = strategy.prepare_inputs(_batch(), _context(), key, dtype=torch.float32, shared_key=key[:1])
+    without = strategy.prepare_inputs(_batch(), _context(), key, dtype=torch.float32)
+    assert torch.equal(with_shared.video.latent, without.video.latent)

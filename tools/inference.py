@@ -34,12 +34,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from ltxf.checkpoint import load_lora_file  # noqa: E402
-from ltxf.conditions import SampleCondition  # noqa: E402
 from ltxf.generate import (  # noqa: E402
     DEFAULT_NEGATIVE_PROMPT,
     GeneratedClip,
     GenerationModels,
     GenerationRequest,
+    SampleCondition,
     apply_lora,
     describe_clip,
     encode_prompts,

@@ -563,8 +563,10 @@ class Flexible:
         shared_key: torch.Tensor | None = None,
     ) -> FlexibleInputs:
         if shared_key is None:
-            raise ValueError("strategy 'flexible' needs shared_key (the micro-batch's key, ltxf.step."
-                             "micro_batch_shared_key) for its per-batch reference draw")
+            # A caller with per-sample keys only: the batch draw comes from the first sample's key. Deterministic,
+            # but a batch split across processes may then draw differently for a reference with 0 < p < 1 (the
+            # training step always passes the micro-batch's shared key).
+            shared_key = key.reshape(-1)[:1]
         return prepare_flexible(batch, context, strategy=self.config, flow=self.flow, key=key, shared_key=shared_key,
                                 dtype=dtype)
 
