@@ -10,8 +10,8 @@ import torch
 from experiments.presets import MODE_PRESETS
 from ltxf.checkpoint import load_lora_file
 from ltxf.config import DataConfig, FlowConfig, LogConfig, ModelConfig, ParallelConfig, TrainConfig
-from ltxf.data import save_pt
-from ltxf.demo import build_demo_checkpoint, build_demo_dataset
+from ltxf.data import write_precomputed_sample
+from ltxf.demo import build_demo_checkpoint, demo_transformer_config, write_demo_condition_files
 from ltxf.lora import LoraConfig
 from ltxf.train import main
 
@@ -22,37 +22,36 @@ LEARNING_RATE = 1e-1  # a few steps of a rank-4 LoRA on a random tiny model must
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """The demo checkpoint and 2 demo clips of one bucket (every step trains on both, so the logged loss moves with
-    training), plus half-size video references, audio references, and video and audio masks (the top half of
-    each frame / the first half of the audio kept) for each."""
+    """The demo checkpoint and 2 clips of one bucket written here (every step trains on both, so the logged loss
+    moves with training): smooth video latents [128, 2, 4, 6], 4 s of smooth audio latents (enough tokens that one
+    step's noise draw moves the audio loss by ~1 %, less than a few training steps do), caption features, and
+    half-size video references, audio references, and video / audio masks (the top half of each frame / the first
+    half of the audio kept)."""
     root = tmp_path_factory.mktemp("modes")
     checkpoint = build_demo_checkpoint(root / "model.safetensors", seed=3)
-    dataset = build_demo_dataset(root / "data", num_samples=4, seed=3)
-    for folder in dataset.iterdir():
-        for odd in ("clip_001.pt", "clip_003.pt"):  # the other bucket
-            (folder / odd).unlink()
+    dataset = root / "data"
+    widths = demo_transformer_config()
     generator = torch.Generator().manual_seed(0)
-    for index, path in enumerate(sorted((dataset / "latents").glob("*.pt"))):
-        video = torch.load(path, weights_only=True)
-        # 4 s of smooth audio latents (the demo's clips have 10 steps): enough tokens that one step's noise draw
-        # moves the audio loss by ~1 %, less than a few training steps do.
+    t = torch.linspace(0, 1, 2)[:, None, None]
+    y = torch.linspace(-1, 1, 4)[None, :, None]
+    x = torch.linspace(-1, 1, 6)[None, None, :]
+    basis = torch.stack([torch.sin(3 * x + 2 * t).expand(2, 4, 6), torch.cos(2 * y - t).expand(2, 4, 6),
+                         (x * y).expand(2, 4, 6)])
+    for index in range(2):
+        name = f"clip_{index}.pt"
+        mix = torch.randn(128, 3, generator=generator)
+        latents = torch.einsum("ck,kfhw->cfhw", mix, basis) + 0.1 * torch.randn(128, 2, 4, 6, generator=generator)
         tone = torch.sin(torch.linspace(0, 12.0 * (index + 1), AUDIO_STEPS))
-        latents = tone[None, :, None] * torch.linspace(-1, 1, 8)[:, None, None] + 0.1 * torch.randn(
-            8, AUDIO_STEPS, 16, generator=generator)
-        audio = {"latents": latents, "num_time_steps": AUDIO_STEPS, "frequency_bins": 16,
-                 "duration": AUDIO_STEPS / 25.0}
-        save_pt(audio, dataset / "audio_latents" / path.name)
-        reference = video["latents"][:, :, ::2, ::2]
-        save_pt({**video, "latents": reference, "height": reference.shape[2], "width": reference.shape[3]},
-                dataset / "reference_latents" / path.name)
-        save_pt({**audio, "latents": audio["latents"].flip(1)}, dataset / "reference_audio_latents" / path.name)
-        _, frames, height, width = video["latents"].shape
-        video_mask = torch.zeros(frames, height, width)
-        video_mask[:, : height // 2] = 1.0
-        save_pt({"mask": video_mask}, dataset / "video_masks" / path.name)
-        audio_mask = torch.zeros(audio["latents"].shape[1])
-        audio_mask[: audio_mask.shape[0] // 2] = 1.0
-        save_pt({"mask": audio_mask}, dataset / "audio_masks" / path.name)
+        audio = tone[None, :, None] * mix[:8, :1, None] + 0.1 * torch.randn(8, AUDIO_STEPS, 16, generator=generator)
+        mask = torch.zeros(32, dtype=torch.int64)
+        mask[-12:] = 1
+        write_precomputed_sample(
+            dataset, f"clip_{index}.mp4", latents=latents, fps=24.0,
+            video_prompt_embeds=torch.randn(32, widths.inner_dim, generator=generator),
+            audio_prompt_embeds=torch.randn(32, widths.audio_inner_dim, generator=generator),
+            prompt_attention_mask=mask, audio_latents=audio, audio_duration=AUDIO_STEPS / 25.0,
+        )
+        write_demo_condition_files(dataset, name, latents, audio, AUDIO_STEPS / 25.0)
     return checkpoint, dataset
 
 
