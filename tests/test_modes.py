@@ -1,6 +1,7 @@
 """Every training mode of the official trainer 1.2 (experiments/presets.py MODE_PRESETS) trains on tiny data made
 here: its data sources are read, its model inputs run through the tiny LTX-2.3 model, and its loss falls."""
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -118,3 +119,14 @@ def test_readme_has_one_line_per_mode_that_parses():
         args = [w for w in words[2:] if w != "$DEMO"] + demo_flags
         cfg = parse_config(args)
         assert cfg.demo_model and cfg.strategy == MODE_PRESETS[name]().strategy, name
+
+
+def test_text_to_audio_trains_on_an_audio_only_dataset(assets, tmp_path):
+    """t2a reads only audio_latents/ and conditions/: a dataset without latents/ (as --audio-durations makes)."""
+    checkpoint, dataset = assets
+    audio_only = tmp_path / "audio_only"
+    for folder in ("audio_latents", "conditions"):
+        shutil.copytree(dataset / folder, audio_only / folder)
+    cfg = _tiny(MODE_PRESETS["t2a_lora"](), checkpoint, audio_only, tmp_path / "run")
+    result = main(replace(cfg, optim=replace(cfg.optim, steps=2)))
+    assert result.final_step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
