@@ -320,3 +320,15 @@ def test_registered_as_flexible_and_a_plain_section_becomes_its_config():
     with_shared = strategy.prepare_inputs(_batch(), _context(), key, dtype=torch.float32, shared_key=key[:1])
     without = strategy.prepare_inputs(_batch(), _context(), key, dtype=torch.float32)
     assert torch.equal(with_shared.video.latent, without.video.latent)
+
+
+def test_each_generated_modality_draws_its_sigma_with_its_own_token_count():
+    """The shifted logit-normal's shift grows with the token count (official: per modality, from its own latents):
+    from the same keys a 4096-token video draws clearly larger sigmas than a 10-step audio track."""
+    n = 32
+    batch = {"video_latents": torch.zeros(n, 128, 1, 64, 64), "fps": torch.full((n,), 24.0),
+             "audio_latents": torch.zeros(n, 8, T, 16)}
+    inputs = prepare_flexible(batch, _context(n), strategy=_strategy(_video(), _audio()), flow=FlowConfig(),
+                              key=sample_keys(0, 0, 0, n), shared_key=torch.tensor([1]), dtype=torch.float32)
+    video_sigma, audio_sigma = inputs.video_stream.sigma_B, inputs.audio_stream.sigma_B
+    assert video_sigma.median() > audio_sigma.median() + 0.15, (video_sigma.median(), audio_sigma.median())
