@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ltxf.config import (
     CheckpointConfig,
@@ -59,9 +60,12 @@ def flexible_lora(
     steps: int = 2000,
     rank: int = 32,
     optimizer: str = "adamw",
+    **validation: Any,
 ) -> TrainConfig:
     """The common body of the official 1.2 configs: LoRA rank/alpha 32, AdamW 1e-4, 2000 steps, batch 1,
-    activation checkpointing, bf16, shifted logit-normal sigmas."""
+    activation checkpointing, bf16, shifted logit-normal sigmas; validation (off until prompts are given) at
+    960x544x89, 24 fps, 30 steps, seed 42 with the 1.2 guidance defaults, ``validation`` overriding fields of it
+    (which modalities are generated, a given modality's guidance turned off)."""
     return TrainConfig(
         model=ModelConfig(training_mode="lora", dtype="bfloat16"),
         lora=LoraConfig(rank=rank, alpha=rank, target_modules=targets),
@@ -70,8 +74,15 @@ def flexible_lora(
                           optimizer=optimizer),
         parallel=ParallelConfig(data_parallel="auto", activation_checkpointing=True),
         checkpoints=CheckpointConfig(interval=250, keep_last_n=3),
+        validation=ValidationConfig(**{"video_dims": (960, 544, 89), "frame_rate": 24.0, "inference_steps": 30,
+                                       "seed": 42, **validation}),
         output_dir=Path("outputs") / name,
     )
+
+
+# A given (frozen) modality is not guided; the official configs set its scales to the neutral values.
+_NO_VIDEO_GUIDANCE = dict(guidance_scale=1.0, stg_scale=0.0, modality_guidance_scale=1.0)
+_NO_AUDIO_GUIDANCE = dict(audio_guidance_scale=1.0, audio_stg_scale=0.0, audio_modality_guidance_scale=1.0)
 
 
 def t2v_lora() -> TrainConfig:
@@ -81,7 +92,8 @@ def t2v_lora() -> TrainConfig:
 
 def t2v_lora_low_vram() -> TrainConfig:
     """Low-VRAM text-to-video (official t2v_lora_low_vram.yaml): rank 16, 8-bit AdamW, checkpointing."""
-    return flexible_lora("t2v_lora_low_vram", video=video(), audio=audio(), rank=16, optimizer="adamw8bit")
+    return flexible_lora("t2v_lora_low_vram", video=video(), audio=audio(), rank=16, optimizer="adamw8bit",
+                         video_dims=(576, 576, 49), offload_optimizer=True, text_encoder_8bit=True)
 
 
 def i2v_lora() -> TrainConfig:
@@ -109,26 +121,28 @@ def v2v_ic_lora() -> TrainConfig:
         "v2v_ic_lora",
         video=video(ConditionConfig(type="reference", latents_dir="reference_latents"),
                     ConditionConfig(type="first_frame", probability=0.2)),
-        targets=VIDEO_TARGETS, learning_rate=2e-4, steps=3000,
+        targets=VIDEO_TARGETS, learning_rate=2e-4, steps=3000, generate_audio=False, modality_guidance_scale=1.0,
     )
 
 
 def a2v_lora() -> TrainConfig:
     """Audio-to-video (official a2v_lora.yaml): video generated from the clean audio track."""
-    return flexible_lora("a2v_lora", video=video(), audio=audio(generated=False))
+    return flexible_lora("a2v_lora", video=video(), audio=audio(generated=False), generate_audio=False,
+                         **_NO_AUDIO_GUIDANCE)
 
 
 def v2a_lora() -> TrainConfig:
     """Video-to-audio / Foley (official v2a_lora.yaml): audio generated from the clean video; audio and
     video-to-audio attention targets."""
-    return flexible_lora("v2a_lora", video=video(generated=False), audio=audio(), targets=V2A_TARGETS)
+    return flexible_lora("v2a_lora", video=video(generated=False), audio=audio(), targets=V2A_TARGETS,
+                         generate_video=False, **_NO_VIDEO_GUIDANCE)
 
 
 def video_inpainting_lora() -> TrainConfig:
     """Video inpainting (official video_inpainting_lora.yaml): video_masks/ (> 0.5 kept) per sample, video only,
     attn1/attn2 targets."""
     return flexible_lora("video_inpainting_lora", video=video(ConditionConfig(type="mask", mask_dir="video_masks")),
-                         targets=VIDEO_ATTENTION_TARGETS)
+                         targets=VIDEO_ATTENTION_TARGETS, generate_audio=False)
 
 
 def video_outpainting_lora() -> TrainConfig:
@@ -137,35 +151,39 @@ def video_outpainting_lora() -> TrainConfig:
     return flexible_lora(
         "video_outpainting_lora",
         video=video(ConditionConfig(type="spatial_crop", spatial_region=(0, 0, 288, 576))),
-        targets=VIDEO_ATTENTION_TARGETS,
+        targets=VIDEO_ATTENTION_TARGETS, generate_audio=False,
     )
 
 
 def t2a_lora() -> TrainConfig:
     """Text-to-audio (official t2a_lora.yaml): audio only, audio targets, lr 2e-4, 3000 steps."""
-    return flexible_lora("t2a_lora", audio=audio(), targets=AUDIO_TARGETS, learning_rate=2e-4, steps=3000)
+    return flexible_lora("t2a_lora", audio=audio(), targets=AUDIO_TARGETS, learning_rate=2e-4, steps=3000,
+                         generate_video=False, audio_modality_guidance_scale=1.0)
 
 
 def audio_extend_lora() -> TrainConfig:
     """Audio extension (official audio_extend_lora.yaml): the first 8 audio latent steps (0.32 s) given."""
-    return flexible_lora("audio_extend_lora", audio=audio(ConditionConfig(type="prefix", temporal_boundary=8)))
+    return flexible_lora("audio_extend_lora", audio=audio(ConditionConfig(type="prefix", temporal_boundary=8)),
+                         generate_video=False)
 
 
 def audio_suffix_lora() -> TrainConfig:
     """Backward audio extension (official audio_suffix_lora.yaml): the last 8 audio latent steps given."""
-    return flexible_lora("audio_suffix_lora", audio=audio(ConditionConfig(type="suffix", temporal_boundary=8)))
+    return flexible_lora("audio_suffix_lora", audio=audio(ConditionConfig(type="suffix", temporal_boundary=8)),
+                         generate_video=False)
 
 
 def audio_inpainting_lora() -> TrainConfig:
     """Audio inpainting (official audio_inpainting_lora.yaml): audio_masks/ (> 0.5 kept) per sample."""
     return flexible_lora("audio_inpainting_lora",
-                         audio=audio(ConditionConfig(type="mask", mask_dir="audio_masks")))
+                         audio=audio(ConditionConfig(type="mask", mask_dir="audio_masks")), generate_video=False)
 
 
 def a2a_ic_lora() -> TrainConfig:
     """IC-LoRA audio-to-audio (official a2a_ic_lora.yaml): reference_audio_latents/ before the target."""
     return flexible_lora("a2a_ic_lora",
-                         audio=audio(ConditionConfig(type="reference", latents_dir="reference_audio_latents")))
+                         audio=audio(ConditionConfig(type="reference", latents_dir="reference_audio_latents")),
+                         generate_video=False)
 
 
 def av2av_ic_lora() -> TrainConfig:
