@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from ltxf.conditions import SampleCondition
+
 if TYPE_CHECKING:
     from ltxf.sampling import GuidanceConfig
 
@@ -100,18 +102,32 @@ class ValidationConfig:
     inference_steps: int = 30
     interval: int | None = 100
     """Sample every N optimizer steps (and at step 0 unless skip_initial_validation); None disables."""
-    guidance_scale: float = 4.0
-    """Classifier-free guidance scale; 1 disables CFG (and its negative-prompt pass)."""
+    guidance_scale: float = 3.0
+    """Video classifier-free guidance scale (official 1.2 default 3); 1 disables CFG."""
     stg_scale: float = 1.0
-    """Spatio-temporal guidance scale; 0 disables STG (and its perturbed pass)."""
-    stg_blocks: tuple[int, ...] | None = (29,)
-    """Transformer blocks whose self-attention the STG pass skips; None means every block."""
+    """Video spatio-temporal guidance scale; 0 disables STG (and its perturbed pass)."""
+    stg_blocks: tuple[int, ...] | None = (28,)
+    """Transformer blocks whose self-attention the STG pass skips (official 1.2: 28); None means every block."""
     stg_mode: Literal["stg_av", "stg_v"] = "stg_av"
     """stg_av skips video and audio self-attention in stg_blocks; stg_v only video."""
-    guidance_rescale: float = 0.0
-    """Std-rescaling of the guided prediction toward the conditional one (0 disables)."""
+    guidance_rescale: float = 0.7
+    """Std-rescaling of the guided prediction toward the conditional one (official 1.2: 0.7; 0 disables)."""
+    modality_guidance_scale: float = 3.0
+    """Video modality-isolation guidance (a pass without the audio<->video cross-attention; 1 disables; used only
+    with audio)."""
+    audio_guidance_scale: float = 7.0
+    """Audio classifier-free guidance scale (official 1.2 default 7)."""
+    audio_stg_scale: float = 1.0
+    """Audio spatio-temporal guidance scale."""
+    audio_modality_guidance_scale: float = 3.0
+    """Audio modality-isolation guidance (used only with video)."""
     generate_audio: bool = True
     """Generate an audio track jointly (loads the audio VAE decoder and the vocoder)."""
+    generate_video: bool = True
+    """Generate video; False with generate_audio gives text-to-audio samples, written as .wav."""
+    conditions: tuple[tuple[SampleCondition, ...], ...] | None = None
+    """Per-prompt conditions (one tuple per prompt; ltxf.conditions.SampleCondition: first_frame, prefix, suffix,
+    spatial_crop, mask, reference, video_to_audio, audio_to_video), given in Python (README)."""
     skip_initial_validation: bool = False
     """Do not sample at step 0."""
     include_reference_in_output: bool = False
@@ -133,6 +149,14 @@ class ValidationConfig:
                 raise ValueError(f"validation.{name} must be a sequence, got the string {value!r}")
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
+        if self.conditions is not None:
+            object.__setattr__(self, "conditions", tuple(tuple(c) for c in self.conditions))
+            if len(self.conditions) != len(self.prompts):
+                raise ValueError(f"validation.conditions has {len(self.conditions)} entries but validation.prompts has "
+                                 f"{len(self.prompts)}; give one tuple of conditions per prompt")
+        if not (self.generate_video or self.generate_audio):
+            raise ValueError("validation.generate_video and validation.generate_audio are both False: nothing to "
+                             "sample")
         for name in ("images", "reference_videos"):
             paths = getattr(self, name)
             if paths is None:
@@ -182,10 +206,21 @@ class ValidationConfig:
 
     @property
     def guidance(self) -> GuidanceConfig:
+        """The video stream's guidance (ltx-core MultiModalGuider parameters)."""
         from ltxf.sampling import GuidanceConfig  # the sampler (torch) loads only when a run samples
 
         return GuidanceConfig(cfg_scale=self.guidance_scale, stg_scale=self.stg_scale, stg_blocks=self.stg_blocks,
-                              stg_mode=self.stg_mode, guidance_rescale=self.guidance_rescale)
+                              stg_mode=self.stg_mode, guidance_rescale=self.guidance_rescale,
+                              modality_scale=self.modality_guidance_scale)
+
+    @property
+    def audio_guidance(self) -> GuidanceConfig:
+        """The audio stream's guidance (same STG blocks: one perturbed pass serves both streams)."""
+        from ltxf.sampling import GuidanceConfig
+
+        return GuidanceConfig(cfg_scale=self.audio_guidance_scale, stg_scale=self.audio_stg_scale,
+                              stg_blocks=self.stg_blocks, stg_mode=self.stg_mode,
+                              guidance_rescale=self.guidance_rescale, modality_scale=self.audio_modality_guidance_scale)
 
     def should_run(self, step: int) -> bool:
         """Step 0 unless ``skip_initial_validation``, then every ``interval`` steps; never when disabled."""
@@ -512,7 +547,8 @@ def check_paths(cfg: TrainConfig) -> None:
         root = root / ".precomputed"
     from ltxf.strategies.registry import build_strategy
 
-    required = list(build_strategy(cfg).data_sources())
+    sources = build_strategy(cfg).data_sources()  # folder names, or a mapping role -> folder
+    required = list(dict.fromkeys(sources.values() if isinstance(sources, dict) else sources))
     missing = [name for name in required if not (root / name).is_dir()]
     if missing:
         raise ValueError(f"data.root: {root} is missing the folder(s) {missing} needed by strategy "

@@ -13,6 +13,9 @@ its suffix replaced by ``.pt``)::
     audio_latents/<rel>.pt      {"latents": fp32 [8, T, 16], "num_time_steps": T, "frequency_bins": 16,
                                  "duration": float seconds}
     reference_latents/<rel>.pt  like latents/, named after the TARGET media path (IC-LoRA)
+    reference_audio_latents/<rel>.pt  like audio_latents/ (audio IC-LoRA)
+    video_masks/<rel>.pt        {"mask": float32 [F', H', W']}, > 0.5 = kept clean (flexible strategy 'mask')
+    audio_masks/<rel>.pt        {"mask": float32 [T]}
 
 A sample, as :class:`PrecomputedDataset` and :class:`DummyDataset` return it (dtypes as stored)::
 
@@ -24,6 +27,11 @@ A sample, as :class:`PrecomputedDataset` and :class:`DummyDataset` return it (dt
     prompt_attention_mask   bool [S]         (True = real token, left-padded)
     audio_latents           [8, T, 16]       (only with the audio source)
     reference_latents       [128, Fr, Hr, Wr] (only with the reference source)
+    reference_fps           float32 scalar tensor (with reference_latents; NaN when its file has no "fps")
+    reference_audio_latents [8, Tr, 16]      (only with that source)
+    video_mask              float32 [F', H', W'] / audio_mask float32 [T] (only with the mask sources)
+
+Audio-only datasets (no ``latents`` source) have no ``video_latents`` and no ``fps``.
 
 :func:`collate` stacks samples of one bucket into ``[B, ...]`` tensors (``fps`` becomes ``[B]``, ``sample_id`` a
 list). :class:`BucketBatchSampler` forms the batches; :class:`ResumableLoader` runs a ``DataLoader`` over it and
@@ -60,14 +68,20 @@ AUDIO_SAMPLE_RATE = 16_000
 AUDIO_HOP_LENGTH = 160
 AUDIO_TEMPORAL_FACTOR = 4
 
-Role = Literal["latents", "conditions", "audio_latents", "reference_latents"]
+Role = Literal["latents", "conditions", "audio_latents", "reference_latents", "reference_audio_latents",
+               "video_masks", "audio_masks"]
 ROLES: tuple[str, ...] = ("latents", "conditions", "audio_latents", "reference_latents")
+# Roles only the flexible strategy's conditions read (audio IC-LoRA, inpainting masks).
+CONDITION_ROLES: tuple[str, ...] = ("reference_audio_latents", "video_masks", "audio_masks")
 DEFAULT_SOURCES: tuple[str, ...] = ("latents", "conditions")
 
 # Sample keys that hold tensors stacked along a new batch dim by `collate`.
 VIDEO_LATENTS = "video_latents"
 AUDIO_LATENTS = "audio_latents"
 REFERENCE_LATENTS = "reference_latents"
+REFERENCE_AUDIO_LATENTS = "reference_audio_latents"
+VIDEO_MASK = "video_mask"
+AUDIO_MASK = "audio_mask"
 
 BucketKey = tuple[tuple[int, ...] | None, int | None, tuple[int, ...] | None]
 
@@ -172,6 +186,16 @@ def _audio_latents(data: Mapping[str, Any], path: Path, channels: int = AUDIO_LA
     return latents
 
 
+def _mask(data: Mapping[str, Any], path: Path, ndim: int) -> torch.Tensor:
+    """A mask file's ``mask`` entry as float32 with ``ndim`` dims (video [F', H', W'], audio [T])."""
+    mask = _require(data, "mask", path)
+    if not isinstance(mask, torch.Tensor) or mask.ndim != ndim:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{path}: 'mask' must be a {ndim}-D tensor ({'[F, H, W]' if ndim == 3 else '[T]'}), "
+                         f"got {shape}")
+    return mask.float()
+
+
 def _text_conditions(data: Mapping[str, Any], path: Path, text_length: int | None) -> dict[str, torch.Tensor]:
     """Validate a conditions file and return the sample's text entries (legacy and trimmed files normalised)."""
     mask = _require(data, "prompt_attention_mask", path)
@@ -222,6 +246,7 @@ class SampleInfo:
     fps: float | None  # None when the latent file has no "fps" key (DEFAULT_FPS is used)
     audio_length: int | None
     reference_shape: tuple[int, ...] | None
+    reference_audio_length: int | None = None
 
 
 def _normalize_sources(sources: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
@@ -229,10 +254,10 @@ def _normalize_sources(sources: Mapping[str, str] | Sequence[str]) -> dict[str, 
         raise ValueError(f"sources must be a sequence of roles or a role -> directory mapping, got {sources!r}")
     mapping = dict(sources) if isinstance(sources, Mapping) else {role: role for role in sources}
     if not mapping:
-        raise ValueError("sources is empty: expected some of " + ", ".join(ROLES))
-    unknown = [role for role in mapping if role not in ROLES]
+        raise ValueError("sources is empty: expected some of " + ", ".join(ROLES + CONDITION_ROLES))
+    unknown = [role for role in mapping if role not in ROLES + CONDITION_ROLES]
     if unknown:
-        raise ValueError(f"unknown source roles {unknown}: expected some of {ROLES}")
+        raise ValueError(f"unknown source roles {unknown}: expected some of {ROLES + CONDITION_ROLES}")
     return mapping
 
 
@@ -397,7 +422,8 @@ class PrecomputedDataset(Dataset):
         return infos
 
     def _read_info(self, sample_id: str, files: dict[str, Path]) -> SampleInfo:
-        video_shape = fps = audio_length = reference_shape = None
+        video_shape = fps = audio_length = reference_shape = reference_audio_length = None
+        mask_shapes = {}
         for role, path in files.items():
             data = _load_pt(path, mmap=True)
             if role == "latents":
@@ -407,8 +433,19 @@ class PrecomputedDataset(Dataset):
                 reference_shape = tuple(_video_latents(data, path, self.latent_channels).shape)
             elif role == "audio_latents":
                 audio_length = int(_audio_latents(data, path, self.audio_latent_channels).shape[1])
+            elif role == "reference_audio_latents":
+                reference_audio_length = int(_audio_latents(data, path, self.audio_latent_channels).shape[1])
+            elif role in ("video_masks", "audio_masks"):
+                mask_shapes[role] = (path, tuple(_mask(data, path, 3 if role == "video_masks" else 1).shape))
             else:
                 _text_conditions(data, path, self.text_length)
+        # A mask covers exactly its latents' grid (audio: the same T, so collate crops both alike).
+        expected_masks = {"video_masks": video_shape and video_shape[1:],
+                          "audio_masks": audio_length and (audio_length,)}
+        for role, (path, shape) in mask_shapes.items():
+            if shape != expected_masks[role]:
+                latents = list(expected_masks[role]) if expected_masks[role] else "missing"
+                raise ValueError(f"{path}: mask shape {list(shape)} does not match its latents' grid {latents}")
         return SampleInfo(
             sample_id=sample_id,
             files=files,
@@ -416,6 +453,7 @@ class PrecomputedDataset(Dataset):
             fps=fps,
             audio_length=audio_length,
             reference_shape=reference_shape,
+            reference_audio_length=reference_audio_length,
         )
 
     def __len__(self) -> int:
@@ -432,8 +470,12 @@ class PrecomputedDataset(Dataset):
         Audio lengths of otherwise equal samples that lie within ``audio_length_tolerance`` latent steps of the
         shortest one share a bucket (its key holds that shortest length), and :func:`collate` crops them to it.
         """
+        # An audio reference's length joins the reference part of the key (None for no audio reference).
         return bucket_keys_from_shapes(
-            [(i.video_shape, i.audio_length, i.reference_shape) for i in self._infos],
+            [(i.video_shape, i.audio_length,
+              i.reference_shape if i.reference_audio_length is None else (i.reference_shape,
+                                                                          i.reference_audio_length))
+             for i in self._infos],
             audio_length_tolerance=audio_length_tolerance,
         )
 
@@ -449,7 +491,17 @@ class PrecomputedDataset(Dataset):
                 sample["fps"] = torch.tensor(fps, dtype=torch.float32)
             elif role == "reference_latents":
                 sample[REFERENCE_LATENTS] = latents = _video_latents(data, path, self.latent_channels)
+                reference_fps = _fps(data, path)
+                sample["reference_fps"] = torch.tensor(float("nan") if reference_fps is None else reference_fps,
+                                                       dtype=torch.float32)
                 expected = info.reference_shape
+            elif role == "reference_audio_latents":
+                sample[REFERENCE_AUDIO_LATENTS] = latents = _audio_latents(data, path, self.audio_latent_channels)
+                expected = (self.audio_latent_channels, info.reference_audio_length, AUDIO_FREQUENCY_BINS)
+            elif role in ("video_masks", "audio_masks"):
+                sample[VIDEO_MASK if role == "video_masks" else AUDIO_MASK] = _mask(
+                    data, path, 3 if role == "video_masks" else 1)
+                continue
             elif role == "audio_latents":
                 sample[AUDIO_LATENTS] = latents = _audio_latents(data, path, self.audio_latent_channels)
                 expected = (self.audio_latent_channels, info.audio_length, AUDIO_FREQUENCY_BINS)
@@ -524,15 +576,17 @@ def collate(samples: Sequence[Mapping[str, Any]], *, max_audio_crop: int = 1) ->
         if not isinstance(values[0], torch.Tensor):
             batch[key] = list(values)
             continue
-        if key == AUDIO_LATENTS:
-            lengths = [v.shape[1] for v in values]
+        if key in (AUDIO_LATENTS, REFERENCE_AUDIO_LATENTS, AUDIO_MASK):
+            # Audio masks have their latents' length, so they are cropped alike.
+            time_dim = 0 if key == AUDIO_MASK else 1
+            lengths = [v.shape[time_dim] for v in values]
             shortest = min(lengths)
             if max(lengths) - shortest > max_audio_crop:
                 raise ValueError(
-                    f"audio latent lengths {dict(zip(ids, lengths, strict=True))} differ by more than "
+                    f"{key} lengths {dict(zip(ids, lengths, strict=True))} differ by more than "
                     f"max_audio_crop = {max_audio_crop}; the batch mixes buckets"
                 )
-            values = [v[:, :shortest] for v in values]
+            values = [v.narrow(time_dim, 0, shortest) for v in values]
         shapes = {tuple(v.shape) for v in values}
         if len(shapes) > 1:
             raise ValueError(
@@ -994,4 +1048,5 @@ class DummyDataset(Dataset):
             )
         if self.reference_shape is not None:
             sample[REFERENCE_LATENTS] = torch.randn(self.reference_shape, generator=gen).to(torch.bfloat16)
+            sample["reference_fps"] = torch.tensor(self.fps, dtype=torch.float32)
         return sample

@@ -292,7 +292,28 @@ def build_demo_dataset(root: Path, *, num_samples: int = 32, seed: int) -> Path:
             video_prompt_embeds=video_text, audio_prompt_embeds=audio_text, prompt_attention_mask=mask,
             audio_latents=audio, audio_duration=duration,
         )
+        write_demo_condition_files(root, f"clip_{index:03d}.pt", latents, audio, duration)
     return root
+
+
+def write_demo_condition_files(root: Path, name: str, latents: torch.Tensor, audio: torch.Tensor,
+                               duration: float) -> None:
+    """The flexible strategy's extra inputs for one demo clip, derived without randomness (the clips stay as they
+    were): a half-size video reference, a time-reversed audio reference, a video mask keeping the top half of every
+    frame and an audio mask keeping the first half, so every preset of experiments/presets.py runs on the demo."""
+    from ltxf.data import save_pt
+    _, num_frames, height, width = latents.shape
+    reference = latents[:, :, ::2, ::2].to(torch.bfloat16)
+    save_pt({"latents": reference, "num_frames": num_frames, "height": reference.shape[2],
+             "width": reference.shape[3], "fps": DEMO_FPS}, root / "reference_latents" / name)
+    save_pt({"latents": audio.flip(1).float(), "num_time_steps": audio.shape[1], "frequency_bins": audio.shape[2],
+             "duration": duration}, root / "reference_audio_latents" / name)
+    video_mask = torch.zeros(num_frames, height, width)
+    video_mask[:, : height // 2] = 1.0
+    save_pt({"mask": video_mask}, root / "video_masks" / name)
+    audio_mask = torch.zeros(audio.shape[1])
+    audio_mask[: audio.shape[1] // 2] = 1.0
+    save_pt({"mask": audio_mask}, root / "audio_masks" / name)
 
 
 def build_demo_prompt_features(path: Path, dataset: Path) -> Path:

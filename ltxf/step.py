@@ -21,7 +21,7 @@ from ltxf.config import TrainConfig
 from ltxf.models.text import TextContext
 from ltxf.optim import GradientTransformation, apply_updates, last_learning_rate
 from ltxf.parallel import DistInfo, all_reduce_mean_
-from ltxf.rng import sample_keys
+from ltxf.rng import fold_in, sample_keys
 from ltxf.state import TrainState
 from ltxf.strategies.base import StepLosses, Strategy
 
@@ -78,13 +78,32 @@ def micro_batch_key(ctx: StepContext, step: int, micro_batch: int, batch_size: i
     return sample_keys(ctx.cfg.seed, step, first, batch_size)
 
 
+def micro_batch_shared_key(ctx: StepContext, step: int, micro_batch: int) -> torch.Tensor:
+    """int64 [1]: the seed of draws that apply to a whole micro-batch (the flexible strategy's reference, which
+    changes the sequence length), keyed by (seed, step, micro-batch) only, so every process draws the same."""
+    return torch.tensor([fold_in(ctx.cfg.seed, step, micro_batch, "batch")], dtype=torch.int64)
+
+
+def batch_size_of(batch: dict[str, torch.Tensor]) -> int:
+    """Samples in a micro-batch (video latents, or audio latents for audio-only data)."""
+    return batch["video_latents" if "video_latents" in batch else "audio_latents"].shape[0]
+
+
+def num_latent_elements(batch: dict[str, torch.Tensor]) -> int:
+    """Latent positions in a micro-batch, for throughput: video F*H*W per sample, else audio steps."""
+    if "video_latents" in batch:
+        return math.prod(batch["video_latents"].shape[2:]) * batch["video_latents"].shape[0]
+    batch_size, _, num_steps, _ = batch["audio_latents"].shape
+    return batch_size * num_steps
+
+
 def loss_fn(
-    ctx: StepContext, batch: dict[str, torch.Tensor], key: torch.Tensor
+    ctx: StepContext, batch: dict[str, torch.Tensor], key: torch.Tensor, shared_key: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, StepLosses, torch.Tensor]:
     """Mean loss of one micro-batch, its per-sample terms, and the sigmas [B] it was drawn at."""
     context = text_context(ctx, batch)
-    inputs = ctx.strategy.prepare_inputs(batch, context, key, dtype=ctx.compute_dtype)
-    device_type = inputs.video.latent.device.type
+    inputs = ctx.strategy.prepare_inputs(batch, context, key, dtype=ctx.compute_dtype, shared_key=shared_key)
+    device_type = (inputs.video or inputs.audio).latent.device.type
     autocast = ctx.compute_dtype != torch.float32 and not ctx.fsdp
     with torch.autocast(device_type, dtype=ctx.compute_dtype, enabled=autocast):
         video_pred, audio_pred = ctx.transformer(video=inputs.video, audio=inputs.audio)
@@ -124,11 +143,11 @@ def train_step(
     num_tokens = 0
 
     for i, batch in enumerate(micro_batches):
-        key = micro_batch_key(ctx, step, i, batch["video_latents"].shape[0])
+        key = micro_batch_key(ctx, step, i, batch_size_of(batch))
         if ctx.fsdp:
             # Reduce-scatter gradients only once, after the last micro-batch.
             ctx.transformer.set_requires_gradient_sync(i == num_micro - 1)
-        loss, losses, sigma_B = loss_fn(ctx, batch, key)
+        loss, losses, sigma_B = loss_fn(ctx, batch, key, micro_batch_shared_key(ctx, step, i))
         (loss / num_micro).backward()
         with torch.no_grad():
             loss_sum += loss.detach()
@@ -138,8 +157,8 @@ def train_step(
             index_B = _bucket_index(sigma_B)
             bucket_sum.index_add_(0, index_B, losses.total_B.detach().float())
             bucket_count.index_add_(0, index_B, torch.ones_like(sigma_B, dtype=torch.float32))
-        num_samples += batch["video_latents"].shape[0]
-        num_tokens += math.prod(batch["video_latents"].shape[2:]) * batch["video_latents"].shape[0]
+        num_samples += batch_size_of(batch)
+        num_tokens += num_latent_elements(batch)
 
     grads = {}
     for key, param in state.params.items():

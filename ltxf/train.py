@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -264,9 +264,11 @@ def build_optimizer(cfg: TrainConfig) -> GradientTransformation:
 def build_data(plan: RunPlan, strategy: Strategy) -> Data:
     """The dataset the strategy reads, a resumable bucketed loader over it, and the export metadata."""
     cfg, dist = plan.cfg, plan.dist
+    sources = strategy.data_sources()  # folder names (role = folder), or a mapping role -> folder
+    sources = dict(sources) if isinstance(sources, Mapping) else list(sources)
     # Latent widths from the transformer (LTX: 128 video, 8 x 16 audio; the tiny LTX-2.5 pack: 4 and 2 x 16).
     transformer_config = read_transformer_config(cfg.model.checkpoint)
-    dataset = PrecomputedDataset(cfg.data.root, sources=list(strategy.data_sources()),
+    dataset = PrecomputedDataset(cfg.data.root, sources=sources,
                                  skip_bad_samples=cfg.data.skip_bad_samples, text_length=cfg.data.text_length,
                                  latent_channels=transformer_config.in_channels,
                                  audio_latent_channels=transformer_config.audio_in_channels // AUDIO_FREQUENCY_BINS)

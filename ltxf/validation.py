@@ -180,7 +180,8 @@ def offload_to_host_(tree: Any) -> Callable[[], None]:
 
 def _clip_to_cpu(clip: GeneratedClip) -> GeneratedClip:
     return dataclasses.replace(
-        clip, frames=clip.frames.cpu(), audio=None if clip.audio is None else clip.audio.cpu())
+        clip, frames=None if clip.frames is None else clip.frames.cpu(),
+        audio=None if clip.audio is None else clip.audio.cpu())
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -259,19 +260,34 @@ class Validator:
                 reference_video=config.reference_videos[i] if config.reference_videos else None,
                 reference_downscale_factor=config.reference_downscale_factor,
                 include_reference_in_output=config.include_reference_in_output,
-                generate_audio=config.generate_audio,
+                generate_audio=config.generate_audio, generate_video=config.generate_video,
+                audio_guidance=config.audio_guidance,
+                conditions=config.conditions[i] if config.conditions else (),
             )
             for i in range(len(config.prompts))
         ]
         conditionings = [Conditioning() for _ in requests]
-        if config.images or config.reference_videos:
+        conditions = [c for r in requests for c in r.conditions]
+        if config.images or config.reference_videos or conditions:
+            # Every condition's media is read and encoded once, here, and kept on the CPU.
+            from ltxf.generate import encode_conditions
+            from ltxf.models.audio_vae import load_audio_vae_encoder
+
             encoder = load_video_vae_encoder(pack.video_vae_file(), dtype=dtype, device=device)
-            conditionings = [_conditioning_to_cpu(prepare_conditioning(encoder, r)) for r in requests]
-            del encoder
+            audio_encoder = (load_audio_vae_encoder(pack.audio_vae_file(), dtype=torch.float32, device=device)
+                             if any(c.modality == "audio" for c in conditions) else None)
+            encoders = GenerationModels(transformer=None, text_processor=None, video_decoder=None,
+                                        video_encoder=encoder, audio_encoder=audio_encoder)
+            conditionings = [
+                dataclasses.replace(_conditioning_to_cpu(prepare_conditioning(encoder, r)),
+                                    conditions=tuple(e.to("cpu") for e in encode_conditions(encoders, r)))
+                for r in requests
+            ]
+            del encoder, audio_encoder, encoders
             free_memory()
         video_decoder = load_video_vae_decoder(pack.video_decoder_file(), dtype=dtype, device=device)
         audio_decoder = vocoder = None
-        if config.generate_audio:
+        if config.generate_audio or any(c.type == "audio_to_video" for c in conditions):
             try:
                 audio_file = pack.audio_vae_file()
                 audio_decoder = load_audio_vae_decoder(audio_file, dtype=torch.float32, device=device)
@@ -290,7 +306,7 @@ class Validator:
     def _prompt_features(
         config: ValidationConfig, pack: ModelPack, *, device: torch.device | str, dtype: torch.dtype
     ) -> tuple[list[PromptFeatures], PromptFeatures | None]:
-        uses_cfg = config.guidance.uses_cfg
+        uses_cfg = config.guidance.uses_cfg or (config.generate_audio and config.audio_guidance.uses_cfg)
         if config.prompt_features_path is not None:
             features, negative = load_prompt_features(config.prompt_features_path)
             if len(features) != len(config.prompts):
@@ -379,7 +395,9 @@ class Validator:
                         describe_clip(clip), path)
             if monitor is not None:
                 tag = f"validation/sample_{index + 1}"
-                if clip.num_frames == 1:
+                if clip.frames is None:
+                    pass  # audio only: logged below
+                elif clip.num_frames == 1:
                     monitor.log_image(tag, clip.frames[0], step)
                 else:
                     monitor.log_video(tag, clip.frames, clip.fps, step)

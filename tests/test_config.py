@@ -93,9 +93,11 @@ def test_cli_overrides_and_help(capsys):
     from train import parse_config
 
     cfg = parse_config(
-        ["ltx2_av_lora", "--optim.learning_rate", "3e-4", "--lora.rank", "8", "--strategy.with_audio", "False"],
+        ["ltx2_av_lora", "--optim.learning_rate", "3e-4", "--lora.rank", "8", "--strategy.audio.is_generated",
+         "False"],
     )
-    assert cfg.optim.learning_rate == 3e-4 and cfg.lora.rank == 8 and not cfg.strategy.with_audio
+    assert cfg.optim.learning_rate == 3e-4 and cfg.lora.rank == 8 and not cfg.strategy.audio.is_generated
+    assert cfg.strategy.video.conditions[0].type == "first_frame"  # the rest of the preset is kept
     assert cfg.optim.steps == PRESETS["ltx2_av_lora"]().optim.steps
     with pytest.raises(SystemExit):  # a config's own check, reported under the user's flag, no tyro internals
         parse_config(["demo", "--optim.steps", "0"])

@@ -191,3 +191,20 @@ def test_a_lora_for_another_model_fails_before_gemma_runs(assets, tmp_path, monk
         tool.main(_args(assets, tmp_path / "out.mp4", "--lora_path", str(wide)))
     with pytest.raises(ValueError, match="--config_from: file not found"):
         tool.main(_args(assets, tmp_path / "out.mp4", "--config_from", str(tmp_path / "none.safetensors")))
+def test_conditions_foley_and_text_to_audio_from_the_command_line(assets, tmp_path):
+    """--video_to_audio freezes the given clip (it is the output's video); --skip_video True writes a .wav; an
+    audio prefix holds the given audio's tokens."""
+    from tests.test_generate import test_pattern_frames
+
+    clip = tmp_path / "clip.mp4"
+    write_video(clip, test_pattern_frames(9, 64, 64, seed=4), FPS)
+    result = tool.main(_args(assets, tmp_path / "foley.mp4", "--video_to_audio", str(clip)))
+    assert [c.type for c in result.request.conditions] == ["video_to_audio"]
+    assert probe_video(result.output).has_audio and result.clip.frames.shape[0] == 9
+    t2a = tool.main(_args(assets, tmp_path / "sound.wav", "--skip_video", "True", "--audio_guidance_scale", "7"))
+    assert t2a.clip.frames is None and read_audio(t2a.output).num_samples == t2a.clip.audio.shape[1]
+    assert t2a.request.audio_guidance.cfg_scale == 7.0 and t2a.request.guidance.cfg_scale == 3.0
+    with pytest.raises(ValueError, match="--mask_video and --video_mask go together"):
+        tool.main(_args(assets, tmp_path / "x.mp4", "--mask_video", str(clip)))
+    with pytest.raises(ValueError, match="--output must end in .wav"):
+        tool.main(_args(assets, tmp_path / "x.mp4", "--skip_video", "True"))

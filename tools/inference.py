@@ -1,7 +1,10 @@
 """Generate a video (with audio) from an LTX-2 / LTX-2.3 checkpoint, optionally with a trained LoRA.
 
 Modes: text-to-video; image-to-video (``--condition_image``); IC-LoRA video-to-video (``--reference_video``, with
-the LoRA trained for it); and both conditions together. Examples::
+the LoRA trained for it); and the other conditions of the official 1.2 validation (``ltxf.conditions``): video
+``--prefix_video/--suffix_video/--crop_video/--mask_video``, audio ``--prefix_audio/--suffix_audio/--mask_audio/
+--reference_audio``, ``--video_to_audio`` (Foley: the given clip is frozen and muxed in), ``--audio_to_video``, and
+text-to-audio (``--skip_video True``, written as .wav). Examples::
 
     python tools/inference.py --checkpoint ltx-2.3.safetensors --text_encoder_path gemma-3-12b-it \\
         --prompt "a red fox runs through fresh snow" --output fox.mp4
@@ -35,6 +38,7 @@ from ltxf.generate import (  # noqa: E402
     GeneratedClip,
     GenerationModels,
     GenerationRequest,
+    SampleCondition,
     apply_lora,
     describe_clip,
     encode_prompts,
@@ -105,6 +109,52 @@ class InferenceArgs:
     """Show the reference to the left of the output (needs --reference_video)."""
     skip_audio: bool = False
     """Generate video only (no audio VAE or vocoder is loaded)."""
+    skip_video: bool = False
+    """Generate audio only (text-to-audio; --output must be a .wav)."""
+    audio_guidance_scale: float | None = None
+    """Audio classifier-free guidance scale (default: --guidance_scale; the official 1.2 validation uses 7)."""
+    audio_stg_scale: float | None = None
+    """Audio STG scale (default: --stg_scale)."""
+    modality_guidance_scale: float = 1.0
+    """Video modality-isolation guidance (a pass without the audio<->video cross-attention; 1 disables)."""
+    audio_modality_guidance_scale: float | None = None
+    """Audio modality-isolation guidance (default: --modality_guidance_scale)."""
+    reference_temporal_scale_factor: int | None = None
+    """The reference keeps frames 0, S, 2S, ... (default: the LoRA's reference_temporal_scale_factor, else 1)."""
+    prefix_video: Path | None = None
+    """Video extension: hold the first --prefix_frames frames of this clip."""
+    prefix_frames: int = 9
+    """Pixel frames of --prefix_video, 8k + 1."""
+    suffix_video: Path | None = None
+    """Backward extension: hold the last --suffix_frames // 8 latent frames of this clip at the end."""
+    suffix_frames: int = 8
+    """Pixel frames of --suffix_video, a multiple of 8."""
+    crop_video: Path | None = None
+    """Outpainting: hold --spatial_region of this clip on every frame."""
+    spatial_region: tuple[int, int, int, int] | None = None
+    """Pixel region (y1, x1, y2, x2) of --crop_video that is kept."""
+    mask_video: Path | None = None
+    """Inpainting: the clip whose masked part is kept (with --video_mask)."""
+    video_mask: Path | None = None
+    """Mask image or video for --mask_video (bright = kept)."""
+    prefix_audio: Path | None = None
+    """Audio extension: hold the first --prefix_duration seconds of this audio."""
+    prefix_duration: float = 0.32
+    """Seconds of --prefix_audio (0.32 s = the 8 latent steps audio_extend_lora trains on)."""
+    suffix_audio: Path | None = None
+    """Hold the last --suffix_duration seconds of this audio at the end."""
+    suffix_duration: float = 0.32
+    """Seconds of --suffix_audio."""
+    mask_audio: Path | None = None
+    """Audio inpainting: the audio whose masked part is kept (with --audio_mask)."""
+    audio_mask: Path | None = None
+    """Mask for --mask_audio: a .pt tensor or a sound file (loud = kept)."""
+    reference_audio: Path | None = None
+    """Audio IC-LoRA reference, appended after the audio with its own positions."""
+    video_to_audio: Path | None = None
+    """Foley: this clip is given (frozen) and the audio generated; the output muxes both."""
+    audio_to_video: Path | None = None
+    """This audio is given (frozen) and the video generated; the output muxes both."""
     audio_output: Path | None = None
     """Also write the audio track as a 16-bit .wav file."""
     device: str = "cuda"
@@ -137,14 +187,20 @@ def check_args(args: InferenceArgs) -> None:
     if not args.text_encoder_path.exists():
         raise ValueError(f"--text_encoder_path: Gemma model directory or packed text-encoder file not found: "
                          f"{args.text_encoder_path}")
-    for flag, path in (("--lora_path", args.lora_path), ("--condition_image", args.condition_image),
-                       ("--reference_video", args.reference_video), ("--config_from", args.config_from),
-                       ("--video_vae_path", args.video_vae_path), ("--audio_vae_path", args.audio_vae_path)):
+    for name in ("lora_path", "condition_image", "reference_video", "config_from", "video_vae_path", "audio_vae_path",
+                 "prefix_video", "suffix_video", "crop_video", "mask_video", "video_mask", "prefix_audio",
+                 "suffix_audio", "mask_audio", "audio_mask", "reference_audio", "video_to_audio", "audio_to_video"):
+        path = getattr(args, name)
         if path is not None and not path.is_file():
-            raise ValueError(f"{flag}: file not found: {path}")
+            raise ValueError(f"--{name}: file not found: {path}")
+    for pair in (("mask_video", "video_mask"), ("mask_audio", "audio_mask"), ("crop_video", "spatial_region")):
+        if (getattr(args, pair[0]) is None) != (getattr(args, pair[1]) is None):
+            raise ValueError(f"--{pair[0]} and --{pair[1]} go together")
     suffix = args.output.suffix.lower()
-    if suffix not in (".mp4", ".png"):
-        raise ValueError(f"--output must end in .mp4 or .png, got {args.output}")
+    if args.skip_video and suffix != ".wav":
+        raise ValueError(f"--skip_video True writes audio only: --output must end in .wav, got {args.output}")
+    if suffix not in (".mp4", ".png", ".wav") or (suffix == ".wav" and not args.skip_video):
+        raise ValueError(f"--output must end in .mp4 or .png (.wav with --skip_video True), got {args.output}")
     if suffix == ".png" and args.num_frames != 1:
         raise ValueError(f"--output {args.output} is a .png, which holds one frame: use --num_frames 1 or .mp4")
     if args.audio_output is not None:
@@ -159,7 +215,7 @@ def check_args(args: InferenceArgs) -> None:
 def _reference_factor(args: InferenceArgs, metadata: dict[str, str]) -> int:
     if args.reference_downscale_factor is not None:
         return args.reference_downscale_factor
-    value = metadata.get("reference_downscale_factor")
+    value = metadata.get("reference_spatial_scale_factor", metadata.get("reference_downscale_factor"))
     if value is None:
         return 1
     try:
@@ -186,6 +242,50 @@ def read_lora(args: InferenceArgs) -> LoraFile | None:
         raise ValueError(f"--lora_path: {error}") from None
 
 
+def _metadata_factor(args: InferenceArgs, metadata: dict[str, str], key: str) -> int:
+    value = metadata.get(key)
+    try:
+        return 1 if value is None else int(value)
+    except ValueError:
+        raise ValueError(f"--lora_path {args.lora_path}: metadata {key}={value!r} is not an integer") from None
+
+
+def sample_conditions(args: InferenceArgs, metadata: dict[str, str]) -> tuple[SampleCondition, ...]:
+    """The flags' conditions (:mod:`ltxf.conditions`); a reference subsampled in time becomes one as well."""
+    conditions = []
+    if args.prefix_video is not None:
+        conditions.append(SampleCondition(type="prefix", path=args.prefix_video, num_frames=args.prefix_frames))
+    if args.suffix_video is not None:
+        conditions.append(SampleCondition(type="suffix", path=args.suffix_video, num_frames=args.suffix_frames))
+    if args.crop_video is not None:
+        conditions.append(SampleCondition(type="spatial_crop", path=args.crop_video,
+                                          spatial_region=args.spatial_region))
+    if args.mask_video is not None:
+        conditions.append(SampleCondition(type="mask", path=args.mask_video, mask_path=args.video_mask))
+    if args.prefix_audio is not None:
+        conditions.append(SampleCondition(type="prefix", modality="audio", path=args.prefix_audio,
+                                          duration=args.prefix_duration))
+    if args.suffix_audio is not None:
+        conditions.append(SampleCondition(type="suffix", modality="audio", path=args.suffix_audio,
+                                          duration=args.suffix_duration))
+    if args.mask_audio is not None:
+        conditions.append(SampleCondition(type="mask", modality="audio", path=args.mask_audio,
+                                          mask_path=args.audio_mask))
+    if args.reference_audio is not None:
+        conditions.append(SampleCondition(type="reference", modality="audio", path=args.reference_audio))
+    if args.video_to_audio is not None:
+        conditions.append(SampleCondition(type="video_to_audio", path=args.video_to_audio))
+    if args.audio_to_video is not None:
+        conditions.append(SampleCondition(type="audio_to_video", path=args.audio_to_video))
+    temporal = (args.reference_temporal_scale_factor if args.reference_temporal_scale_factor is not None
+                else _metadata_factor(args, metadata, "reference_temporal_scale_factor"))
+    if args.reference_video is not None and temporal != 1:
+        conditions.append(SampleCondition(type="reference", path=args.reference_video,
+                                          downscale_factor=_reference_factor(args, metadata),
+                                          temporal_scale_factor=temporal))
+    return tuple(conditions)
+
+
 def run(args: InferenceArgs) -> InferenceResult:
     """Embed the prompts, load the models, generate and write the outputs."""
     check_args(args)
@@ -194,7 +294,7 @@ def run(args: InferenceArgs) -> InferenceResult:
 
 
 def _run(args: InferenceArgs) -> InferenceResult:
-    from ltxf.models.audio_vae import load_audio_vae_decoder
+    from ltxf.models.audio_vae import load_audio_vae_decoder, load_audio_vae_encoder
     from ltxf.models.pack import resolve_pack
     from ltxf.models.text import load_embeddings_processor
     from ltxf.models.transformer import load_transformer
@@ -204,7 +304,9 @@ def _run(args: InferenceArgs) -> InferenceResult:
     pack = resolve_pack(args.checkpoint, text_encoder=args.text_encoder_path, video_vae=args.video_vae_path,
                         audio_vae=args.audio_vae_path)
     pack.video_vae_file()  # a split pack without its VAE files fails here, before anything is loaded
-    if not args.skip_audio:
+    if not args.skip_audio or args.audio_to_video is not None or any(
+            getattr(args, name) is not None for name in ("prefix_audio", "suffix_audio", "mask_audio",
+                                                         "reference_audio")):
         pack.audio_vae_file()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -212,21 +314,34 @@ def _run(args: InferenceArgs) -> InferenceResult:
     dtype = DTYPES[args.dtype]
     lora = read_lora(args)
     guidance = GuidanceConfig(cfg_scale=args.guidance_scale, stg_scale=args.stg_scale, stg_blocks=args.stg_blocks,
-                              stg_mode=args.stg_mode, guidance_rescale=args.guidance_rescale)
+                              stg_mode=args.stg_mode, guidance_rescale=args.guidance_rescale,
+                              modality_scale=args.modality_guidance_scale)
+    audio_guidance = dataclasses.replace(
+        guidance,
+        cfg_scale=args.guidance_scale if args.audio_guidance_scale is None else args.audio_guidance_scale,
+        stg_scale=args.stg_scale if args.audio_stg_scale is None else args.audio_stg_scale,
+        modality_scale=(args.modality_guidance_scale if args.audio_modality_guidance_scale is None
+                        else args.audio_modality_guidance_scale))
+    metadata = lora.metadata if lora else {}
+    conditions = sample_conditions(args, metadata)
+    subsampled_reference = any(c.type == "reference" and c.modality == "video" for c in conditions)
     # Built before anything is loaded, so bad sizes fail at once.
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         num_frames=args.num_frames, frame_rate=args.frame_rate, num_inference_steps=args.num_inference_steps,
-        seed=args.seed, guidance=guidance, condition_image=args.condition_image, reference_video=args.reference_video,
-        reference_downscale_factor=_reference_factor(args, lora.metadata if lora else {}),
+        seed=args.seed, guidance=guidance, audio_guidance=audio_guidance, condition_image=args.condition_image,
+        reference_video=None if subsampled_reference else args.reference_video,
+        reference_downscale_factor=_reference_factor(args, metadata),
         include_reference_in_output=args.include_reference_in_output, generate_audio=not args.skip_audio,
+        generate_video=not args.skip_video, conditions=conditions,
     )
 
-    texts = [args.prompt] + ([args.negative_prompt] if guidance.uses_cfg else [])
+    uses_cfg = guidance.uses_cfg or audio_guidance.uses_cfg
+    texts = [args.prompt] + ([args.negative_prompt] if uses_cfg else [])
     features = encode_prompts(args.text_encoder_path, args.checkpoint, texts, device=device, dtype=dtype,
                               load_in_8bit=args.text_encoder_8bit)
     request = dataclasses.replace(request, prompt=None, prompt_features=features[0],
-                                  negative_prompt_features=features[1] if guidance.uses_cfg else None)
+                                  negative_prompt_features=features[1] if uses_cfg else None)
 
     transformer = load_transformer(args.checkpoint, dtype=dtype, device=device)
     if lora is not None:
@@ -236,7 +351,9 @@ def _run(args: InferenceArgs) -> InferenceResult:
         if bad:
             raise ValueError(f"--stg_blocks {bad} out of range: the transformer has {transformer.config.num_layers} "
                              "blocks")
-    needs_encoder = args.condition_image is not None or args.reference_video is not None
+    needs_encoder = args.condition_image is not None or args.reference_video is not None or any(
+        c.modality == "video" for c in conditions)
+    needs_audio = not args.skip_audio or args.audio_to_video is not None
     models = GenerationModels(
         transformer=transformer,
         text_processor=load_embeddings_processor(args.checkpoint, dtype=dtype, device=device,
@@ -244,8 +361,10 @@ def _run(args: InferenceArgs) -> InferenceResult:
         video_encoder=load_video_vae_encoder(pack.video_vae_file(), dtype=dtype, device=device)
         if needs_encoder else None,
         video_decoder=load_video_vae_decoder(pack.video_decoder_file(), dtype=dtype, device=device),
-        audio_decoder=None if args.skip_audio else load_audio_vae_decoder(pack.audio_vae_file(), device=device),
-        vocoder=None if args.skip_audio else load_vocoder(pack.audio_vae_file(), device=device),
+        audio_encoder=(load_audio_vae_encoder(pack.audio_vae_file(), device=device)
+                       if any(c.modality == "audio" for c in conditions) else None),
+        audio_decoder=load_audio_vae_decoder(pack.audio_vae_file(), device=device) if needs_audio else None,
+        vocoder=load_vocoder(pack.audio_vae_file(), device=device) if needs_audio else None,
         autocast_dtype=None if dtype == torch.float32 else dtype,
     )
     clip = generate(models, request)

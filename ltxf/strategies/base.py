@@ -171,14 +171,21 @@ class Strategy(Protocol):
 
     config: StrategyConfig
 
-    def data_sources(self) -> tuple[str, ...]:
-        """Dataset folders the strategy reads (``latents``, ``conditions``, ``audio_latents``, ...)."""
+    def data_sources(self) -> tuple[str, ...] | Mapping[str, str]:
+        """Dataset folders the strategy reads (``latents``, ``conditions``, ``audio_latents``, ...), or a mapping
+        dataset role (:data:`ltxf.data.ROLES`, :data:`ltxf.data.CONDITION_ROLES`) -> folder name."""
         ...
 
     def prepare_inputs(
-        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype
+        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype,
+        shared_key: torch.Tensor | None = None,
     ) -> ModelInputs:
-        """Noise the batch and build the transformer inputs and targets; all randomness from ``key`` [B]."""
+        """Noise the batch and build the transformer inputs and targets; all randomness from ``key`` [B] and,
+        for draws that apply to the whole micro-batch (a reference that changes the sequence length), from
+        ``shared_key`` [1] (keyed by seed, step and micro-batch: the same on every process).
+
+        The result has ``video`` / ``audio`` (:class:`~ltxf.models.transformer.Modality` or None, at least one)
+        and ``sigma_B``; :meth:`per_sample_losses` receives it back."""
         ...
 
     def per_sample_losses(

@@ -118,7 +118,8 @@ class TextToVideo:
         return ("latents", "conditions", "audio_latents") if self.config.with_audio else ("latents", "conditions")
 
     def prepare_inputs(
-        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype
+        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype,
+        shared_key: torch.Tensor | None = None,
     ) -> ModelInputs:
         return prepare_text_to_video(batch, context, strategy=self.config, flow=self.flow,
                                      generators=generators_from_key(key), dtype=dtype)

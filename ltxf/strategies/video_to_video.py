@@ -129,7 +129,8 @@ class VideoToVideo:
         return ("latents", "conditions", "reference_latents")
 
     def prepare_inputs(
-        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype
+        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype,
+        shared_key: torch.Tensor | None = None,
     ) -> ModelInputs:
         return prepare_video_to_video(batch, context, strategy=self.config, flow=self.flow,
                                       generators=generators_from_key(key), dtype=dtype)

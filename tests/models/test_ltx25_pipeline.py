@@ -47,7 +47,7 @@ def ltxf_made(tmp_path_factory) -> Path:
     summary = process_dataset(ProcessDatasetConfig(
         dataset_path=OFFICIAL_DATASET / "dataset.json", resolution_buckets=BUCKETS, model_path=TRANSFORMER,
         text_encoder_path=TEXT_ENCODER, video_vae_path=VIDEO_VAE_DIFFUSION, audio_vae_path=AUDIO_VAE,
-        with_audio=True, device="cpu", output_dir=out,
+        device="cpu", output_dir=out,  # audio is encoded by default (skip_audio=False)
     ))
     assert len(summary.processed) == 4
     return out
@@ -160,11 +160,11 @@ def test_inference_tool_samples_with_the_split_pack(transformer_for_the_data, tm
     from tools.inference import main as inference
 
     result = inference([
-        "--checkpoint", str(transformer_for_the_data), "--text-encoder-path", str(TEXT_ENCODER),
-        "--video-vae-path", str(VIDEO_VAE_DIFFUSION), "--audio-vae-path", str(AUDIO_VAE), "--prompt", "a red cat",
-        "--output", str(tmp_path / "clip.mp4"), "--width", "96", "--height", "64", "--num-frames", "9",
-        "--num-inference-steps", "2", "--stg-blocks", "1", "--device", "cpu", "--dtype", "float32",
-        "--frame-rate", "24",
+        "--checkpoint", str(transformer_for_the_data), "--text_encoder_path", str(TEXT_ENCODER),
+        "--video_vae_path", str(VIDEO_VAE_DIFFUSION), "--audio_vae_path", str(AUDIO_VAE), "--prompt", "a red cat",
+        "--output", str(tmp_path / "clip.mp4"), "--width", "96", "--height", "64", "--num_frames", "9",
+        "--num_inference_steps", "2", "--stg_blocks", "1", "--device", "cpu", "--dtype", "float32",
+        "--frame_rate", "24",
     ])
     assert result.output.is_file() and result.clip.num_frames == 9 and result.clip.audio_sample_rate == 48000
     assert "decoding with the pack's conv VAE" in caplog.text and VIDEO_VAE_CONV.name in caplog.text
@@ -174,5 +174,5 @@ def test_inference_tool_refuses_a_split_pack_without_its_vaes(transformer_for_th
     from tools.inference import main as inference
 
     with pytest.raises(ValueError, match=r"split-pack transformer file.*--model\.video_vae"):
-        inference(["--checkpoint", str(transformer_for_the_data), "--text-encoder-path", str(TEXT_ENCODER),
+        inference(["--checkpoint", str(transformer_for_the_data), "--text_encoder_path", str(TEXT_ENCODER),
                    "--prompt", "x", "--output", str(tmp_path / "clip.mp4"), "--device", "cpu"])

@@ -55,8 +55,7 @@ def processed(dataset, tiny_checkpoint, tiny_gemma, tmp_path_factory):
     args = [
         str(dataset / "dataset.json"), "--resolution_buckets", "64x64x17;96x64x9;64x64x1",
         "--model_path", str(tiny_checkpoint), "--text_encoder_path", str(tiny_gemma),
-        "--with_audio", "True", "--decode", "True", "--remove_llm_prefixes", "True", "--lora_trigger", "tok",
-        "--device", "cpu",
+        "--decode", "True", "--remove_llm_prefixes", "True", "--lora_trigger", "tok", "--device", "cpu",
     ]
     start = time.perf_counter()
     code = tool.main(args)

@@ -252,7 +252,7 @@ def test_process_dataset_with_references_and_decode(tmp_path, tiny_checkpoint, t
                                        {"caption": "b", "media_path": "t2.mp4", "reference_path": "gone.mp4"}])
     config = process.ProcessDatasetConfig(
         dataset_path=dataset, resolution_buckets="96x64x9", model_path=tiny_checkpoint, text_encoder_path=tiny_gemma,
-        reference_column="reference_path", decode=True, device="cpu",
+        reference_column="reference_path", decode=True, device="cpu", skip_audio=True,
     )
     summary = process.process_dataset(config)
     # A missing reference skips its sample before any model runs: no orphan conditions file.
