@@ -21,8 +21,10 @@ ConfigT = TypeVar("ConfigT")
 
 _FLAG = re.compile(r"--[a-z][a-z0-9_.-]*")
 
-CONVENTION = {"use_underscores": True, "config": (tyro.conf.FlagConversionOff,)}
-"""The keyword arguments every ltxf command line passes to tyro."""
+CONVENTION = {"use_underscores": True, "config": (tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands)}
+"""The keyword arguments every ltxf command line passes to tyro. ``AvoidSubcommands``: an optional section with a
+default (the flexible strategy's ``strategy.video`` / ``strategy.audio``) is set by its flags
+(``--strategy.audio.is_generated False``), not chosen as a subcommand."""
 
 
 def canonical_flags(args: Sequence[str]) -> list[str]:

@@ -15,7 +15,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import tyro
 
 from ltxf.conditions import SampleCondition
 
@@ -125,7 +127,8 @@ class ValidationConfig:
     """Generate an audio track jointly (loads the audio VAE decoder and the vocoder)."""
     generate_video: bool = True
     """Generate video; False with generate_audio gives text-to-audio samples, written as .wav."""
-    conditions: tuple[tuple[SampleCondition, ...], ...] | None = None
+    # Not a command-line flag (tyro cannot parse nested condition structs): set in Python, e.g. in a preset.
+    conditions: Annotated[tuple[tuple[SampleCondition, ...], ...] | None, tyro.conf.Suppress] = None
     """Per-prompt conditions (one tuple per prompt; ltxf.conditions.SampleCondition: first_frame, prefix, suffix,
     spatial_crop, mask, reference, video_to_audio, audio_to_video), given in Python (README)."""
     skip_initial_validation: bool = False
