@@ -817,8 +817,10 @@ def _select_component(prefix: str, statistics_prefix: str) -> Callable[[str], st
 
 
 def video_vae_key_prefix(path: str | Path) -> str:
-    """``"vae."`` for a single-file checkpoint, ``""`` for a standalone VAE file (the LTX-2.5 split pack stores
-    bare ``encoder.`` / ``decoder.`` / ``per_channel_statistics.`` keys), decided from the header."""
+    """The key prefix of the video VAE under the names :func:`ltxf.models.checkpoint.list_keys` gives: ``"vae."``
+    for a single-file checkpoint and for a standalone VAE file (the LTX-2.5 split pack stores bare ``encoder.`` /
+    ``decoder.`` / ``per_channel_statistics.`` keys, which the reader names officially); ``""`` for bare keys a
+    reader leaves as they are. Decided from the header."""
     keys = list_keys(path)
     if any(k.startswith("vae.") for k in keys):
         return "vae."
