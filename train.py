@@ -15,9 +15,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-import tyro
-
 from experiments.presets import PRESETS
+from ltxf.cli import parse_preset
 from ltxf.config import TrainConfig
 from ltxf.demo import prepare_demo
 from ltxf.faults import EXIT_INTERRUPTED, EXIT_OK, parse_errors_as_one_line, run_command
@@ -25,18 +24,11 @@ from ltxf.train import main
 
 
 def parse_config(args: Sequence[str] | None = None) -> TrainConfig:
-    """Pick a preset and apply ``--section.field value`` overrides (booleans take a value too: ``True``/``False``)."""
-    # Each preset's description is the first paragraph of its docstring.
-    configs = {name: (" ".join((fn.__doc__ or name).strip().split("\n\n")[0].split()), fn())
-               for name, fn in PRESETS.items()}
+    """Pick a preset and apply ``--section.field_name VALUE`` overrides (the :mod:`ltxf.cli` convention: booleans
+    take a value, ``True``/``False``)."""
     with parse_errors_as_one_line():  # a bad flag is one "error:" line, like every other user error
-        return tyro.extras.overridable_config_cli(
-            configs,
-            args=args,
-            use_underscores=True,
-            console_outputs=int(os.environ.get("RANK", "0")) == 0,
-            config=(tyro.conf.FlagConversionOff,),
-        )
+        return parse_preset(TrainConfig, PRESETS, args=args, prog="train.py",
+                            console_outputs=int(os.environ.get("RANK", "0")) == 0)
 
 
 def run(args: Sequence[str]) -> int:

@@ -18,9 +18,11 @@ Run checkpoints
     paths) is logged as a warning and the run continues with the new values.
 
 Exports
-    :func:`export_lora` writes a ComfyUI-layout LoRA that gives the trained model under both LoRA conventions
-    (see its docstring); :func:`load_lora_file` reads ours and plain PEFT / ComfyUI files and returns the
-    per-module scale to apply. :func:`export_full_model` writes the official single-file checkpoint layout.
+    :func:`export_lora` writes a LoRA in the ComfyUI / ltx-core layout without alpha keys (the scale folded into
+    lora_B), which ltx-core, ComfyUI and diffusers all load as the trained model (see its docstring);
+    :func:`export_full_model` writes a whole official single-file checkpoint: the trained transformer (and
+    connectors) over a copy of the base file. Every LoRA layout is read by :mod:`ltxf.lora_formats`
+    (``load_lora_file`` is re-exported here).
 """
 
 from __future__ import annotations
@@ -42,13 +44,21 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from ltxf.faults import CheckpointSaveError, describe_exception, gather_objects, save_error_message
-from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_config, read_tensors, write_checkpoint
+from ltxf.lora_formats import LoraFile as LoraFile  # re-exported: the LoRA reader's home is ltxf.lora_formats
+from ltxf.lora_formats import load_lora_file as load_lora_file
+from ltxf.models.checkpoint import (
+    TEXT_CONNECTOR_SUBPREFIXES,
+    TRANSFORMER_PREFIX,
+    read_config,
+    read_metadata,
+    read_tensors,
+    write_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -667,7 +677,13 @@ def _precheck(
 
 
 # -------------------------------------------------------------------------------------------------------------
-# LoRA export and import
+# LoRA export (reading every LoRA layout lives in ltxf.lora_formats)
+
+LORA_METADATA_RANK = "ltxf_lora_rank"
+LORA_METADATA_TRAINING_ALPHA = "ltxf_training_alpha"
+"""The run's ``lora.alpha``, for the record only: the scale ``alpha / rank`` is already folded into lora_B (a name
+no loader reads, unlike ``lora_alpha`` / ``ss_network_alpha``, which loaders would apply a second time)."""
+LORA_METADATA_FOLDED_SCALE = "ltxf_scale_folded_into_lora_B"
 
 
 def _split_lora_key(key: str) -> tuple[str, str] | None:
@@ -696,17 +712,20 @@ def export_lora(
     dtype: torch.dtype = torch.bfloat16,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write trained LoRA adapters as a ComfyUI-layout safetensors file that means the same under both conventions.
+    """Write trained LoRA adapters in the ComfyUI / ltx-core layout, with the training scale folded into lora_B.
 
     ``lora_tensors`` maps ``<module>.lora_A.weight`` ([rank, in]) and ``<module>.lora_B.weight`` ([out, rank])
     to full (not sharded) tensors, keys without prefix (a leading ``diffusion_model.`` is accepted). The trained
-    model is ``W + (alpha / rank) * B @ A``. ltx-core fuses ``W + strength * B @ A`` with no alpha/rank factor,
-    while ComfyUI multiplies by ``alpha / rank`` when a ``<module>.alpha`` key exists. So the scale is baked into
-    B (``B' = (alpha / rank) * B``, computed in fp32 before the cast to ``dtype``) and ``<module>.alpha = rank``
-    (a 0-d float32 tensor) is written, making ComfyUI's factor exactly 1: both tools then load the trained
-    model. Keys are ``diffusion_model.<module>.lora_A.weight`` etc. The safetensors metadata records
-    ``lora_rank``, ``lora_alpha`` (the training value) and ``lora_scale_baked_into_B = "true"``, plus
-    ``metadata`` (strings, e.g. ``reference_downscale_factor``). Written to a temporary file and renamed.
+    model is ``W + (alpha / rank) * B @ A``. The file holds ``diffusion_model.<module>.lora_A.weight = A`` and
+    ``...lora_B.weight = (alpha / rank) * B`` (computed in fp32, then cast to ``dtype``) and no ``.alpha`` keys,
+    the layout of Lightricks' own LoRAs: every loader then applies ``W + strength * B @ A`` and gets the trained
+    model -- ltx-core (never scales), ComfyUI (scale 1 without an alpha key) and diffusers (whose loader refuses
+    keys without "lora" in them, such as ``.alpha``, and takes ``alpha = rank`` without adapter metadata).
+
+    Safetensors metadata: ``metadata`` (strings, e.g. ``reference_downscale_factor`` for IC-LoRAs, read by the
+    official pipelines), plus :data:`LORA_METADATA_RANK`, :data:`LORA_METADATA_TRAINING_ALPHA` and
+    :data:`LORA_METADATA_FOLDED_SCALE` (records, under names no loader reads). Written to a temporary file and
+    renamed.
     """
     path = Path(path)
     if rank < 1:
@@ -747,13 +766,12 @@ def export_lora(
         b = b.detach().to("cpu", torch.float32)
         out[f"{COMFY_LORA_PREFIX}{module}{_LORA_A_SUFFIX}"] = a.to(dtype).contiguous()
         out[f"{COMFY_LORA_PREFIX}{module}{_LORA_B_SUFFIX}"] = (b * scale).to(dtype).contiguous()
-        out[f"{COMFY_LORA_PREFIX}{module}{_ALPHA_SUFFIX}"] = torch.tensor(float(rank), dtype=torch.float32)
 
     file_metadata = {
         **metadata,
-        "lora_rank": str(rank),
-        "lora_alpha": repr(float(alpha)),
-        "lora_scale_baked_into_B": "true",
+        LORA_METADATA_RANK: str(rank),
+        LORA_METADATA_TRAINING_ALPHA: repr(float(alpha)),
+        LORA_METADATA_FOLDED_SCALE: repr(scale),
         "format": "pt",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -762,83 +780,6 @@ def export_lora(
     tmp.replace(path)
     logger.info("exported LoRA (%d modules, rank %d, alpha %g) to %s", len(modules), rank, alpha, path)
     return path
-
-
-class LoraFile(NamedTuple):
-    """A LoRA file read by :func:`load_lora_file`."""
-
-    tensors: dict[str, torch.Tensor]
-    """``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` without any prefix."""
-    scales: dict[str, float]
-    """Per module, the factor to apply: ``W + strength * scales[module] * B @ A``."""
-    metadata: dict[str, str]
-
-
-def load_lora_file(path: str | Path, *, dtype: torch.dtype | None = None) -> LoraFile:
-    """Read a LoRA safetensors file: ours, ComfyUI (``diffusion_model.`` prefix) or PEFT (``base_model.model.``
-    prefix, or none), with or without ``<module>.alpha`` keys.
-
-    The per-module scale follows ComfyUI: ``alpha / rank`` where an alpha key exists, else 1 (which is also
-    ltx-core's convention and what the official trainer assumed). For files from :func:`export_lora` it is 1,
-    because the training scale is already in B. Keys other than lora_A, lora_B and alpha are an error (rather
-    than silently dropped). ``dtype`` casts the A/B tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"LoRA file not found: {path}")
-    raw: dict[str, torch.Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            file_metadata = dict(f.metadata() or {})
-            for key in f.keys():
-                raw[key] = f.get_tensor(key)
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
-
-    tensors: dict[str, torch.Tensor] = {}
-    alphas: dict[str, float] = {}
-    unsupported: list[str] = []
-    for key, tensor in raw.items():
-        name = key
-        for prefix in (COMFY_LORA_PREFIX, _PEFT_LORA_PREFIX):
-            if name.startswith(prefix):
-                name = name[len(prefix) :]
-                break
-        split = _split_lora_key(name)
-        if split is None:
-            unsupported.append(key)
-        elif split[1] == _ALPHA_SUFFIX:
-            if tensor.numel() != 1:
-                raise ValueError(
-                    f"{path}: '{key}' must hold one value (the LoRA alpha), got shape {tuple(tensor.shape)}"
-                )
-            alphas[split[0]] = float(tensor.float().item())
-        else:
-            tensors[name] = tensor.to(dtype) if dtype is not None else tensor
-    if unsupported:
-        raise ValueError(
-            f"{path}: unsupported LoRA keys ({len(unsupported)}): {_abbreviate(sorted(unsupported))}; expected only "
-            f"'<module>{_LORA_A_SUFFIX}', '<module>{_LORA_B_SUFFIX}' and '<module>{_ALPHA_SUFFIX}'"
-        )
-    if not tensors:
-        raise ValueError(f"{path}: no LoRA tensors found")
-
-    modules = sorted({_split_lora_key(k)[0] for k in tensors})
-    scales: dict[str, float] = {}
-    for module in modules:
-        a, b = tensors.get(module + _LORA_A_SUFFIX), tensors.get(module + _LORA_B_SUFFIX)
-        if a is None or b is None:
-            raise ValueError(f"{path}: module '{module}' needs both lora_A and lora_B weights")
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(
-                f"{path}: module '{module}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form a "
-                "low-rank pair ([rank, in] and [out, rank])"
-            )
-        scales[module] = alphas[module] / a.shape[0] if module in alphas else 1.0
-    stray = sorted(set(alphas) - set(modules))
-    if stray:
-        raise ValueError(f"{path}: alpha keys without lora_A/lora_B weights: {_abbreviate(stray)}")
-    return LoraFile(tensors=tensors, scales=scales, metadata=file_metadata)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -852,29 +793,43 @@ def export_full_model(
     *,
     dtype: torch.dtype = torch.bfloat16,
     base_checkpoint: str | Path | None = None,
+    connectors: Mapping[str, torch.Tensor] | None = None,
     extra_metadata: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write fine-tuned transformer weights in the official single-file checkpoint layout (real safetensors).
+    """Write fine-tuned weights as an official single-file checkpoint (real safetensors, written atomically).
 
     ``transformer_state`` holds full (gathered) tensors keyed by state-dict names without prefix; they are
-    written as ``model.diffusion_model.<name>``, floating-point ones cast to ``dtype``. ``config`` is the full
-    checkpoint config (with a ``transformer`` section) stored as JSON metadata. With ``base_checkpoint``, every
-    tensor of that file the export does not replace (video/audio VAE, vocoder, text projection, connectors if
-    they were not trained) is copied in, so the result is a drop-in replacement for the base file; ``config``
-    then defaults to the base file's. The write is atomic (temporary file, then rename).
+    written as ``model.diffusion_model.<name>``. ``connectors`` (trained text connectors, keys
+    ``video_embeddings_connector.*`` / ``audio_embeddings_connector.*``) go under the same prefix, their official
+    names. Both are cast to ``dtype`` (floating point only).
+
+    With ``base_checkpoint`` (what the trainer passes) the result is a whole checkpoint that replaces the base
+    file anywhere: every tensor of the base that was not trained (video VAE, audio VAE, vocoder, text projection,
+    untrained connectors, any other) is copied unchanged, in its own dtype, and the base's metadata is kept
+    (``config``, ``model_version``, ``license`` and anything else; ``config`` replaced only if given). Trained
+    names that the base lacks are a ``ValueError``. Without a base the file holds only what is given, with
+    ``config`` (which must have a ``transformer`` section) as its metadata; a warning says it is not a whole
+    checkpoint. ``extra_metadata`` entries are added last.
     """
     path = Path(path)
-    if config is None:
-        if base_checkpoint is None:
-            raise ValueError("export_full_model: pass the model config or a base_checkpoint to take it from")
-        config = read_config(base_checkpoint)
+    metadata: dict[str, str] = {}
+    if base_checkpoint is not None:
+        metadata = read_metadata(base_checkpoint)
+        if config is None:
+            config = read_config(base_checkpoint)
+    elif config is None:
+        raise ValueError("export_full_model: pass the model config or a base_checkpoint to take it from")
     if not isinstance(config.get("transformer"), Mapping):
         raise ValueError(
             f"export_full_model: the config must be a full checkpoint config with a 'transformer' section, got "
             f"sections {sorted(config)}"
         )
+    bad_connectors = sorted(k for k in (connectors or {}) if not k.startswith(TEXT_CONNECTOR_SUBPREFIXES))
+    if bad_connectors:
+        raise ValueError(f"export_full_model: connector keys must start with one of {TEXT_CONNECTOR_SUBPREFIXES}, "
+                         f"got {_abbreviate(bad_connectors)}")
     tensors: dict[str, torch.Tensor] = {}
-    for key, tensor in transformer_state.items():
+    for key, tensor in [*transformer_state.items(), *(connectors or {}).items()]:
         _check_full_tensor(key, tensor)
         tensor = tensor.detach()
         if tensor.is_floating_point() and tensor.dtype != dtype:
@@ -895,6 +850,11 @@ def export_full_model(
                 f"(strict loading would reject the file): {_abbreviate(new)}"
             )
         tensors.update(copied)
-    write_checkpoint(path, tensors, config, dict(extra_metadata or {}))
+    else:
+        logger.warning("export_full_model: no base checkpoint given, so %s holds only the trained tensors (not a "
+                       "whole checkpoint: no VAEs, vocoder or text projection)", path)
+    metadata.pop("config", None)  # written from ``config``
+    metadata.update(extra_metadata or {})
+    write_checkpoint(path, tensors, config, metadata)
     logger.info("exported full model (%d tensors) to %s", len(tensors), path)
     return path

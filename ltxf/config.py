@@ -15,7 +15,11 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import tyro
+
+from ltxf.conditions import SampleCondition
 
 if TYPE_CHECKING:
     from ltxf.sampling import GuidanceConfig
@@ -113,24 +117,40 @@ class ValidationConfig:
     inference_steps: int = 30
     interval: int | None = 100
     """Sample every N optimizer steps (and at step 0 unless skip_initial_validation); None disables."""
-    guidance_scale: float = 4.0
-    """Classifier-free guidance scale; 1 disables CFG (and its negative-prompt pass)."""
+    guidance_scale: float = 3.0
+    """Video classifier-free guidance scale (official 1.2 default 3); 1 disables CFG."""
     stg_scale: float = 1.0
-    """Spatio-temporal guidance scale; 0 disables STG (and its perturbed pass)."""
-    stg_blocks: tuple[int, ...] | None = (29,)
-    """Transformer blocks whose self-attention the STG pass skips; None means every block."""
+    """Video spatio-temporal guidance scale; 0 disables STG (and its perturbed pass)."""
+    stg_blocks: tuple[int, ...] | None = (28,)
+    """Transformer blocks whose self-attention the STG pass skips (official 1.2: 28); None means every block."""
     stg_mode: Literal["stg_av", "stg_v"] = "stg_av"
     """stg_av skips video and audio self-attention in stg_blocks; stg_v only video."""
-    guidance_rescale: float = 0.0
-    """Std-rescaling of the guided prediction toward the conditional one (0 disables)."""
+    guidance_rescale: float = 0.7
+    """Std-rescaling of the guided prediction toward the conditional one (official 1.2: 0.7; 0 disables)."""
+    modality_guidance_scale: float = 3.0
+    """Video modality-isolation guidance (a pass without the audio<->video cross-attention; 1 disables; used only
+    with audio)."""
+    audio_guidance_scale: float = 7.0
+    """Audio classifier-free guidance scale (official 1.2 default 7)."""
+    audio_stg_scale: float = 1.0
+    """Audio spatio-temporal guidance scale."""
+    audio_modality_guidance_scale: float = 3.0
+    """Audio modality-isolation guidance (used only with video)."""
     generate_audio: bool = True
     """Generate an audio track jointly (loads the audio VAE decoder and the vocoder)."""
+    generate_video: bool = True
+    """Generate video; False with generate_audio gives text-to-audio samples, written as .wav."""
+    # Not a command-line flag (tyro cannot parse nested condition structs): set in Python, e.g. in a preset.
+    conditions: Annotated[tuple[tuple[SampleCondition, ...], ...] | None, tyro.conf.Suppress] = None
+    """Per-prompt conditions (one tuple per prompt; ltxf.conditions.SampleCondition: first_frame, prefix, suffix,
+    spatial_crop, mask, reference, video_to_audio, audio_to_video), given in Python (README)."""
     skip_initial_validation: bool = False
     """Do not sample at step 0."""
     include_reference_in_output: bool = False
     """IC-LoRA: show the reference (resized to the output height) to the left of each sample."""
     text_encoder_path: Path | None = None
-    """Gemma 3 model directory, used once at start to embed the prompts, then freed."""
+    """Gemma 3 model directory or packed text-encoder file (LTX-2.5), used once at start to embed the prompts,
+    then freed; default: model.text_encoder."""
     text_encoder_8bit: bool = False
     """Load Gemma in 8-bit (bitsandbytes, CUDA only) for the one-off prompt embedding."""
     prompt_features_path: Path | None = None
@@ -145,6 +165,14 @@ class ValidationConfig:
                 raise ValueError(f"validation.{name} must be a sequence, got the string {value!r}")
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(value))
+        if self.conditions is not None:
+            object.__setattr__(self, "conditions", tuple(tuple(c) for c in self.conditions))
+            if len(self.conditions) != len(self.prompts):
+                raise ValueError(f"validation.conditions has {len(self.conditions)} entries but validation.prompts has "
+                                 f"{len(self.prompts)}; give one tuple of conditions per prompt")
+        if not (self.generate_video or self.generate_audio):
+            raise ValueError("validation.generate_video and validation.generate_audio are both False: nothing to "
+                             "sample")
         for name in ("images", "reference_videos"):
             paths = getattr(self, name)
             if paths is None:
@@ -186,9 +214,6 @@ class ValidationConfig:
             raise ValueError(f"validation.guidance_rescale must be in [0, 1], got {self.guidance_rescale}")
         if self.include_reference_in_output and self.reference_videos is None:
             raise ValueError("validation.include_reference_in_output needs validation.reference_videos")
-        if self.prompts and self.text_encoder_path is None and self.prompt_features_path is None:
-            raise ValueError("validation.text_encoder_path (a Gemma 3 directory) is required to embed "
-                             "validation.prompts, unless validation.prompt_features_path gives precomputed features")
 
     @property
     def enabled(self) -> bool:
@@ -197,10 +222,21 @@ class ValidationConfig:
 
     @property
     def guidance(self) -> GuidanceConfig:
+        """The video stream's guidance (ltx-core MultiModalGuider parameters)."""
         from ltxf.sampling import GuidanceConfig  # the sampler (torch) loads only when a run samples
 
         return GuidanceConfig(cfg_scale=self.guidance_scale, stg_scale=self.stg_scale, stg_blocks=self.stg_blocks,
-                              stg_mode=self.stg_mode, guidance_rescale=self.guidance_rescale)
+                              stg_mode=self.stg_mode, guidance_rescale=self.guidance_rescale,
+                              modality_scale=self.modality_guidance_scale)
+
+    @property
+    def audio_guidance(self) -> GuidanceConfig:
+        """The audio stream's guidance (same STG blocks: one perturbed pass serves both streams)."""
+        from ltxf.sampling import GuidanceConfig
+
+        return GuidanceConfig(cfg_scale=self.audio_guidance_scale, stg_scale=self.audio_stg_scale,
+                              stg_blocks=self.stg_blocks, stg_mode=self.stg_mode,
+                              guidance_rescale=self.guidance_rescale, modality_scale=self.audio_modality_guidance_scale)
 
     def should_run(self, step: int) -> bool:
         """Step 0 unless ``skip_initial_validation``, then every ``interval`` steps; never when disabled."""
@@ -219,15 +255,29 @@ class ValidationConfig:
         if self.prompt_features_path is not None:
             if not Path(self.prompt_features_path).is_file():
                 raise ValueError(f"validation.prompt_features_path: file not found: {self.prompt_features_path}")
-        elif self.text_encoder_path is not None and not Path(self.text_encoder_path).is_dir():
-            raise ValueError(f"validation.text_encoder_path: Gemma directory not found: {self.text_encoder_path}")
+        elif self.text_encoder_path is not None and not Path(self.text_encoder_path).exists():
+            raise ValueError(f"validation.text_encoder_path: Gemma directory or packed text-encoder file not found: "
+                             f"{self.text_encoder_path}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     checkpoint: Path | None = None
-    """Official LTX-2 / LTX-2.3 single-file checkpoint (.safetensors) holding the transformer and the text
-    connectors. Version is detected from its config metadata."""
+    """Official LTX-2 / LTX-2.3 single-file checkpoint (.safetensors), or the transformer file of an LTX-2.5
+    split pack; both hold the transformer and the text connectors. Version is detected from the config metadata
+    and ``model_version``."""
+
+    text_encoder: Path | None = None
+    """Text encoder of the model: the LTX-2.5 packed Gemma 4 file (it holds the feature extractor) or a Gemma 3
+    directory. Checked against the transformer's ``gemma_source_checkpoint`` at start; validation embeds its
+    prompts with it unless validation.text_encoder_path is set."""
+
+    video_vae: Path | None = None
+    """Video VAE file (LTX-2.5: the conv or the diffusion-decoder VAE); default: inside model.checkpoint (single
+    files only)."""
+
+    audio_vae: Path | None = None
+    """Audio VAE + vocoder file; default: inside model.checkpoint (single files only)."""
 
     training_mode: Literal["lora", "full"] = "lora"
     """'lora' trains adapters on a frozen base; 'full' trains every transformer weight."""
@@ -250,8 +300,10 @@ class ModelConfig:
     the model dtype (an official fp8 file keeps its fp8 layers). LoRA only."""
 
     def __post_init__(self) -> None:
-        if self.checkpoint is not None and str(self.checkpoint).startswith(("http:/", "https:/")):
-            raise ValueError(f"model.checkpoint must be a local file, got the URL {self.checkpoint}")
+        for name in ("checkpoint", "text_encoder", "video_vae", "audio_vae"):
+            value = getattr(self, name)
+            if value is not None and str(value).startswith(("http:/", "https:/")):
+                raise ValueError(f"model.{name} must be a local file or folder, got the URL {value}")
         if self.quantization != "none" and self.training_mode != "lora":
             raise ValueError(f"model.quantization={self.quantization!r} needs model.training_mode='lora' (a quantized "
                              "base is frozen); use model.quantization='none' for full fine-tuning")
@@ -280,7 +332,16 @@ class StrategyConfig:
     independent_audio_sigma: bool = False
     """Draw the audio sigma independently of the video sigma (the official trainer shares one sigma)."""
 
+    keyframes_mask: Literal["first_frame", "none"] = "first_frame"
+    """LTX-2.5 keyframe embedding in training (models without it ignore this). 'first_frame' marks the first
+    latent frame of every target, as inference (the official pipelines and validation) always does: that latent
+    encodes pixel frame 0 alone in training data too, so the model is trained in the regime it is sampled in.
+    'none' leaves the mask unset, as ltx-trainer 1.2 does (upstream issue #283): the embedding is then never
+    applied in training but is at inference."""
+
     def __post_init__(self) -> None:
+        if self.keyframes_mask not in ("first_frame", "none"):
+            raise ValueError(f"strategy.keyframes_mask must be 'first_frame' or 'none', got {self.keyframes_mask!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"strategy.name must be a registered strategy name, got {self.name!r}")
         if not 0.0 <= self.first_frame_conditioning_p <= 1.0:
@@ -460,7 +521,8 @@ class ParallelConfig:
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     interval: int | None = 250
-    """Save a resumable checkpoint (and an export) every N steps; None saves only at the end."""
+    """Save a resumable checkpoint every N steps (and always at the end); None saves only at the end. The weights
+    are exported once, at the end of the run (exports/)."""
 
     keep_last_n: int = 2
     """Keep only the newest N resumable checkpoints (<= 0 keeps all)."""
@@ -525,6 +587,12 @@ class TrainConfig:
 
         object.__setattr__(self, "strategy", resolve_strategy_config(self.strategy))
         self.strategy.check_train_config(self)
+        v = self.validation
+        if v.prompts and v.text_encoder_path is None and v.prompt_features_path is None \
+                and self.model.text_encoder is None and not self.demo_model:
+            raise ValueError("validation.text_encoder_path (a Gemma 3 directory or packed text-encoder file) or "
+                             "model.text_encoder is required to embed validation.prompts, unless "
+                             "validation.prompt_features_path gives precomputed features")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict of the resolved config."""
@@ -544,6 +612,10 @@ def check_paths(cfg: TrainConfig) -> None:
         raise ValueError("--data.root is required: a preprocessed dataset folder (latents/, conditions/, ...)")
     if not Path(checkpoint).is_file():
         raise ValueError(f"model.checkpoint: file not found: {checkpoint}")
+    for name in ("text_encoder", "video_vae", "audio_vae"):
+        value = getattr(cfg.model, name)
+        if value is not None and not Path(value).exists():
+            raise ValueError(f"model.{name}: not found: {value}")
     if cfg.model.init_lora is not None and not Path(cfg.model.init_lora).is_file():
         raise ValueError(f"model.init_lora: file not found: {cfg.model.init_lora}")
     root = Path(cfg.data.root)
@@ -553,7 +625,8 @@ def check_paths(cfg: TrainConfig) -> None:
         root = root / ".precomputed"
     from ltxf.strategies.registry import build_strategy
 
-    required = list(build_strategy(cfg).data_sources())
+    sources = build_strategy(cfg).data_sources()  # folder names, or a mapping role -> folder
+    required = list(dict.fromkeys(sources.values() if isinstance(sources, dict) else sources))
     missing = [name for name in required if not (root / name).is_dir()]
     if missing:
         raise ValueError(f"data.root: {root} is missing the folder(s) {missing} needed by strategy "

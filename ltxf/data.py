@@ -13,6 +13,9 @@ its suffix replaced by ``.pt``)::
     audio_latents/<rel>.pt      {"latents": fp32 [8, T, 16], "num_time_steps": T, "frequency_bins": 16,
                                  "duration": float seconds}
     reference_latents/<rel>.pt  like latents/, named after the TARGET media path (IC-LoRA)
+    reference_audio_latents/<rel>.pt  like audio_latents/ (audio IC-LoRA)
+    video_masks/<rel>.pt        {"mask": float32 [F', H', W']}, > 0.5 = kept clean (flexible strategy 'mask')
+    audio_masks/<rel>.pt        {"mask": float32 [T]}
 
 A sample, as :class:`PrecomputedDataset` and :class:`DummyDataset` return it (dtypes as stored)::
 
@@ -24,6 +27,11 @@ A sample, as :class:`PrecomputedDataset` and :class:`DummyDataset` return it (dt
     prompt_attention_mask   bool [S]         (True = real token, left-padded)
     audio_latents           [8, T, 16]       (only with the audio source)
     reference_latents       [128, Fr, Hr, Wr] (only with the reference source)
+    reference_fps           float32 scalar tensor (with reference_latents; NaN when its file has no "fps")
+    reference_audio_latents [8, Tr, 16]      (only with that source)
+    video_mask              float32 [F', H', W'] / audio_mask float32 [T] (only with the mask sources)
+
+Audio-only datasets (no ``latents`` source) have no ``video_latents`` and no ``fps``.
 
 :func:`collate` stacks samples of one bucket into ``[B, ...]`` tensors (``fps`` becomes ``[B]``, ``sample_id`` a
 list). :class:`BucketBatchSampler` forms the batches; :class:`ResumableLoader` runs a ``DataLoader`` over it and
@@ -60,14 +68,20 @@ TEXT_MAX_TOKENS = 1024
 # The official trainer's fallback when a latent file has no "fps" key.
 DEFAULT_FPS = 24.0
 
-Role = Literal["latents", "conditions", "audio_latents", "reference_latents"]
+Role = Literal["latents", "conditions", "audio_latents", "reference_latents", "reference_audio_latents",
+               "video_masks", "audio_masks"]
 ROLES: tuple[str, ...] = ("latents", "conditions", "audio_latents", "reference_latents")
+# Roles only the flexible strategy's conditions read (audio IC-LoRA, inpainting masks).
+CONDITION_ROLES: tuple[str, ...] = ("reference_audio_latents", "video_masks", "audio_masks")
 DEFAULT_SOURCES: tuple[str, ...] = ("latents", "conditions")
 
 # Sample keys that hold tensors stacked along a new batch dim by `collate`.
 VIDEO_LATENTS = "video_latents"
 AUDIO_LATENTS = "audio_latents"
 REFERENCE_LATENTS = "reference_latents"
+REFERENCE_AUDIO_LATENTS = "reference_audio_latents"
+VIDEO_MASK = "video_mask"
+AUDIO_MASK = "audio_mask"
 
 BucketKey = tuple[tuple[int, ...] | None, int | None, tuple[int, ...] | None]
 
@@ -156,21 +170,31 @@ def _fps(data: Mapping[str, Any], path: Path) -> float | None:
     return fps
 
 
-def _audio_latents(data: Mapping[str, Any], path: Path) -> torch.Tensor:
+def _audio_latents(data: Mapping[str, Any], path: Path, channels: int = AUDIO_LATENT_CHANNELS) -> torch.Tensor:
     latents = _require(data, "latents", path)
     if (
         not isinstance(latents, torch.Tensor)
         or latents.ndim != 3
-        or latents.shape[0] != AUDIO_LATENT_CHANNELS
+        or latents.shape[0] != channels
         or latents.shape[2] != AUDIO_FREQUENCY_BINS
         or latents.shape[1] == 0
     ):
         shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(
-            f"{path}: audio 'latents' must be [{AUDIO_LATENT_CHANNELS}, T, {AUDIO_FREQUENCY_BINS}] with T > 0 (the "
-            f"audio VAE's latent layout), got {shape}; preprocessed for another model?"
+            f"{path}: audio 'latents' must be [{channels}, T, {AUDIO_FREQUENCY_BINS}] with T > 0 (the audio VAE's "
+            f"latent layout), got {shape}; preprocessed for another model?"
         )
     return latents
+
+
+def _mask(data: Mapping[str, Any], path: Path, ndim: int) -> torch.Tensor:
+    """A mask file's ``mask`` entry as float32 with ``ndim`` dims (video [F', H', W'], audio [T])."""
+    mask = _require(data, "mask", path)
+    if not isinstance(mask, torch.Tensor) or mask.ndim != ndim:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{path}: 'mask' must be a {ndim}-D tensor ({'[F, H, W]' if ndim == 3 else '[T]'}), "
+                         f"got {shape}")
+    return mask.float()
 
 
 def _text_conditions(data: Mapping[str, Any], path: Path, text_length: int | None) -> dict[str, torch.Tensor]:
@@ -226,6 +250,7 @@ class SampleInfo:
     text_widths: dict[str, int] | None = None
     """Feature width per text key (``video_prompt_embeds``, ``audio_prompt_embeds``), checked against the model
     by :func:`ltxf.data_check.check_dataset_fits_model`."""
+    reference_audio_length: int | None = None
 
 
 def _normalize_sources(sources: Mapping[str, str] | Sequence[str]) -> dict[str, str]:
@@ -233,10 +258,10 @@ def _normalize_sources(sources: Mapping[str, str] | Sequence[str]) -> dict[str, 
         raise ValueError(f"sources must be a sequence of roles or a role -> directory mapping, got {sources!r}")
     mapping = dict(sources) if isinstance(sources, Mapping) else {role: role for role in sources}
     if not mapping:
-        raise ValueError("sources is empty: expected some of " + ", ".join(ROLES))
-    unknown = [role for role in mapping if role not in ROLES]
+        raise ValueError("sources is empty: expected some of " + ", ".join(ROLES + CONDITION_ROLES))
+    unknown = [role for role in mapping if role not in ROLES + CONDITION_ROLES]
     if unknown:
-        raise ValueError(f"unknown source roles {unknown}: expected some of {ROLES}")
+        raise ValueError(f"unknown source roles {unknown}: expected some of {ROLES + CONDITION_ROLES}")
     return mapping
 
 
@@ -265,9 +290,10 @@ class PrecomputedDataset(Dataset):
     skipped, logged and listed in :attr:`bad_samples`.
 
     ``text_length`` left-pads trimmed conditions files to that many tokens (1024, the tokenizer's length; None
-    keeps them as stored). ``check_finite`` makes every loaded sample a ``ValueError`` naming the file if one of
-    its tensors holds NaN or Inf. Each sample's text-feature widths are recorded (``SampleInfo.text_widths``) for
-    the check against the model (:mod:`ltxf.data_check`).
+    keeps them as stored). ``latent_channels`` / ``audio_latent_channels`` are the expected latent widths (the
+    model's; 128 and 8 for the released models). ``check_finite`` makes every loaded sample a ``ValueError`` naming
+    the file if one of its tensors holds NaN or Inf. Each sample's text-feature widths are recorded
+    (``SampleInfo.text_widths``) for the check against the model (:mod:`ltxf.data_check`).
     """
 
     def __init__(
@@ -281,6 +307,7 @@ class PrecomputedDataset(Dataset):
         text_length: int | None = TEXT_MAX_TOKENS,
         latent_channels: int = LATENT_CHANNELS,
         num_scan_threads: int = 8,
+        audio_latent_channels: int = AUDIO_LATENT_CHANNELS,
         check_finite: bool = False,
     ) -> None:
         super().__init__()
@@ -294,6 +321,7 @@ class PrecomputedDataset(Dataset):
             raise ValueError(f"optional_sources {stray} are not in sources {list(self.sources)}")
         self.text_length = text_length
         self.latent_channels = latent_channels
+        self.audio_latent_channels = audio_latent_channels
         self.skip_bad_samples = skip_bad_samples
         self.check_finite = check_finite
         self.missing: list[str] = []
@@ -402,7 +430,8 @@ class PrecomputedDataset(Dataset):
         return infos
 
     def _read_info(self, sample_id: str, files: dict[str, Path]) -> SampleInfo:
-        video_shape = fps = audio_length = reference_shape = text_widths = None
+        video_shape = fps = audio_length = reference_shape = reference_audio_length = text_widths = None
+        mask_shapes = {}
         for role, path in files.items():
             data = _load_pt(path, mmap=True)
             if role == "latents":
@@ -411,11 +440,22 @@ class PrecomputedDataset(Dataset):
             elif role == "reference_latents":
                 reference_shape = tuple(_video_latents(data, path, self.latent_channels).shape)
             elif role == "audio_latents":
-                audio_length = int(_audio_latents(data, path).shape[1])
+                audio_length = int(_audio_latents(data, path, self.audio_latent_channels).shape[1])
+            elif role == "reference_audio_latents":
+                reference_audio_length = int(_audio_latents(data, path, self.audio_latent_channels).shape[1])
+            elif role in ("video_masks", "audio_masks"):
+                mask_shapes[role] = (path, tuple(_mask(data, path, 3 if role == "video_masks" else 1).shape))
             else:
                 text = _text_conditions(data, path, self.text_length)
                 text_widths = {key: int(text[key].shape[-1]) for key in ("video_prompt_embeds", "audio_prompt_embeds")
                                if key in text}
+        # A mask covers exactly its latents' grid (audio: the same T, so collate crops both alike).
+        expected_masks = {"video_masks": video_shape and video_shape[1:],
+                          "audio_masks": audio_length and (audio_length,)}
+        for role, (path, shape) in mask_shapes.items():
+            if shape != expected_masks[role]:
+                latents = list(expected_masks[role]) if expected_masks[role] else "missing"
+                raise ValueError(f"{path}: mask shape {list(shape)} does not match its latents' grid {latents}")
         return SampleInfo(
             sample_id=sample_id,
             files=files,
@@ -424,6 +464,7 @@ class PrecomputedDataset(Dataset):
             audio_length=audio_length,
             reference_shape=reference_shape,
             text_widths=text_widths,
+            reference_audio_length=reference_audio_length,
         )
 
     def __len__(self) -> int:
@@ -440,8 +481,12 @@ class PrecomputedDataset(Dataset):
         Audio lengths of otherwise equal samples that lie within ``audio_length_tolerance`` latent steps of the
         shortest one share a bucket (its key holds that shortest length), and :func:`collate` crops them to it.
         """
+        # An audio reference's length joins the reference part of the key (None for no audio reference).
         return bucket_keys_from_shapes(
-            [(i.video_shape, i.audio_length, i.reference_shape) for i in self._infos],
+            [(i.video_shape, i.audio_length,
+              i.reference_shape if i.reference_audio_length is None else (i.reference_shape,
+                                                                          i.reference_audio_length))
+             for i in self._infos],
             audio_length_tolerance=audio_length_tolerance,
         )
 
@@ -457,10 +502,20 @@ class PrecomputedDataset(Dataset):
                 sample["fps"] = torch.tensor(fps, dtype=torch.float32)
             elif role == "reference_latents":
                 sample[REFERENCE_LATENTS] = latents = _video_latents(data, path, self.latent_channels)
+                reference_fps = _fps(data, path)
+                sample["reference_fps"] = torch.tensor(float("nan") if reference_fps is None else reference_fps,
+                                                       dtype=torch.float32)
                 expected = info.reference_shape
+            elif role == "reference_audio_latents":
+                sample[REFERENCE_AUDIO_LATENTS] = latents = _audio_latents(data, path, self.audio_latent_channels)
+                expected = (self.audio_latent_channels, info.reference_audio_length, AUDIO_FREQUENCY_BINS)
+            elif role in ("video_masks", "audio_masks"):
+                sample[VIDEO_MASK if role == "video_masks" else AUDIO_MASK] = _mask(
+                    data, path, 3 if role == "video_masks" else 1)
+                continue
             elif role == "audio_latents":
-                sample[AUDIO_LATENTS] = latents = _audio_latents(data, path)
-                expected = (AUDIO_LATENT_CHANNELS, info.audio_length, AUDIO_FREQUENCY_BINS)
+                sample[AUDIO_LATENTS] = latents = _audio_latents(data, path, self.audio_latent_channels)
+                expected = (self.audio_latent_channels, info.audio_length, AUDIO_FREQUENCY_BINS)
             else:
                 sample.update(_text_conditions(data, path, self.text_length))
                 continue
@@ -552,15 +607,17 @@ def collate(samples: Sequence[Mapping[str, Any]], *, max_audio_crop: int = 1) ->
         if not isinstance(values[0], torch.Tensor):
             batch[key] = list(values)
             continue
-        if key == AUDIO_LATENTS:
-            lengths = [v.shape[1] for v in values]
+        if key in (AUDIO_LATENTS, REFERENCE_AUDIO_LATENTS, AUDIO_MASK):
+            # Audio masks have their latents' length, so they are cropped alike.
+            time_dim = 0 if key == AUDIO_MASK else 1
+            lengths = [v.shape[time_dim] for v in values]
             shortest = min(lengths)
             if max(lengths) - shortest > max_audio_crop:
                 raise ValueError(
-                    f"audio latent lengths {dict(zip(ids, lengths, strict=True))} differ by more than "
+                    f"{key} lengths {dict(zip(ids, lengths, strict=True))} differ by more than "
                     f"max_audio_crop = {max_audio_crop}; the batch mixes buckets"
                 )
-            values = [v[:, :shortest] for v in values]
+            values = [v.narrow(time_dim, 0, shortest) for v in values]
         shapes = {tuple(v.shape) for v in values}
         if len(shapes) > 1:
             raise ValueError(
@@ -1057,4 +1114,5 @@ class DummyDataset(Dataset):
             )
         if self.reference_shape is not None:
             sample[REFERENCE_LATENTS] = torch.randn(self.reference_shape, generator=gen).to(torch.bfloat16)
+            sample["reference_fps"] = torch.tensor(self.fps, dtype=torch.float32)
         return sample

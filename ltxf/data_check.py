@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ltxf.data import AUDIO_FREQUENCY_BINS, AUDIO_LATENT_CHANNELS, SampleInfo
+from ltxf.data import AUDIO_FREQUENCY_BINS, SampleInfo
 from ltxf.models.checkpoint import config_section, read_config
 from ltxf.models.text import EmbeddingsProcessorConfig
 
@@ -66,12 +66,11 @@ def check_dataset_fits_model(
     how many other samples share the problem). Returns the IC-LoRA reference downscale factor (``reference``),
     else None."""
     hint = _HINT.format(checkpoint=model.checkpoint)
-    if with_audio and model.audio_in_channels != AUDIO_LATENT_CHANNELS * AUDIO_FREQUENCY_BINS:
+    if with_audio and model.audio_in_channels % AUDIO_FREQUENCY_BINS:
         raise ValueError(
             f"{model.checkpoint}: the transformer reads audio latents of {model.audio_in_channels} channels x "
-            f"frequency bins, but precomputed audio latents are [{AUDIO_LATENT_CHANNELS}, T, "
-            f"{AUDIO_FREQUENCY_BINS}] ({AUDIO_LATENT_CHANNELS * AUDIO_FREQUENCY_BINS}); this checkpoint cannot "
-            "train audio (use strategy.with_audio False)"
+            f"frequency bins, not a multiple of the {AUDIO_FREQUENCY_BINS} mel bins of precomputed audio latents "
+            f"[C, T, {AUDIO_FREQUENCY_BINS}]; this checkpoint cannot train audio (train video only)"
         )
     expected = {"video_prompt_embeds": ("video", model.video_text_width),
                 "audio_prompt_embeds": ("audio", model.audio_text_width)}

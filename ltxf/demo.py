@@ -67,12 +67,14 @@ DEMO_VIDEO_VAE: dict = {
     "norm_layer": "pixel_norm", "latent_log_var": "uniform", "spatial_padding_mode": "zeros",
     "decoder_base_channels": 4, "causal_decoder": False, "timestep_conditioning": False,
     "encoder_blocks": [["compress_all_res", {"multiplier": 1}]] * 3,
-    "decoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {"multiplier": 1}],
+    "decoder_blocks": [["res_x", {"num_layers": 1}], ["compress_all", {"multiplier": 2}],
                        ["compress_all", {"multiplier": 2}], ["compress_all", {"multiplier": 2}]],
 }  # fmt: skip
 """Video VAE: 128 latent channels (the encoder's width is tied to it), three 2x2x2 space-to-depth stages after
 the 4x patchify (8x / 32x in all), a decoder of at most 32 channels (LTX-2.3 switches: zero padding, no timestep
-conditioning)."""
+conditioning). The decoder's upsampling multipliers multiply to 8, as in the real models: ltx-core 1.0 (and ltxf)
+size its first convolution ``decoder_base_channels x 8``, ltx-core 1.2 ``decoder_base_channels x`` their
+product, so only then do both official versions build it."""
 # ch must equal z_channels x latent mel bins (8 x 16 = the transformer's 128 audio channels), and three levels
 # take 64 mel bins to 16, so this is the smallest audio VAE with the shipped latent layout.
 DEMO_AUDIO_VAE: dict = {
@@ -123,12 +125,13 @@ def demo_transformer_config() -> TransformerConfig:
 
 def demo_checkpoint_config() -> dict:
     """The full checkpoint config: the transformer section (with the connector keys the text side reads) and the
-    ``vae``, ``audio_vae`` and ``vocoder`` sections."""
+    ``vae``, ``audio_vae`` and ``vocoder`` sections. The connectors have 128 learnable registers, the number the
+    official 1.2 code always builds (whatever the config says), so the official tools load the demo file."""
     section = demo_transformer_config().to_checkpoint_config()
     section.update(
         connector_num_layers=1, connector_num_attention_heads=4, connector_attention_head_dim=16,
         audio_connector_num_attention_heads=4, audio_connector_attention_head_dim=8,
-        connector_num_learnable_registers=8, connector_apply_gated_attention=True,
+        connector_num_learnable_registers=128, connector_apply_gated_attention=True,
         connector_positional_embedding_max_pos=[4096],
     )
     return {"transformer": section, "vae": DEMO_VIDEO_VAE, "audio_vae": DEMO_AUDIO_VAE, "vocoder": DEMO_VOCODER}
@@ -292,7 +295,28 @@ def build_demo_dataset(root: Path, *, num_samples: int = 32, seed: int) -> Path:
             video_prompt_embeds=video_text, audio_prompt_embeds=audio_text, prompt_attention_mask=mask,
             audio_latents=audio, audio_duration=duration,
         )
+        write_demo_condition_files(root, f"clip_{index:03d}.pt", latents, audio, duration)
     return root
+
+
+def write_demo_condition_files(root: Path, name: str, latents: torch.Tensor, audio: torch.Tensor,
+                               duration: float) -> None:
+    """The flexible strategy's extra inputs for one demo clip, derived without randomness (the clips stay as they
+    were): a half-size video reference, a time-reversed audio reference, a video mask keeping the top half of every
+    frame and an audio mask keeping the first half, so every preset of experiments/presets.py runs on the demo."""
+    from ltxf.data import save_pt
+    _, num_frames, height, width = latents.shape
+    reference = latents[:, :, ::2, ::2].to(torch.bfloat16)
+    save_pt({"latents": reference, "num_frames": num_frames, "height": reference.shape[2],
+             "width": reference.shape[3], "fps": DEMO_FPS}, root / "reference_latents" / name)
+    save_pt({"latents": audio.flip(1).float(), "num_time_steps": audio.shape[1], "frequency_bins": audio.shape[2],
+             "duration": duration}, root / "reference_audio_latents" / name)
+    video_mask = torch.zeros(num_frames, height, width)
+    video_mask[:, : height // 2] = 1.0
+    save_pt({"mask": video_mask}, root / "video_masks" / name)
+    audio_mask = torch.zeros(audio.shape[1])
+    audio_mask[: audio.shape[1] // 2] = 1.0
+    save_pt({"mask": audio_mask}, root / "audio_masks" / name)
 
 
 def build_demo_prompt_features(path: Path, dataset: Path) -> Path:

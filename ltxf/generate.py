@@ -41,23 +41,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltxf.checkpoint import LoraFile
+from ltxf.conditions import SampleCondition
 from ltxf.config import DEFAULT_NEGATIVE_PROMPT, check_reference_downscale_factor
 from ltxf.latents import (
     audio_latent_length,
     audio_positions,
+    patchify_audio,
+    patchify_video,
     unpatchify_audio,
     unpatchify_video,
     video_latent_size,
     video_positions,
 )
-from ltxf.media import read_video, write_image, write_video
+from ltxf.media import read_audio, read_video, write_audio, write_image, write_video
 from ltxf.models.gemma import PromptFeatures
 from ltxf.models.text import EmbeddingsProcessor
 from ltxf.sampling import (
     GuidanceConfig,
+    LatentState,
+    append_reference_tokens,
     append_reference_video,
+    condition_tokens,
     condition_video_frame,
     denoise,
+    first_frame_keyframes_mask,
+    frozen_state,
     init_latent_state,
     ltx2_sigma_schedule,
     noise_state,
@@ -116,6 +124,13 @@ class GenerationRequest:
     """Put the reference (resized to the output height) to the left of the generated clip."""
     generate_audio: bool = True
     """Generate an audio track jointly (needs the audio VAE decoder and the vocoder)."""
+    generate_video: bool = True
+    """Generate the video (False with generate_audio: text-to-audio, written as .wav)."""
+    audio_guidance: GuidanceConfig | None = None
+    """The audio stream's guidance (ltx-core MultiModalGuider per modality); None uses ``guidance``."""
+    conditions: tuple[SampleCondition, ...] = ()
+    """Per-sample conditions (:mod:`ltxf.conditions`): prefix, suffix, spatial_crop, mask, reference (video or
+    audio), first_frame, video_to_audio, audio_to_video."""
     tiled_decode: bool | None = None
     """Decode the video in tiles; None decides from the size (tiles when a side exceeds 512 px or F > 65)."""
 
@@ -142,6 +157,25 @@ class GenerationRequest:
                                          "GenerationRequest.reference_downscale_factor")
         if self.include_reference_in_output and self.reference_video is None:
             raise ValueError("GenerationRequest.include_reference_in_output needs a reference_video")
+        object.__setattr__(self, "conditions", tuple(self.conditions))
+        if any(not isinstance(c, SampleCondition) for c in self.conditions):
+            raise ValueError("GenerationRequest.conditions must be SampleCondition objects")
+        kinds = [c.type for c in self.conditions]
+        if "video_to_audio" in kinds and "audio_to_video" in kinds:
+            raise ValueError("GenerationRequest.conditions: video_to_audio and audio_to_video together leave nothing "
+                             "to generate")
+        video_out = self.generate_video and "video_to_audio" not in kinds
+        audio_out = self.generate_audio and "audio_to_video" not in kinds
+        if not (video_out or audio_out):
+            raise ValueError("GenerationRequest: nothing to generate (generate_video and generate_audio are off, or "
+                             "the only generated modality is given by a condition)")
+        for condition in self.conditions:
+            if condition.modality == "video" and not video_out and condition.type != "video_to_audio":
+                raise ValueError(f"GenerationRequest.conditions: {condition.type!r} on video, but the video is not "
+                                 "generated")
+            if condition.modality == "audio" and not audio_out and condition.type != "audio_to_video":
+                raise ValueError(f"GenerationRequest.conditions: {condition.type!r} on audio, but the audio is not "
+                                 "generated")
         for name in ("condition_image", "reference_video"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -169,6 +203,8 @@ class GenerationModels:
     """A :class:`ltxf.models.gemma.GemmaTextEncoder`, for prompts given as text."""
     video_encoder: nn.Module | None = None
     """For image or reference conditioning (unless a precomputed :class:`Conditioning` is passed)."""
+    audio_encoder: nn.Module | None = None
+    """For audio conditions (prefix, suffix, mask, reference, audio_to_video)."""
     audio_decoder: nn.Module | None = None
     vocoder: nn.Module | None = None
     autocast_dtype: torch.dtype | None = None
@@ -185,14 +221,39 @@ class Conditioning:
     """``[1, C, F_r', H'/n, W'/n]`` the encoded reference."""
     reference_frames: torch.Tensor | None = None
     """``uint8 [F_r, H/n, W/n, 3]`` the reference as encoded (for ``include_reference_in_output``)."""
+    conditions: tuple[EncodedCondition, ...] | None = None
+    """The request's ``conditions`` encoded (:func:`encode_conditions`); None: encoded when sampling."""
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class EncodedCondition:
+    """One :class:`~ltxf.conditions.SampleCondition` as tensors: intrinsic conditions hold ``clean_BTC`` where
+    ``mask_BT`` is 1 on the generated grid; references and frozen modalities carry ``tokens_BRC`` (+ reference
+    ``positions`` and, for a video reference, its ``frames``)."""
+
+    condition: SampleCondition
+    clean_BTC: torch.Tensor | None = None
+    mask_BT: torch.Tensor | None = None
+    tokens_BRC: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    frames: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> EncodedCondition:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return EncodedCondition(condition=self.condition, clean_BTC=move(self.clean_BTC), mask_BT=move(self.mask_BT),
+                                tokens_BRC=move(self.tokens_BRC), positions=move(self.positions),
+                                frames=None if self.frames is None else self.frames.cpu())
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
 class SampledLatents:
     """The denoised latents of one request, before decoding."""
 
-    video_latents: torch.Tensor
-    """``[1, C, F', H', W']`` float32, the generated clip only (reference tokens dropped)."""
+    video_latents: torch.Tensor | None
+    """``[1, C, F', H', W']`` float32, the generated (or given) clip only (reference tokens dropped); None for
+    audio only."""
     audio_latents: torch.Tensor | None
     """``[1, Z, T, M]`` float32, or None without audio."""
     conditioning: Conditioning
@@ -202,8 +263,8 @@ class SampledLatents:
 class GeneratedClip:
     """A decoded clip on the CPU."""
 
-    frames: torch.Tensor
-    """``uint8 [F, H, W, 3]`` RGB."""
+    frames: torch.Tensor | None
+    """``uint8 [F, H, W, 3]`` RGB, or None for audio only."""
     fps: float
     audio: torch.Tensor | None = None
     """``float32 [C, N]`` in [-1, 1], or None."""
@@ -211,7 +272,7 @@ class GeneratedClip:
 
     @property
     def num_frames(self) -> int:
-        return int(self.frames.shape[0])
+        return 0 if self.frames is None else int(self.frames.shape[0])
 
     @property
     def audio_duration(self) -> float | None:
@@ -240,17 +301,21 @@ def encode_prompts(
     fed to the connectors at every generation. Prompts are encoded one at a time (the stacked hidden states of a
     1024-token prompt are ~0.4 GB in bf16 at full size).
     """
-    from ltxf.models.gemma import DEFAULT_MAX_LENGTH, load_gemma_text_encoder
+    from ltxf.models.gemma import DEFAULT_MAX_LENGTH, load_text_encoder
+    from ltxf.models.pack import check_gemma_pairing
     from ltxf.models.text import load_embeddings_processor
 
     text_encoder_path = Path(text_encoder_path)
-    if not text_encoder_path.is_dir():
-        raise ValueError(f"text_encoder_path: Gemma directory not found: {text_encoder_path}")
-    encoder = load_gemma_text_encoder(text_encoder_path, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
-                                      max_length=max_length or DEFAULT_MAX_LENGTH)
+    if not text_encoder_path.exists():
+        raise ValueError(f"text_encoder_path: Gemma directory or packed text-encoder file not found: "
+                         f"{text_encoder_path}")
+    check_gemma_pairing(checkpoint, text_encoder_path)
+    encoder = load_text_encoder(text_encoder_path, dtype=dtype, device=device, load_in_8bit=load_in_8bit,
+                                max_length=max_length or DEFAULT_MAX_LENGTH)
     processor = load_embeddings_processor(
         checkpoint, dtype=dtype, device=device, with_feature_extractor=True,
         gemma_hidden_size=encoder.model.config.hidden_size, gemma_num_hidden_states=encoder.num_hidden_states,
+        text_encoder_path=text_encoder_path,
     )
     try:
         features = []
@@ -451,6 +516,173 @@ def _model_dtype(models: GenerationModels) -> torch.dtype:
     return next(models.transformer.parameters()).dtype
 
 
+def _require_encoder(encoder: nn.Module | None, what: str, condition: SampleCondition) -> nn.Module:
+    if encoder is None:
+        raise ValueError(f"condition {condition.type!r} ({condition.modality}) needs GenerationModels.{what}")
+    return encoder
+
+
+def clip_latents(encoder: nn.Module, path: Path, *, max_frames: int, height: int, width: int) -> torch.Tensor:
+    """A clip's first ``8k + 1 <= max_frames`` frames, resized to cover ``height x width`` and centre-cropped,
+    encoded: ``[1, C, F', H', W']`` float32."""
+    frames = _load_frames(Path(path), str(path), max_frames)
+    usable = (frames.shape[0] - 1) // 8 * 8 + 1
+    return encode_frames(encoder, resize_cover_crop(frames[:usable], height, width))
+
+
+@torch.no_grad()
+def audio_tokens(encoder: nn.Module, path: Path, *, duration: float, from_end: bool = False) -> torch.Tensor:
+    """``duration`` seconds of an audio file (its start, or its end with ``from_end``) encoded and patchified:
+    ``[1, T, Z * M]`` float32."""
+    from ltxf.models.audio_vae import encode_audio
+
+    audio = read_audio(Path(path))
+    count = min(audio.num_samples, max(1, int(duration * audio.sample_rate)))
+    waveform = audio.waveform[:, -count:] if from_end else audio.waveform[:, :count]
+    weight = next(encoder.parameters())
+    return patchify_audio(encode_audio(encoder, waveform.to(weight.device), audio.sample_rate).float())
+
+
+def _placed(tokens_BKC: torch.Tensor, total: int, *, at_end: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokens`` at the start (or end) of a ``total``-token sequence: (clean tokens ``[1, total, C]``, mask)."""
+    count = min(tokens_BKC.shape[1], total)
+    part = tokens_BKC[:, -count:] if at_end else tokens_BKC[:, :count]
+    clean = torch.zeros(1, total, tokens_BKC.shape[2], device=tokens_BKC.device)
+    mask = torch.zeros(1, total, device=tokens_BKC.device)
+    span = slice(total - count, total) if at_end else slice(0, count)
+    clean[:, span] = part
+    mask[:, span] = 1.0
+    return clean, mask
+
+
+def _fit_length(tokens_BTC: torch.Tensor, length: int) -> torch.Tensor:
+    """Crop or zero-pad tokens to ``length`` (an audio file a little shorter than the clip)."""
+    if tokens_BTC.shape[1] >= length:
+        return tokens_BTC[:, :length]
+    return F.pad(tokens_BTC, (0, 0, 0, length - tokens_BTC.shape[1]))
+
+
+def _encode_video_condition(models: GenerationModels, request: GenerationRequest, condition: SampleCondition
+                            ) -> EncodedCondition:
+    """Intrinsic video conditions (first_frame, prefix, suffix, spatial_crop, mask) as (clean tokens, mask) on the
+    generated grid."""
+    from ltxf.prep.buckets import Bucket
+    from ltxf.prep.process import load_video_mask
+    from ltxf.strategies.flexible import Grid, spatial_crop_mask
+
+    encoder = _require_encoder(models.video_encoder, "video_encoder", condition)
+    frames, height, width = request.latent_size
+    per_frame = height * width
+    total = frames * per_frame
+    if condition.type == "first_frame":
+        image = resize_cover_crop(_load_frames(condition.path, "first_frame", 1)[:1], request.height, request.width)
+        clean, mask = _placed(patchify_video(encode_frames(encoder, image)), total, at_end=False)
+        return EncodedCondition(condition=condition, clean_BTC=clean, mask_BT=mask)
+    max_frames = {"prefix": condition.num_frames, "suffix": 10**6}.get(condition.type, request.num_frames)
+    latents = clip_latents(encoder, condition.path, max_frames=max_frames, height=request.height,
+                           width=request.width)
+    tokens = patchify_video(latents)
+    if condition.type in ("prefix", "suffix"):
+        if condition.type == "suffix":
+            tokens = tokens[:, -(condition.num_frames // 8) * per_frame:]
+        clean, mask = _placed(tokens, total, at_end=condition.type == "suffix")
+        return EncodedCondition(condition=condition, clean_BTC=clean, mask_BT=mask)
+    if tokens.shape[1] != total:
+        raise ValueError(f"condition {condition.type!r}: {condition.path} gives {latents.shape[2]} latent frames, "
+                         f"the sample has {frames} (it needs at least {request.num_frames} frames)")
+    if condition.type == "spatial_crop":
+        mask_T = spatial_crop_mask(Grid(num_frames=frames, height=height, width=width), condition.spatial_region)
+    else:
+        bucket = Bucket(width=request.width, height=request.height, num_frames=request.num_frames)
+        mask_T = load_video_mask(condition.mask_path, bucket).flatten()
+    return EncodedCondition(condition=condition, clean_BTC=tokens, mask_BT=mask_T[None].to(tokens.device))
+
+
+def _encode_audio_condition(models: GenerationModels, request: GenerationRequest, condition: SampleCondition
+                            ) -> EncodedCondition:
+    """Intrinsic audio conditions (prefix, suffix, mask) as (clean tokens, mask) on the generated audio grid."""
+    from ltxf.prep.process import load_audio_mask
+
+    encoder = _require_encoder(models.audio_encoder, "audio_encoder", condition)
+    total = audio_latent_length(request.num_frames, request.frame_rate)
+    if condition.type in ("prefix", "suffix"):
+        tokens = audio_tokens(encoder, condition.path, duration=condition.duration,
+                              from_end=condition.type == "suffix")
+        clean, mask = _placed(tokens, total, at_end=condition.type == "suffix")
+    else:
+        clean = _fit_length(audio_tokens(encoder, condition.path, duration=request.num_frames / request.frame_rate),
+                            total)
+        mask = load_audio_mask(condition.mask_path, total)[None].to(clean.device)
+    return EncodedCondition(condition=condition, clean_BTC=clean, mask_BT=mask)
+
+
+def _encode_reference_or_given(models: GenerationModels, request: GenerationRequest, condition: SampleCondition
+                               ) -> EncodedCondition:
+    """References (video: ``1 / downscale`` size, frames 0, S, 2S, ..., positions on the target's axes as in
+    training, :func:`ltxf.strategies.flexible.video_reference_positions`; audio: own positions) and the frozen
+    modality of video_to_audio / audio_to_video."""
+    from ltxf.strategies.flexible import Grid, video_reference_positions
+
+    duration = request.num_frames / request.frame_rate
+    num_audio = audio_latent_length(request.num_frames, request.frame_rate)
+    if condition.modality == "audio":
+        encoder = _require_encoder(models.audio_encoder, "audio_encoder", condition)
+        tokens = audio_tokens(encoder, condition.path, duration=duration)
+        if condition.type == "audio_to_video":
+            return EncodedCondition(condition=condition, tokens_BRC=_fit_length(tokens, num_audio))
+        return EncodedCondition(condition=condition, tokens_BRC=tokens,
+                                positions=audio_positions(1, tokens.shape[1], device=tokens.device))
+    encoder = _require_encoder(models.video_encoder, "video_encoder", condition)
+    if condition.type == "video_to_audio":
+        latents = clip_latents(encoder, condition.path, max_frames=request.num_frames, height=request.height,
+                               width=request.width)
+        if latents.shape[2] != request.latent_size[0]:
+            raise ValueError(f"video_to_audio: {condition.path} gives {latents.shape[2]} latent frames, the sample "
+                             f"has {request.latent_size[0]} (it needs {request.num_frames} frames)")
+        return EncodedCondition(condition=condition, tokens_BRC=patchify_video(latents))
+    n, s_factor = condition.downscale_factor, condition.temporal_scale_factor
+    check_reference_downscale_factor(n, request.width, request.height, "reference downscale_factor")
+    frames = _load_frames(Path(condition.path), str(condition.path), request.num_frames)[::s_factor]
+    usable = (frames.shape[0] - 1) // 8 * 8 + 1
+    frames = resize_cover_crop(frames[:usable], request.height // n, request.width // n)
+    latents = encode_frames(encoder, frames)
+    _, _, ref_f, ref_h, ref_w = latents.shape
+    fps = torch.tensor([float(request.frame_rate)])
+    positions = video_reference_positions(Grid(num_frames=ref_f, height=ref_h, width=ref_w), fps / s_factor, fps,
+                                          spatial=n, temporal=s_factor)
+    return EncodedCondition(condition=condition, tokens_BRC=patchify_video(latents),
+                            positions=positions.to(latents.device), frames=frames)
+
+
+@torch.no_grad()
+def encode_conditions(models: GenerationModels, request: GenerationRequest) -> tuple[EncodedCondition, ...]:
+    """Read and encode every ``request.conditions`` entry once (the validator caches the result on the CPU)."""
+    encoded = []
+    for condition in request.conditions:
+        if condition.type in ("reference", "video_to_audio", "audio_to_video"):
+            encoded.append(_encode_reference_or_given(models, request, condition))
+        elif condition.modality == "video":
+            encoded.append(_encode_video_condition(models, request, condition))
+        else:
+            encoded.append(_encode_audio_condition(models, request, condition))
+    return tuple(encoded)
+
+
+def _apply_conditions(state: LatentState, encoded: Sequence[EncodedCondition], modality: str, *, intrinsic: bool
+                      ) -> LatentState:
+    for item in encoded:
+        condition = item.condition
+        if condition.modality != modality or condition.type in ("video_to_audio", "audio_to_video"):
+            continue
+        if intrinsic and item.clean_BTC is not None:
+            state = condition_tokens(state, item.clean_BTC.to(state.clean_latent.device),
+                                     item.mask_BT.to(state.denoise_mask.device), strength=condition.strength)
+        elif not intrinsic and condition.type == "reference":
+            state = append_reference_tokens(state, item.tokens_BRC.to(state.latent.device),
+                                            item.positions.to(state.positions.device))
+    return state
+
+
 @torch.no_grad()
 def sample(
     models: GenerationModels,
@@ -462,8 +694,9 @@ def sample(
     """Run the denoising loop for ``request`` and return the generated latents (nothing decoded).
 
     ``conditioning`` reuses already encoded inputs (the validator encodes them once); otherwise they are prepared
-    from the request with ``models.video_encoder``. ``batch_passes`` batches the guidance passes into one forward
-    (faster; False uses less activation memory).
+    from the request with ``models.video_encoder``. ``request.conditions`` are encoded here (video ones with
+    ``models.video_encoder``, audio ones with ``models.audio_encoder``). ``batch_passes`` batches the guidance
+    passes into one forward (faster; False uses less activation memory).
     """
     transformer = models.transformer
     config = getattr(transformer, "config", None)
@@ -471,66 +704,98 @@ def sample(
         raise ValueError("GenerationModels.transformer must expose .config (an AVTransformer)")
     device = next(transformer.parameters()).device
     model_dtype = _model_dtype(models)
-    with_audio = request.generate_audio
-    if with_audio and (models.audio_decoder is None or models.vocoder is None):
+    by_type = {c.type: c for c in request.conditions}
+    video_given, audio_given = by_type.get("video_to_audio"), by_type.get("audio_to_video")
+    make_video = request.generate_video and video_given is None
+    make_audio = request.generate_audio and audio_given is None
+    with_audio = make_audio or audio_given is not None
+    with_video = make_video or video_given is not None
+    if make_audio and (models.audio_decoder is None or models.vocoder is None):
         raise ValueError("generate_audio=True needs the audio VAE decoder and the vocoder in GenerationModels "
                          "(or set generate_audio=False)")
     if conditioning is None:
         conditioning = prepare_conditioning(models.video_encoder, request)
+    encoded = conditioning.conditions if conditioning.conditions is not None else encode_conditions(models, request)
 
     guidance = request.guidance
+    audio_guidance = request.audio_guidance or guidance
     video_context, audio_context = _text_contexts(
         models, _prompt_features(models, request, negative=False), with_audio=with_audio, dtype=model_dtype,
         name="prompt_features")
     negative_video = negative_audio = None
-    if guidance.uses_cfg:
+    if guidance.uses_cfg or audio_guidance.uses_cfg:
         negative_video, negative_audio = _text_contexts(
             models, _prompt_features(models, request, negative=True), with_audio=with_audio, dtype=model_dtype,
             name="negative_prompt_features")
 
     num_latent_frames, latent_height, latent_width = request.latent_size
     num_tokens = num_latent_frames * latent_height * latent_width
+    num_audio_frames = audio_latent_length(request.num_frames, request.frame_rate)
     generator = torch.Generator(device=device).manual_seed(request.seed)
-    video_noise = torch.randn(1, num_tokens, config.in_channels, generator=generator, device=device)
-    video_state = init_latent_state(
-        torch.zeros(1, num_tokens, config.in_channels, device=device),
-        video_positions(1, num_latent_frames, latent_height, latent_width, request.frame_rate, device=device),
-    )
-    if conditioning.image_latents is not None:
-        video_state = condition_video_frame(video_state, conditioning.image_latents.to(device, torch.float32))
-    video_state = noise_state(video_state, video_noise)
-    if conditioning.reference_latents is not None:
-        video_state = append_reference_video(video_state, conditioning.reference_latents.to(device, torch.float32),
-                                             request.frame_rate, spatial_scale=request.reference_downscale_factor)
+    video_grid = video_positions(1, num_latent_frames, latent_height, latent_width, request.frame_rate,
+                                 device=device)
+    video_state = None
+    reference_frames = conditioning.reference_frames
+    if make_video:
+        video_noise = torch.randn(1, num_tokens, config.in_channels, generator=generator, device=device)
+        # As the official pipelines: the target's first latent frame is a keyframe (LTX-2.5 embedding; ignored
+        # by models without it), also when an image condition replaces it.
+        video_state = init_latent_state(
+            torch.zeros(1, num_tokens, config.in_channels, device=device), video_grid,
+            keyframes_mask_BT=first_frame_keyframes_mask(1, num_tokens, latent_height * latent_width, device=device))
+        if conditioning.image_latents is not None:
+            video_state = condition_video_frame(video_state, conditioning.image_latents.to(device, torch.float32))
+        video_state = noise_state(_apply_conditions(video_state, encoded, "video", intrinsic=True), video_noise)
+        if conditioning.reference_latents is not None:
+            video_state = append_reference_video(video_state, conditioning.reference_latents.to(device, torch.float32),
+                                                 request.frame_rate, spatial_scale=request.reference_downscale_factor)
+        video_state = _apply_conditions(video_state, encoded, "video", intrinsic=False)
+        reference_frames = next((e.frames for e in encoded if e.frames is not None), reference_frames)
+    elif video_given is not None:
+        tokens = next(e.tokens_BRC for e in encoded if e.condition.type == "video_to_audio")
+        video_state = frozen_state(tokens.to(device), video_grid, keyframes_mask_BT=first_frame_keyframes_mask(
+            1, num_tokens, latent_height * latent_width, device=device))
 
     audio_state = None
-    num_audio_frames = audio_latent_length(request.num_frames, request.frame_rate)
-    if with_audio:
+    audio_grid = audio_positions(1, num_audio_frames, device=device)
+    if make_audio:
         audio_noise = torch.randn(1, num_audio_frames, config.audio_in_channels, generator=generator, device=device)
-        audio_state = noise_state(
-            init_latent_state(torch.zeros_like(audio_noise), audio_positions(1, num_audio_frames, device=device)),
-            audio_noise)
+        audio_state = init_latent_state(torch.zeros_like(audio_noise), audio_grid)
+        audio_state = noise_state(_apply_conditions(audio_state, encoded, "audio", intrinsic=True), audio_noise)
+        audio_state = _apply_conditions(audio_state, encoded, "audio", intrinsic=False)
+    elif audio_given is not None:
+        tokens = next(e.tokens_BRC for e in encoded if e.condition.type == "audio_to_video")
+        audio_state = frozen_state(tokens.to(device), audio_grid)
 
     # The shift of the schedule follows the size of what is generated (reference tokens excluded).
-    sigmas = ltx2_sigma_schedule(request.num_inference_steps, num_tokens)
-    logger.info("sampling %dx%dx%d (%d video tokens%s%s), %d steps, cfg %g, stg %g", request.width, request.height,
-                request.num_frames, num_tokens, f", {num_audio_frames} audio tokens" if with_audio else "",
-                f", +{video_state.num_tokens - num_tokens} reference tokens" if conditioning.reference_latents
-                is not None else "", request.num_inference_steps, guidance.cfg_scale, guidance.stg_scale)
+    sigmas = ltx2_sigma_schedule(request.num_inference_steps, num_tokens if make_video else num_audio_frames)
+    logger.info("sampling %dx%dx%d (%s%s), %d steps, cfg %g/%g, stg %g/%g", request.width, request.height,
+                request.num_frames, f"{num_tokens} video tokens" if make_video else "no video generated",
+                f", {num_audio_frames} audio tokens" if make_audio else "", request.num_inference_steps,
+                guidance.cfg_scale, audio_guidance.cfg_scale, guidance.stg_scale, audio_guidance.stg_scale)
     video_x, audio_x = denoise(
-        transformer, video_state, audio_state, sigmas=sigmas, video_context=video_context,
-        audio_context=audio_context, negative_video_context=negative_video, negative_audio_context=negative_audio,
-        guidance=guidance, num_layers=config.num_layers, batch_passes=batch_passes,
-        autocast_dtype=models.autocast_dtype,
+        transformer, video_state, audio_state, sigmas=sigmas, video_context=video_context if with_video else None,
+        audio_context=audio_context, negative_video_context=negative_video if with_video else None,
+        negative_audio_context=negative_audio, guidance=guidance, audio_guidance=audio_guidance,
+        num_layers=config.num_layers, batch_passes=batch_passes, autocast_dtype=models.autocast_dtype,
     )
-    video_latents = unpatchify_video(video_x[:, :num_tokens], num_latent_frames, latent_height, latent_width)
+    video_latents = None
+    if video_x is not None:
+        video_latents = unpatchify_video(video_x[:, :num_tokens], num_latent_frames, latent_height, latent_width)
     audio_latents = None
-    if with_audio:
+    if audio_x is not None:
+        if models.audio_decoder is None:
+            raise ValueError("audio (generated or given) needs the audio VAE decoder and the vocoder to be written")
         audio_config = models.audio_decoder.config
         if audio_config.z_channels * audio_config.latent_mel_bins != audio_x.shape[-1]:
             raise ValueError(f"the transformer's audio tokens have {audio_x.shape[-1]} channels but the audio VAE "
                              f"expects {audio_config.z_channels} x {audio_config.latent_mel_bins}")
-        audio_latents = unpatchify_audio(audio_x, audio_config.z_channels, audio_config.latent_mel_bins)
+        audio_latents = unpatchify_audio(audio_x[:, :num_audio_frames], audio_config.z_channels,
+                                         audio_config.latent_mel_bins)
+    if reference_frames is not conditioning.reference_frames or conditioning.conditions is None:
+        conditioning = Conditioning(image_latents=conditioning.image_latents,
+                                    reference_latents=conditioning.reference_latents,
+                                    reference_frames=reference_frames, conditions=encoded)
     return SampledLatents(video_latents=video_latents, audio_latents=audio_latents, conditioning=conditioning)
 
 
@@ -592,7 +857,11 @@ def side_by_side(left_FHWC: torch.Tensor, right_FHWC: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def decode(models: GenerationModels, sampled: SampledLatents, request: GenerationRequest) -> GeneratedClip:
-    """Decode sampled latents to a :class:`GeneratedClip` (frames, and audio when it was generated)."""
+    """Decode sampled latents to a :class:`GeneratedClip`: frames (generated, or the given video muxed in) and
+    audio (generated or given); no frames for audio only."""
+    if sampled.video_latents is None:
+        audio, sample_rate = decode_audio_latents(models.audio_decoder, models.vocoder, sampled.audio_latents)
+        return GeneratedClip(frames=None, fps=float(request.frame_rate), audio=audio, audio_sample_rate=sample_rate)
     frames = decode_video_latents(models.video_decoder, sampled.video_latents, seed=request.seed,
                                   tiled=request.tiled_decode)
     if request.include_reference_in_output:
@@ -624,9 +893,16 @@ def generate(
 
 def save_clip(path: str | Path, clip: GeneratedClip, *, crf: int = 18) -> Path:
     """Write ``clip``: ``.mp4`` (H.264 yuv420p at ``crf``, plus a stereo AAC track at the clip's audio rate when it
-    has audio) or ``.png`` (one frame, no audio). Returns the path."""
+    has audio), ``.png`` (one frame, no audio) or ``.wav`` (audio only). Returns the path."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix == ".wav":
+        if clip.audio is None:
+            raise ValueError(f"{path}: a .wav needs audio but the clip has none")
+        write_audio(path, clip.audio, clip.audio_sample_rate)
+        return path
+    if clip.frames is None:
+        raise ValueError(f"{path}: the clip is audio only; write it as .wav")
     if suffix == ".png":
         if clip.num_frames != 1:
             raise ValueError(f"{path}: a .png holds one frame but the clip has {clip.num_frames}; use .mp4")
@@ -639,12 +915,15 @@ def save_clip(path: str | Path, clip: GeneratedClip, *, crf: int = 18) -> Path:
 
 
 def clip_suffix(num_frames: int) -> str:
-    """The file extension the official trainer uses: ``.png`` for one frame, else ``.mp4``."""
-    return ".png" if num_frames == 1 else ".mp4"
+    """The file extension the official trainer uses: ``.wav`` for audio only (0 frames), ``.png`` for one frame,
+    else ``.mp4``."""
+    return ".wav" if num_frames == 0 else ".png" if num_frames == 1 else ".mp4"
 
 
 def describe_clip(clip: GeneratedClip) -> str:
     """A one-line summary for logs: frames, size, fps, audio rate and duration."""
+    if clip.frames is None:
+        return f"audio only, {clip.audio.shape[0]} ch at {clip.audio_sample_rate} Hz ({clip.audio_duration:.3f} s)"
     frames, height, width = clip.frames.shape[:3]
     text = f"{frames} frames {width}x{height} at {clip.fps:g} fps ({frames / clip.fps:.3f} s)"
     if clip.audio is not None:
@@ -658,6 +937,7 @@ __all__ = [
     "GeneratedClip",
     "GenerationModels",
     "GenerationRequest",
+    "SampleCondition",
     "SampledLatents",
     "apply_lora",
     "check_reference_downscale_factor",
@@ -666,6 +946,7 @@ __all__ = [
     "decode_audio_latents",
     "decode_video_latents",
     "describe_clip",
+    "encode_conditions",
     "encode_frames",
     "encode_prompts",
     "free_memory",

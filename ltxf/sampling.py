@@ -53,7 +53,10 @@ class LatentState:
     ``latent`` ``[B, T, C]`` is the current (noisy) sample; ``denoise_mask`` ``[B, T]`` float32 in [0, 1] is how
     much of each token is generated (1) versus held at ``clean_latent`` ``[B, T, C]`` (0); ``positions`` is
     ``[B, A, T, 2]`` (see :mod:`ltxf.latents`); ``attention_mask`` ``[B, T, T]`` in [0, 1] or None (full
-    attention).
+    attention); ``keyframes_mask`` ``[B, T]`` float32, 1 on tokens whose latent encodes one standalone pixel
+    frame (the LTX-2.5 keyframe embedding; see :func:`first_frame_keyframes_mask`), or None. A ``frozen`` stream
+    (video-to-audio, audio-to-video) is given, not generated: its denoise mask is 0 everywhere and the model sees
+    it at sigma 0, as the official validation does.
     """
 
     latent: torch.Tensor
@@ -61,6 +64,8 @@ class LatentState:
     positions: torch.Tensor
     clean_latent: torch.Tensor
     attention_mask: torch.Tensor | None = None
+    keyframes_mask: torch.Tensor | None = None
+    frozen: bool = False
 
     def __post_init__(self) -> None:
         if self.latent.ndim != 3:
@@ -89,20 +94,81 @@ class LatentState:
                 f"got shape {tuple(self.attention_mask.shape)}"
             )
 
+        if self.keyframes_mask is not None and tuple(self.keyframes_mask.shape) != (batch_size, num_tokens):
+            raise ValueError(f"LatentState.keyframes_mask must be [B, T] = [{batch_size}, {num_tokens}], "
+                             f"got shape {tuple(self.keyframes_mask.shape)}")
+
     @property
     def num_tokens(self) -> int:
         return self.latent.shape[1]
 
 
+def first_frame_keyframes_mask(batch_size: int, num_tokens: int, tokens_per_frame: int,
+                               device: torch.device | str | None = None) -> torch.Tensor:
+    """``[B, T]`` float32: 1 on the first latent frame's tokens (frame-major order), 0 elsewhere. The causal VAE
+    encodes pixel frame 0 alone into latent frame 0, so those tokens are a standalone keyframe; the official
+    pipelines mark them in every target whatever the conditioning (``VideoLatentTools.create_initial_state``)."""
+    mask_T = (torch.arange(num_tokens, device=device) < tokens_per_frame).to(torch.float32)
+    return mask_T[None].expand(batch_size, num_tokens).clone()
+def frozen_state(clean_latent_BTC: torch.Tensor, positions: torch.Tensor, *,
+                 keyframes_mask_BT: torch.Tensor | None = None) -> LatentState:
+    """A given stream: its clean tokens, never denoised (mask 0), seen by the model at sigma 0. A frozen video
+    keeps its keyframe marks (``keyframes_mask_BT``), as the official pipelines build every video state."""
+    mask_BT = torch.zeros(clean_latent_BTC.shape[:2], device=clean_latent_BTC.device, dtype=torch.float32)
+    return LatentState(latent=clean_latent_BTC, denoise_mask=mask_BT, positions=positions,
+                       clean_latent=clean_latent_BTC, keyframes_mask=keyframes_mask_BT, frozen=True)
+
+
+def condition_tokens(state: LatentState, clean_BTC: torch.Tensor, mask_BT: torch.Tensor, *, strength: float = 1.0
+                     ) -> LatentState:
+    """Hold the tokens where ``mask_BT`` is 1 at ``clean_BTC`` (the conditioning's encoded latents on the state's
+    grid): their denoise mask becomes ``1 - strength`` there and they start clean (official
+    ``VideoConditionByMask`` / latent-index conditions; prefix, suffix, spatial crop and mask are such masks)."""
+    if clean_BTC.shape != state.clean_latent.shape or tuple(mask_BT.shape) != tuple(state.denoise_mask.shape):
+        raise ValueError(f"condition tokens {tuple(clean_BTC.shape)} / mask {tuple(mask_BT.shape)} do not match the "
+                         f"state {tuple(state.clean_latent.shape)}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    m_BT = (mask_BT > 0.5).to(state.denoise_mask.dtype)
+    m_BT1 = m_BT.unsqueeze(-1)
+    clean = clean_BTC.to(state.clean_latent.dtype) * m_BT1 + state.clean_latent * (1 - m_BT1)
+    return dataclasses.replace(
+        state,
+        latent=(clean_BTC.to(state.latent.dtype) * m_BT1 + state.latent * (1 - m_BT1)),
+        clean_latent=clean,
+        denoise_mask=state.denoise_mask * (1 - m_BT) + (1.0 - strength) * m_BT,
+    )
+
+
+def append_reference_tokens(state: LatentState, tokens_BRC: torch.Tensor, positions: torch.Tensor) -> LatentState:
+    """Append clean reference tokens (denoise mask 0) with their own positions after the state's tokens. The
+    appended tokens are no keyframes (keyframes mask 0 there, when the state has one)."""
+    if state.attention_mask is not None:
+        raise ValueError("append_reference_tokens does not extend an existing attention_mask")
+    mask_BT = torch.zeros(tokens_BRC.shape[:2], device=state.denoise_mask.device, dtype=state.denoise_mask.dtype)
+    keyframes_mask = None if state.keyframes_mask is None else torch.cat(
+        [state.keyframes_mask, torch.zeros_like(mask_BT, dtype=state.keyframes_mask.dtype)], dim=1)
+    return dataclasses.replace(
+        state,
+        keyframes_mask=keyframes_mask,
+        latent=torch.cat([state.latent, tokens_BRC.to(state.latent.dtype)], dim=1),
+        denoise_mask=torch.cat([state.denoise_mask, mask_BT], dim=1),
+        positions=torch.cat([state.positions, positions.to(state.positions.dtype)], dim=2),
+        clean_latent=torch.cat([state.clean_latent, tokens_BRC.to(state.clean_latent.dtype)], dim=1),
+    )
+
+
 def init_latent_state(
-    clean_latent_BTC: torch.Tensor, positions: torch.Tensor, *, denoise_mask_BT: torch.Tensor | None = None
+    clean_latent_BTC: torch.Tensor, positions: torch.Tensor, *, denoise_mask_BT: torch.Tensor | None = None,
+    keyframes_mask_BT: torch.Tensor | None = None,
 ) -> LatentState:
     """A state whose sample is ``clean_latent_BTC`` (zeros for pure generation) and whose mask is all ones unless
     given. Call :func:`noise_state` on it before sampling."""
     if denoise_mask_BT is None:
         denoise_mask_BT = torch.ones(clean_latent_BTC.shape[:2], device=clean_latent_BTC.device, dtype=torch.float32)
     return LatentState(
-        latent=clean_latent_BTC, denoise_mask=denoise_mask_BT, positions=positions, clean_latent=clean_latent_BTC
+        latent=clean_latent_BTC, denoise_mask=denoise_mask_BT, positions=positions, clean_latent=clean_latent_BTC,
+        keyframes_mask=keyframes_mask_BT,
     )
 
 
@@ -184,11 +250,15 @@ def append_reference_video(
                                 dtype=state.positions.dtype, device=state.positions.device)
     mask_BT = torch.full(tokens_BTC.shape[:2], 1.0 - strength, device=state.denoise_mask.device,
                          dtype=state.denoise_mask.dtype)
+    keyframes = state.keyframes_mask
+    if keyframes is not None:  # reference tokens are never marked (as in the official pipelines)
+        keyframes = torch.cat([keyframes, torch.zeros_like(mask_BT, dtype=keyframes.dtype)], dim=1)
     return LatentState(
         latent=torch.cat([state.latent, tokens_BTC.to(state.latent.dtype)], dim=1),
         denoise_mask=torch.cat([state.denoise_mask, mask_BT], dim=1),
         positions=torch.cat([state.positions, positions], dim=2),
         clean_latent=torch.cat([state.clean_latent, tokens_BTC], dim=1),
+        keyframes_mask=keyframes,
     )
 
 
@@ -297,6 +367,21 @@ class GuidanceConfig:
         return self.modality_scale != 1.0
 
 
+FROZEN_GUIDANCE = GuidanceConfig(cfg_scale=1.0, stg_scale=0.0, guidance_rescale=0.0, modality_scale=1.0)
+"""A frozen (given) stream's guidance: the official ``MultiModalGuiderParams()`` defaults, no guidance at all."""
+
+
+def official_guidance(*, video: bool = True, audio: bool = True, stg_blocks: tuple[int, ...] | None = (28,)
+                      ) -> tuple[GuidanceConfig, GuidanceConfig]:
+    """The official trainer 1.2's validation defaults as (video, audio) guidance: CFG 3 / 7, STG 1 / 1 on block 28,
+    rescale 0.7, modality-isolation 3 / 3 (1, i.e. off, for a stream whose partner is absent)."""
+    both = video and audio
+    return (GuidanceConfig(cfg_scale=3.0, stg_scale=1.0, stg_blocks=stg_blocks, guidance_rescale=0.7,
+                           modality_scale=3.0 if both else 1.0),
+            GuidanceConfig(cfg_scale=7.0, stg_scale=1.0, stg_blocks=stg_blocks, guidance_rescale=0.7,
+                           modality_scale=3.0 if both else 1.0))
+
+
 def guide(
     cond: torch.Tensor,
     uncond: torch.Tensor | None,
@@ -342,7 +427,7 @@ class _Pass:
     """The constant inputs of one guidance pass, for the whole batch."""
 
     kind: _PassKind
-    video_context: torch.Tensor
+    video_context: torch.Tensor | None
     audio_context: torch.Tensor | None
     perturbations: Perturbations
 
@@ -351,12 +436,13 @@ _PERTURBATION_FIELDS = tuple(f.name for f in dataclasses.fields(Perturbations))
 
 
 def _pass_perturbations(
-    kind: _PassKind, guidance: GuidanceConfig, *, batch_size: int, num_layers: int, has_audio: bool,
-    device: torch.device,
+    kind: _PassKind, guidance: GuidanceConfig, *, batch_size: int, num_layers: int, has_video: bool,
+    has_audio: bool, device: torch.device,
 ) -> Perturbations:
     if kind == "perturbed":
-        skips = ["video_self_attn", "audio_self_attn"] if guidance.stg_mode == "stg_av" and has_audio \
-            else ["video_self_attn"]
+        skips = ["video_self_attn"] if has_video else []
+        if has_audio and (guidance.stg_mode == "stg_av" or not has_video):
+            skips.append("audio_self_attn")
         return Perturbations.build(batch_size, num_layers, skip=skips, blocks=guidance.stg_blocks, device=device)
     if kind == "isolated":
         return Perturbations.build(batch_size, num_layers, skip=["a2v", "v2a"], blocks=None, device=device)
@@ -383,11 +469,11 @@ def _broadcast_context(context: torch.Tensor, batch_size: int, name: str) -> tor
 
 def denoise(
     model: DenoiserModel,
-    video_state: LatentState,
+    video_state: LatentState | None,
     audio_state: LatentState | None,
     *,
     sigmas: torch.Tensor,
-    video_context: torch.Tensor,
+    video_context: torch.Tensor | None,
     audio_context: torch.Tensor | None = None,
     negative_video_context: torch.Tensor | None = None,
     negative_audio_context: torch.Tensor | None = None,
@@ -396,22 +482,25 @@ def denoise(
     num_layers: int | None = None,
     batch_passes: bool = True,
     autocast_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Integrate the flow ODE along ``sigmas`` with Euler steps and return the final latents ``[B, T, C]``
-    (video, audio or None), in float32, conditioning tokens included.
+    (video or None, audio or None), in float32, conditioning tokens included.
 
-    ``model(video=Modality, audio=Modality | None, perturbations=Perturbations)`` returns velocities (the
-    :class:`ltxf.models.transformer.AVTransformer` interface). The states must already be noised (see
-    :func:`noise_state`); ``sigmas`` is a decreasing schedule ending at 0 (:func:`ltx2_sigma_schedule`).
+    ``model(video=Modality | None, audio=Modality | None, perturbations=Perturbations)`` returns velocities (the
+    :class:`ltxf.models.transformer.AVTransformer` interface). At least one state is given (audio alone for
+    text-to-audio); a ``frozen`` state (see :func:`frozen_state`) is given clean at sigma 0 and only conditions
+    the other stream. The states must already be noised (see :func:`noise_state`); ``sigmas`` is a decreasing
+    schedule ending at 0 (:func:`ltx2_sigma_schedule`).
 
-    Guidance (``guidance`` for video, ``audio_guidance`` for audio, defaulting to ``guidance``) runs up to four
-    passes per step: the positive prompt; the negative prompt, whose contexts replace both streams' contexts
-    (when CFG is on); the positive prompt with self-attention skipped in ``stg_blocks`` (when STG is on); and,
-    with audio, the positive prompt with the audio<->video cross-attention skipped everywhere (when the modality
-    scale is on). The structure of the perturbed pass (``stg_blocks``, ``stg_mode``) comes from ``guidance``;
-    ``audio_guidance`` only sets the audio stream's scales. With ``batch_passes`` the passes are concatenated
-    along the batch into one forward (the model takes per-sample perturbations); otherwise they run one by one,
-    which needs less activation memory. Contexts may have batch 1 (shared by every sample).
+    Guidance follows ltx-core's ``MultiModalGuider`` per stream (``guidance`` for video, ``audio_guidance`` for
+    audio, defaulting to ``guidance``; a frozen stream gets :data:`FROZEN_GUIDANCE`) and runs up to four passes per
+    step: the positive prompt; the negative prompt, whose contexts replace both streams' contexts (when a stream's
+    CFG is on); the positive prompt with self-attention skipped in ``stg_blocks`` (when a stream's STG is on); and,
+    with both streams, the positive prompt with the audio<->video cross-attention skipped everywhere (when a
+    modality scale is on). The structure of the perturbed pass (``stg_blocks``, ``stg_mode``) comes from the
+    video guidance (the audio one without video). With ``batch_passes`` the passes are concatenated along the
+    batch into one forward (the model takes per-sample perturbations); otherwise they run one by one, which needs
+    less activation memory. Contexts may have batch 1 (shared by every sample).
 
     ``num_layers`` (the transformer's block count, for the perturbation masks) defaults to
     ``model.config.num_layers``. The model runs under ``torch.autocast(autocast_dtype)`` when given; the
@@ -419,10 +508,21 @@ def denoise(
     """
     guidance = guidance if guidance is not None else GuidanceConfig()
     audio_guidance = audio_guidance if audio_guidance is not None else guidance
-    has_audio = audio_state is not None
-    if has_audio and audio_context is None:
-        raise ValueError("audio_state is given but audio_context is None")
-    if audio_guidance is not guidance and (
+    states = {"video": video_state, "audio": audio_state}
+    present = [name for name, state in states.items() if state is not None]
+    if not present:
+        raise ValueError("denoise needs a video_state or an audio_state")
+    has_video, has_audio = video_state is not None, audio_state is not None
+    contexts = {"video": video_context, "audio": audio_context}
+    for name in present:
+        if contexts[name] is None:
+            raise ValueError(f"{name}_state is given but {name}_context is None")
+    active = {name: (FROZEN_GUIDANCE if states[name].frozen else (guidance if name == "video" else audio_guidance))
+              for name in present}
+    if not any(not states[name].frozen for name in present):
+        raise ValueError("every stream is frozen: nothing to generate")
+    structure = guidance if has_video else audio_guidance
+    if has_video and has_audio and audio_guidance is not guidance and active["audio"].uses_stg and (
         audio_guidance.stg_blocks != guidance.stg_blocks or audio_guidance.stg_mode != guidance.stg_mode
     ):
         raise ValueError(
@@ -435,73 +535,71 @@ def denoise(
         num_layers = getattr(getattr(model, "config", None), "num_layers", None)
         if num_layers is None:
             raise ValueError("num_layers is required when the model has no config.num_layers")
-    use_cfg = guidance.uses_cfg or (has_audio and audio_guidance.uses_cfg)
-    use_stg = guidance.uses_stg or (has_audio and audio_guidance.uses_stg)
-    use_modality = has_audio and (guidance.uses_modality or audio_guidance.uses_modality)
-    if use_stg and guidance.stg_blocks is not None:
-        bad = [b for b in guidance.stg_blocks if b >= num_layers]
+    use_cfg = any(g.uses_cfg for g in active.values())
+    use_stg = any(g.uses_stg for g in active.values())
+    use_modality = has_video and has_audio and any(g.uses_modality for g in active.values())
+    if use_stg and structure.stg_blocks is not None:
+        bad = [b for b in structure.stg_blocks if b >= num_layers]
         if bad:
             raise ValueError(f"GuidanceConfig.stg_blocks {bad} out of range for a transformer with {num_layers} "
                              "blocks")
 
-    device = video_state.latent.device
-    batch_size = video_state.latent.shape[0]
-    if has_audio and audio_state.latent.shape[0] != batch_size:
-        raise ValueError(f"audio batch {audio_state.latent.shape[0]} differs from video batch {batch_size}")
+    primary = states[present[0]]
+    device = primary.latent.device
+    batch_size = primary.latent.shape[0]
+    for name in present:
+        if states[name].latent.shape[0] != batch_size:
+            raise ValueError(f"{name} batch {states[name].latent.shape[0]} differs from {present[0]} batch "
+                             f"{batch_size}")
     sigmas = sigmas.to(device=device, dtype=torch.float32)
 
     kinds: list[_PassKind] = ["cond"]
+    negatives = {"video": negative_video_context, "audio": negative_audio_context}
     if use_cfg:
-        if negative_video_context is None or (has_audio and negative_audio_context is None):
-            raise ValueError(
-                f"cfg_scale={guidance.cfg_scale}/{audio_guidance.cfg_scale} needs negative_video_context"
-                + (" and negative_audio_context" if has_audio else "")
-            )
+        missing = [f"negative_{name}_context" for name in present if negatives[name] is None]
+        if missing:
+            raise ValueError(f"cfg_scale={guidance.cfg_scale}/{audio_guidance.cfg_scale} needs "
+                             + " and ".join(missing))
         kinds.append("uncond")
     if use_stg:
         kinds.append("perturbed")
     if use_modality:
         kinds.append("isolated")
 
-    positive_v = _broadcast_context(video_context, batch_size, "video_context")
-    positive_a = _broadcast_context(audio_context, batch_size, "audio_context") if has_audio else None
-    passes = []
-    for kind in kinds:
-        negative = kind == "uncond"
-        passes.append(_Pass(
-            kind=kind,
-            video_context=(_broadcast_context(negative_video_context, batch_size, "negative_video_context")
-                           if negative else positive_v),
-            audio_context=(None if not has_audio else
-                           _broadcast_context(negative_audio_context, batch_size, "negative_audio_context")
-                           if negative else positive_a),
-            perturbations=_pass_perturbations(kind, guidance, batch_size=batch_size, num_layers=num_layers,
-                                              has_audio=has_audio, device=device),
-        ))
+    def context_for(name: str, negative: bool) -> torch.Tensor | None:
+        if states[name] is None:
+            return None
+        value = negatives[name] if negative else contexts[name]
+        return _broadcast_context(value, batch_size, f"{'negative_' if negative else ''}{name}_context")
+
+    passes = [
+        _Pass(kind=kind, video_context=context_for("video", kind == "uncond"),
+              audio_context=context_for("audio", kind == "uncond"),
+              perturbations=_pass_perturbations(kind, structure, batch_size=batch_size, num_layers=num_layers,
+                                                has_video=has_video, has_audio=has_audio, device=device))
+        for kind in kinds
+    ]
     groups = [passes] if batch_passes else [[p] for p in passes]
     group_inputs = [_group_inputs(group, video_state, audio_state, num_layers=num_layers) for group in groups]
     logger.debug("denoise: %d steps, passes %s, batched=%s", sigmas.numel() - 1, kinds, batch_passes)
 
-    video_x = video_state.latent.float()
-    audio_x = audio_state.latent.float() if has_audio else None
+    xs = {name: None if states[name] is None else states[name].latent.float() for name in ("video", "audio")}
     for step in range(sigmas.numel() - 1):
         sigma, sigma_next = sigmas[step], sigmas[step + 1]
-        video_x0: dict[_PassKind, torch.Tensor] = {}
-        audio_x0: dict[_PassKind, torch.Tensor | None] = {}
+        x0: dict[str, dict[_PassKind, torch.Tensor]] = {name: {} for name in present}
         for group, inputs in zip(groups, group_inputs, strict=True):
-            outputs = _run_group(model, inputs, video_x, audio_x, sigma, autocast_dtype=autocast_dtype)
-            for p, (vx0, ax0) in zip(group, outputs, strict=True):
-                video_x0[p.kind] = vx0
-                audio_x0[p.kind] = ax0
-
-        video_hat = guide(video_x0["cond"], video_x0.get("uncond"), video_x0.get("perturbed"), guidance,
-                          isolated=video_x0.get("isolated"))
-        video_x = euler_step(video_x, _reanchor(video_hat, video_state), sigma, sigma_next)
-        if has_audio:
-            audio_hat = guide(audio_x0["cond"], audio_x0.get("uncond"), audio_x0.get("perturbed"), audio_guidance,
-                              isolated=audio_x0.get("isolated"))
-            audio_x = euler_step(audio_x, _reanchor(audio_hat, audio_state), sigma, sigma_next)
-    return video_x, audio_x
+            outputs = _run_group(model, inputs, xs["video"], xs["audio"], sigma, autocast_dtype=autocast_dtype)
+            for p, pair in zip(group, outputs, strict=True):
+                for name, value in zip(("video", "audio"), pair, strict=True):
+                    if value is not None:
+                        x0[name][p.kind] = value
+        for name in present:
+            if states[name].frozen:
+                continue
+            hat = guide(x0[name]["cond"], x0[name].get("uncond"), x0[name].get("perturbed"), active[name],
+                        isolated=x0[name].get("isolated"))
+            xs[name] = euler_step(xs[name], _reanchor(hat, states[name]), sigma, sigma_next)
+    return xs["video"], xs["audio"]
 
 
 def _reanchor(denoised_BTC: torch.Tensor, state: LatentState) -> torch.Tensor:
@@ -518,8 +616,13 @@ class _StreamInputs:
     positions: torch.Tensor
     context: torch.Tensor
     attention_mask: torch.Tensor | None
+    keyframes_mask: torch.Tensor | None = None
+    frozen: bool = False
 
     def modality(self, x_BTC: torch.Tensor, sigma: torch.Tensor, num_passes: int) -> Modality:
+        # A frozen stream is seen at sigma 0 (its tokens are clean; the other stream's cross-attention AdaLN and
+        # this stream's prompt AdaLN read sigma).
+        sigma = torch.zeros_like(sigma) if self.frozen else sigma
         return Modality(
             latent=x_BTC if num_passes == 1 else torch.cat([x_BTC] * num_passes, dim=0),
             sigma=sigma.expand(self.denoise_mask_NBT.shape[0]),
@@ -527,39 +630,45 @@ class _StreamInputs:
             positions=self.positions,
             context=self.context,
             attention_mask=self.attention_mask,
+            keyframes_mask=self.keyframes_mask,
         )
 
 
 @dataclass(frozen=True, kw_only=True)
 class _GroupInputs:
     num_passes: int
-    video: _StreamInputs
+    video: _StreamInputs | None
     audio: _StreamInputs | None
     perturbations: Perturbations
 
 
-def _group_inputs(group: list[_Pass], video_state: LatentState, audio_state: LatentState | None,
+def _group_inputs(group: list[_Pass], video_state: LatentState | None, audio_state: LatentState | None,
                   *, num_layers: int) -> _GroupInputs:
     n = len(group)
+    primary = video_state if video_state is not None else audio_state
 
     def rep(t: torch.Tensor | None) -> torch.Tensor | None:
         return t if t is None or n == 1 else torch.cat([t] * n, dim=0)
 
-    def stream(state: LatentState, contexts: list[torch.Tensor]) -> _StreamInputs:
+    def stream(state: LatentState | None, contexts: list[torch.Tensor | None]) -> _StreamInputs | None:
+        if state is None:
+            return None
         return _StreamInputs(
             denoise_mask_NBT=rep(state.denoise_mask.float()),
             positions=rep(state.positions),
             context=contexts[0] if n == 1 else torch.cat(contexts, dim=0),
             attention_mask=rep(state.attention_mask),
+            keyframes_mask=rep(state.keyframes_mask),
+            frozen=state.frozen,
         )
 
     perturbations = group[0].perturbations if n == 1 else _cat_perturbations(
-        [p.perturbations for p in group], batch_size=video_state.latent.shape[0], num_layers=num_layers,
-        device=video_state.latent.device)
+        [p.perturbations for p in group], batch_size=primary.latent.shape[0], num_layers=num_layers,
+        device=primary.latent.device)
     return _GroupInputs(
         num_passes=n,
         video=stream(video_state, [p.video_context for p in group]),
-        audio=None if audio_state is None else stream(audio_state, [p.audio_context for p in group]),
+        audio=stream(audio_state, [p.audio_context for p in group]),
         perturbations=perturbations,
     )
 
@@ -567,27 +676,28 @@ def _group_inputs(group: list[_Pass], video_state: LatentState, audio_state: Lat
 def _run_group(
     model: DenoiserModel,
     inputs: _GroupInputs,
-    video_x: torch.Tensor,
+    video_x: torch.Tensor | None,
     audio_x: torch.Tensor | None,
     sigma: torch.Tensor,
     *,
     autocast_dtype: torch.dtype | None,
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """One forward over a group of passes -> each pass's float32 clean estimates (video, audio or None)."""
+) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """One forward over a group of passes -> each pass's float32 clean estimates (video or None, audio or None)."""
     n = inputs.num_passes
-    video = inputs.video.modality(video_x, sigma, n)
+    video = None if inputs.video is None else inputs.video.modality(video_x, sigma, n)
     audio = None if inputs.audio is None else inputs.audio.modality(audio_x, sigma, n)
+    device_type = (video_x if video_x is not None else audio_x).device.type
     autocast = (
-        torch.autocast(device_type=video_x.device.type, dtype=autocast_dtype)
+        torch.autocast(device_type=device_type, dtype=autocast_dtype)
         if autocast_dtype is not None else contextlib.nullcontext()
     )
     with autocast:
         video_v, audio_v = model(video=video, audio=audio, perturbations=inputs.perturbations)
 
-    # x0_hat = x_t - v * (sigma * mask), per token, in float32
-    video_x0 = video.latent - video_v.float() * video.timesteps.unsqueeze(-1)
-    video_parts = video_x0.chunk(n, dim=0)
-    if audio is None:
-        return [(v, None) for v in video_parts]
-    audio_x0 = audio.latent - audio_v.float() * audio.timesteps.unsqueeze(-1)
-    return list(zip(video_parts, audio_x0.chunk(n, dim=0), strict=True))
+    def parts(stream: Modality | None, velocity: torch.Tensor | None) -> list[torch.Tensor | None]:
+        if stream is None:
+            return [None] * n
+        # x0_hat = x_t - v * (sigma * mask), per token, in float32
+        return list((stream.latent - velocity.float() * stream.timesteps.unsqueeze(-1)).chunk(n, dim=0))
+
+    return list(zip(parts(video, video_v), parts(audio, audio_v), strict=True))

@@ -50,7 +50,7 @@ from ltxf.optim import (
     last_learning_rate,
 )
 from ltxf.parallel import DistInfo
-from ltxf.rng import sample_keys
+from ltxf.rng import fold_in, sample_keys
 from ltxf.state import TrainState, trainable_parameters
 from ltxf.strategies.base import ModelInputs, Strategy
 
@@ -155,13 +155,34 @@ def text_context(params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
     return context
 
 
+def micro_batch_shared_key(ctx: StepContext, step: int, micro_batch: int) -> torch.Tensor:
+    """int64 [1]: the seed of draws that apply to a whole micro-batch (the flexible strategy's reference, which
+    changes the sequence length), keyed by (seed, step, micro-batch) only, so every process draws the same."""
+    return torch.tensor([fold_in(ctx.cfg.seed, step, micro_batch, "batch")], dtype=torch.int64)
+
+
+def batch_size_of(batch: dict[str, torch.Tensor]) -> int:
+    """Samples in a micro-batch (video latents, or audio latents for audio-only data)."""
+    return batch["video_latents" if "video_latents" in batch else "audio_latents"].shape[0]
+
+
+def num_latent_elements(batch: dict[str, torch.Tensor]) -> int:
+    """Latent positions in a micro-batch, for throughput: video F*H*W per sample, else audio steps."""
+    if "video_latents" in batch:
+        return math.prod(batch["video_latents"].shape[2:]) * batch["video_latents"].shape[0]
+    batch_size, _, num_steps, _ = batch["audio_latents"].shape
+    return batch_size * num_steps
+
+
 def model_inputs(
-    params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], key: torch.Tensor, ctx: StepContext
+    params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], key: torch.Tensor, ctx: StepContext,
+    shared_key: torch.Tensor | None = None,
 ) -> ModelInputs:
     """The strategy's transformer inputs and targets for ``batch``; depends on ``params`` only through trained
-    text connectors. Pure: all randomness comes from ``key``."""
+    text connectors. Pure: all randomness comes from ``key`` (per sample) and ``shared_key`` (per micro-batch,
+    the same on every process: draws that change the sequence length, :func:`micro_batch_shared_key`)."""
     context = text_context(params, batch, ctx)
-    return ctx.strategy.prepare_inputs(batch, context, key, dtype=ctx.compute_dtype)
+    return ctx.strategy.prepare_inputs(batch, context, key, dtype=ctx.compute_dtype, shared_key=shared_key)
 
 
 def loss_from_inputs(
@@ -170,7 +191,7 @@ def loss_from_inputs(
     """The transformer at ``params`` on prepared ``inputs``: ``(mean loss, aux)``, aux holding the per-sample
     ``loss_B``, ``video_loss_B`` (and ``audio_loss_B`` with audio) and the ``sigma_B`` drawn."""
     transformer_params = {k: v for k, v in params.items() if not k.startswith(TEXT_PARAM_PREFIX)}
-    device_type = inputs.video.latent.device.type
+    device_type = (inputs.video or inputs.audio).latent.device.type
     # One process computes in the compute dtype by autocast; FSDP2 casts parameters itself (MixedPrecisionPolicy).
     autocast = ctx.compute_dtype != torch.float32 and not ctx.fsdp
     with torch.autocast(device_type, dtype=ctx.compute_dtype, enabled=autocast):
@@ -184,14 +205,16 @@ def loss_from_inputs(
 
 
 def loss_fn(
-    params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], key: torch.Tensor, ctx: StepContext
+    params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], key: torch.Tensor, ctx: StepContext,
+    shared_key: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss of one micro-batch at ``params`` (the trainable tensors, keyed like ``state.params``) and its aux
-    (per-sample terms and sigmas, see :func:`loss_from_inputs`). Pure on the non-sharded path; see the module
-    docstring for FSDP2 and activation checkpointing, where ``params`` must be the modules' own."""
+    (per-sample terms and sigmas, see :func:`loss_from_inputs`); ``key`` and ``shared_key`` as in
+    :func:`model_inputs`. Pure on the non-sharded path; see the module docstring for FSDP2 and activation
+    checkpointing, where ``params`` must be the modules' own."""
     if ctx.needs_module_params:
         check_module_params(params, ctx)
-    return loss_from_inputs(params, model_inputs(params, batch, key, ctx), ctx)
+    return loss_from_inputs(params, model_inputs(params, batch, key, ctx, shared_key), ctx)
 
 
 def _bucket_index(sigma_B: torch.Tensor) -> torch.Tensor:
@@ -214,7 +237,7 @@ class _Sums:
         self.nonfinite_B: list[torch.Tensor] = []  # per micro-batch; read only on the failure path (names samples)
 
     @torch.no_grad()
-    def add(self, loss: torch.Tensor, aux: dict[str, torch.Tensor], video_latents: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, aux: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> None:
         self.loss += loss.detach()
         self.video += aux["video_loss_B"].detach().mean()
         if "audio_loss_B" in aux:
@@ -223,8 +246,8 @@ class _Sums:
         self.bucket_loss.index_add_(0, index_B, aux["loss_B"].detach().float())
         self.bucket_count.index_add_(0, index_B, torch.ones_like(aux["sigma_B"], dtype=torch.float32))
         self.nonfinite_B.append(~torch.isfinite(aux["loss_B"].detach()))
-        self.num_samples += video_latents.shape[0]
-        self.num_tokens += math.prod(video_latents.shape[2:]) * video_latents.shape[0]
+        self.num_samples += batch_size_of(batch)
+        self.num_tokens += num_latent_elements(batch)
 
 
 def compute_gradients(
@@ -239,16 +262,16 @@ def compute_gradients(
     keys, tensors = list(params), list(params.values())
     grads: list[torch.Tensor] | None = None
     for i, batch in enumerate(micro_batches):
-        key = micro_batch_key(ctx, step, i, batch["video_latents"].shape[0])
+        key = micro_batch_key(ctx, step, i, batch_size_of(batch))
         if ctx.fsdp:
             _set_gradient_sync(ctx, i == num_micro - 1)
-        loss, aux = loss_fn(params, batch, key, ctx)
+        loss, aux = loss_fn(params, batch, key, ctx, micro_batch_shared_key(ctx, step, i))
         if ctx.fsdp:
             (loss / num_micro).backward()
         else:
             micro = torch.autograd.grad(loss / num_micro, tensors, allow_unused=True, materialize_grads=True)
             grads = list(micro) if grads is None else [g.add_(m) for g, m in zip(grads, micro, strict=True)]
-        sums.add(loss, aux, batch["video_latents"])
+        sums.add(loss, aux, batch)
     if ctx.fsdp:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
         for p in tensors:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ltxf import checkpoint as run_checkpoint
 from ltxf.block_swap import apply_block_swap, offload_text_connectors
 from ltxf.config import LoraConfig, TrainConfig, check_paths, torch_dtype
-from ltxf.data import BucketBatchSampler, PrecomputedDataset, ResumableLoader
+from ltxf.data import AUDIO_FREQUENCY_BINS, BucketBatchSampler, PrecomputedDataset, ResumableLoader
 from ltxf.data_check import check_dataset_fits_model, read_model_inputs
 from ltxf.faults import StopSignals, TrainingStopped, any_rank, describe_samples, gather_objects
 from ltxf.lora import (
@@ -48,8 +48,16 @@ from ltxf.lora import (
     lora_parameters,
     lora_state_dict,
 )
+from ltxf.lora_formats import linear_shapes, load_lora_file, match_lora
 from ltxf.models.checkpoint import TRANSFORMER_PREFIX, list_keys, read_config, write_checkpoint
 from ltxf.models.materialize import TensorTransform, UnitCallback
+from ltxf.models.pack import (
+    ModelPack,
+    check_conditions_text_encoder,
+    check_gemma_pairing,
+    expected_text_encoder,
+    resolve_pack,
+)
 from ltxf.models.text import build_embeddings_processor_on_meta, load_embeddings_processor_weights_
 from ltxf.models.transformer import build_transformer_on_meta, load_transformer_weights_
 from ltxf.monitor import LogWindow, Monitor, log_due, memory_metrics
@@ -124,6 +132,8 @@ class Model:
     text_processor: nn.Module
     checkpoint_config: dict
     """The config metadata of the base checkpoint (written back into full-model exports)."""
+    pack: ModelPack
+    """Where each component of the model lives (LTX-2.5: one file each)."""
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -193,6 +203,11 @@ def plan_run(cfg: TrainConfig, dist: DistInfo) -> RunPlan:
     if cfg.parallel.offload_text_connectors and cfg.model.train_connectors:
         raise ValueError("parallel.offload_text_connectors keeps frozen connectors on the host; it does not "
                          "combine with model.train_connectors")
+    if cfg.model.train_connectors and not full:
+        logger.warning("model.train_connectors with a LoRA: the trained connectors are exported to their own file "
+                       "(exports/text_connectors_step_N.safetensors) that only ltxf reads; ComfyUI, ltx-pipelines "
+                       "and diffusers will apply the LoRA with the base model's connectors. Full fine-tunes merge "
+                       "them into the exported checkpoint.")
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -227,8 +242,18 @@ def build_validator(plan: RunPlan) -> Validator | None:
     cfg = plan.cfg
     if not cfg.validation.enabled:
         return None
-    return Validator.build(cfg.validation, checkpoint=Path(cfg.model.checkpoint), device=plan.dist.device,
+    return Validator.build(cfg.validation, checkpoint=model_pack(cfg), device=plan.dist.device,
                            dtype=plan.compute_dtype)
+
+
+def model_pack(cfg: TrainConfig) -> ModelPack:
+    """The model's component files (``--model.checkpoint`` plus the optional ``--model.text_encoder`` /
+    ``video_vae`` / ``audio_vae``), with the transformer <-> text-encoder pairing checked when both are known."""
+    m = cfg.model
+    pack = resolve_pack(m.checkpoint, text_encoder=m.text_encoder, video_vae=m.video_vae, audio_vae=m.audio_vae)
+    if pack.text_encoder is not None:
+        check_gemma_pairing(pack.transformer, pack.text_encoder)
+    return pack
 
 
 def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_unit: UnitCallback | None = None
@@ -254,7 +279,8 @@ def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_u
     (contract in :mod:`ltxf.models.materialize`).
     """
     cfg, device, mesh = plan.cfg, plan.dist.device, plan.mesh
-    path = Path(cfg.model.checkpoint)
+    pack = model_pack(cfg)
+    path = pack.transformer
     swap = cfg.parallel.blocks_to_swap
     weights_dtype = torch.float32 if plan.full else plan.compute_dtype
     quantized = cfg.model.quantization != "none" or is_fp8_checkpoint(list_keys(path))
@@ -298,7 +324,8 @@ def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_u
     load_embeddings_processor_weights_(text_processor, path, device=torch.device("cpu") if offload_text else device)
     if offload_text:
         offload_text_connectors(text_processor, device)
-    return Model(transformer=transformer, text_processor=text_processor.eval(), checkpoint_config=read_config(path))
+    return Model(transformer=transformer, text_processor=text_processor.eval(), checkpoint_config=read_config(path),
+                 pack=pack)
 
 
 def _parallelize_transformer(transformer: nn.Module, plan: RunPlan) -> None:
@@ -312,10 +339,10 @@ def _parallelize_transformer(transformer: nn.Module, plan: RunPlan) -> None:
 
 
 def apply_initial_lora(transformer: nn.Module, path: Path, lora: LoraConfig) -> None:
-    """Start from a LoRA file (ltxf, ComfyUI or PEFT layout): its effective update ``scale_file * B @ A`` is
-    kept exactly, whatever the alpha/rank convention of the file and of this run."""
+    """Start from a LoRA file (any layout :mod:`ltxf.lora_formats` reads): its effective update
+    ``scale_file * B @ A`` is kept exactly, whatever the alpha/rank convention of the file and of this run."""
     try:
-        lora_file = run_checkpoint.load_lora_file(path)
+        lora_file = match_lora(load_lora_file(path), linear_shapes(transformer), source=path)
     except ValueError as exc:
         raise ValueError(f"--model.init_lora: {exc}") from exc
     expected = {key: tuple(p.shape) for key, p in lora_parameters(transformer).items()}
@@ -356,13 +383,19 @@ def build_data(plan: RunPlan, strategy: Strategy) -> Data:
     Scanned and checked against the checkpoint's config (its header only, :mod:`ltxf.data_check`), so call it
     before :func:`build_model`: a dataset made for another model then fails in seconds, naming the file."""
     cfg, dist = plan.cfg, plan.dist
-    sources = list(strategy.data_sources())
+    sources = strategy.data_sources()  # folder names (role = folder), or a mapping role -> folder
+    sources = dict(sources) if isinstance(sources, Mapping) else list(sources)
+    # Latent and text widths from the checkpoint's config (LTX: 128 video, 8 x 16 audio; the tiny 2.5 pack: 4, 2 x 16)
     model_inputs = read_model_inputs(cfg.model.checkpoint)
     dataset = PrecomputedDataset(cfg.data.root, sources=sources, skip_bad_samples=cfg.data.skip_bad_samples,
                                  text_length=cfg.data.text_length, latent_channels=model_inputs.latent_channels,
+                                 audio_latent_channels=model_inputs.audio_in_channels // AUDIO_FREQUENCY_BINS,
                                  check_finite=cfg.data.check_finite)
     check_dataset_fits_model(dataset.samples, model_inputs, with_audio="audio_latents" in sources,
                              reference="reference_latents" in sources)
+    # Features of another Gemma have the same shapes (LTX-2.3 vs 2.5): refuse files tagged for another encoder.
+    check_conditions_text_encoder([s.files["conditions"] for s in dataset.samples if "conditions" in s.files],
+                                  expected_text_encoder(cfg.model.checkpoint))
     sampler = BucketBatchSampler(dataset.bucket_keys(), batch_size=cfg.optim.batch_size, seed=cfg.seed,
                                  rank=dist.rank, world_size=dist.world_size)
     loader = ResumableLoader(dataset, sampler, num_workers=cfg.data.num_workers,
@@ -639,18 +672,27 @@ def _gather_full(
 
 
 def export(run: Run, step: int) -> Path:
-    """Write the trained weights for use outside ltxf: a ComfyUI-layout LoRA (with the strategy's metadata), or
-    an official-layout checkpoint; trained text connectors go to their own official-layout file
+    """Write the trained weights for use outside ltxf: a LoRA in the ComfyUI / ltx-core layout (with the
+    strategy's metadata), or a whole official checkpoint (the base file with the trained transformer, and trained
+    connectors, in place). A LoRA run's trained text connectors go to their own official-layout file
     (``text_connectors_step_N.safetensors``). Collective under FSDP (parameters are gathered); rank 0 writes."""
     plan, model = run.plan, run.model
     cfg, is_main = plan.cfg, plan.dist.is_main
     dtype = torch_dtype(cfg.checkpoints.export_dtype)
     exports = plan.output_dir / "exports"
+    connectors: dict[str, torch.Tensor] = {}
+    if cfg.model.train_connectors:
+        text = model.text_processor
+        connectors = {f"{name}_embeddings_connector.{k}": v for name in ("video", "audio")
+                      for k, v in _gather_full(getattr(text, f"{name}_connector").state_dict()).items()}
     if plan.full:
         weights = _gather_full(model.transformer.state_dict(), keep=is_main, dtype=dtype)
         path = exports / f"model_weights_step_{step:06d}.safetensors"
         if is_main:
-            run_checkpoint.export_full_model(path, weights, model.checkpoint_config, dtype=dtype)
+            # The base file (an LTX-2.5 pack's transformer file holds both connectors) gives every untrained
+            # tensor and the metadata (model_version, gemma_source_checkpoint, license): a drop-in replacement.
+            run_checkpoint.export_full_model(path, weights, model.checkpoint_config, dtype=dtype,
+                                             base_checkpoint=cfg.model.checkpoint, connectors=connectors)
     else:
         weights = _gather_full(lora_state_dict(model.transformer))
         metadata = {"ltxf_step": str(step), **run.data.export_metadata}
@@ -658,13 +700,9 @@ def export(run: Run, step: int) -> Path:
         if is_main:
             run_checkpoint.export_lora(path, weights, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dtype=dtype,
                                        metadata=metadata)
-    if cfg.model.train_connectors:
-        text = model.text_processor
-        connectors = {f"{name}_embeddings_connector.{k}": v for name in ("video", "audio")
-                      for k, v in _gather_full(getattr(text, f"{name}_connector").state_dict()).items()}
-        if is_main:
-            write_checkpoint(exports / f"text_connectors_step_{step:06d}.safetensors",
-                             {TRANSFORMER_PREFIX + k: v.to(dtype) for k, v in connectors.items()},
-                             model.checkpoint_config)
+            if connectors:
+                write_checkpoint(exports / f"text_connectors_step_{step:06d}.safetensors",
+                                 {TRANSFORMER_PREFIX + k: v.to(dtype) for k, v in connectors.items()},
+                                 model.checkpoint_config)
     barrier()
     return path

@@ -56,6 +56,7 @@ from ltxf.generate import (
     save_clip,
 )
 from ltxf.models.gemma import PromptFeatures
+from ltxf.models.pack import ModelPack
 from ltxf.monitor import Monitor
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,8 @@ def offload_to_host_(tree: Any) -> Callable[[], None]:
 
 def _clip_to_cpu(clip: GeneratedClip) -> GeneratedClip:
     return dataclasses.replace(
-        clip, frames=clip.frames.cpu(), audio=None if clip.audio is None else clip.audio.cpu())
+        clip, frames=None if clip.frames is None else clip.frames.cpu(),
+        audio=None if clip.audio is None else clip.audio.cpu())
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -215,27 +217,31 @@ class Validator:
         cls,
         config: ValidationConfig,
         *,
-        checkpoint: str | Path,
+        checkpoint: str | Path | ModelPack,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
     ) -> Validator:
         """Prepare everything that does not change during training (see the module docstring).
 
+        ``checkpoint`` is a single-file checkpoint or a :class:`ltxf.models.pack.ModelPack` (LTX-2.5: the VAEs,
+        vocoder and text encoder come from their own files; a diffusion-decoder video VAE is not supported for
+        decoding and is refused with a message that names the conv VAE to use instead).
+
         ``dtype`` is the weights' dtype for Gemma, the feature extractor and the video VAE, and the autocast dtype
         of sampling (none for float32); the audio decoder and the vocoder stay in float32.
         """
         from ltxf.models.audio_vae import load_audio_vae_decoder
-        from ltxf.models.checkpoint import config_section, read_config
-        from ltxf.models.transformer import TransformerConfig
+        from ltxf.models.pack import resolve_pack
+        from ltxf.models.transformer import read_transformer_config
         from ltxf.models.video_vae import load_video_vae_decoder, load_video_vae_encoder
         from ltxf.models.vocoder import load_vocoder
 
         if not config.prompts:
             raise ValueError("validation.prompts is empty: there is nothing to validate")
         config.check_paths()
-        checkpoint = Path(checkpoint)
-        transformer_config = TransformerConfig.from_checkpoint_config(
-            config_section(read_config(checkpoint), "transformer", checkpoint), path=checkpoint)
+        pack = checkpoint if isinstance(checkpoint, ModelPack) else resolve_pack(checkpoint)
+        checkpoint = pack.transformer
+        transformer_config = read_transformer_config(checkpoint)
         guidance = config.guidance
         if guidance.uses_stg and guidance.stg_blocks is not None:
             bad = [b for b in guidance.stg_blocks if b >= transformer_config.num_layers]
@@ -243,7 +249,7 @@ class Validator:
                 raise ValueError(f"validation.stg_blocks {bad} are out of range for the {transformer_config.num_layers}"
                                  f"-block transformer of {checkpoint}")
 
-        features, negative = cls._prompt_features(config, checkpoint, device=device, dtype=dtype)
+        features, negative = cls._prompt_features(config, pack, device=device, dtype=dtype)
         width, height, num_frames = config.video_dims
         requests = [
             GenerationRequest(
@@ -254,22 +260,38 @@ class Validator:
                 reference_video=config.reference_videos[i] if config.reference_videos else None,
                 reference_downscale_factor=config.reference_downscale_factor,
                 include_reference_in_output=config.include_reference_in_output,
-                generate_audio=config.generate_audio,
+                generate_audio=config.generate_audio, generate_video=config.generate_video,
+                audio_guidance=config.audio_guidance,
+                conditions=config.conditions[i] if config.conditions else (),
             )
             for i in range(len(config.prompts))
         ]
         conditionings = [Conditioning() for _ in requests]
-        if config.images or config.reference_videos:
-            encoder = load_video_vae_encoder(checkpoint, dtype=dtype, device=device)
-            conditionings = [_conditioning_to_cpu(prepare_conditioning(encoder, r)) for r in requests]
-            del encoder
+        conditions = [c for r in requests for c in r.conditions]
+        if config.images or config.reference_videos or conditions:
+            # Every condition's media is read and encoded once, here, and kept on the CPU.
+            from ltxf.generate import encode_conditions
+            from ltxf.models.audio_vae import load_audio_vae_encoder
+
+            encoder = load_video_vae_encoder(pack.video_vae_file(), dtype=dtype, device=device)
+            audio_encoder = (load_audio_vae_encoder(pack.audio_vae_file(), dtype=torch.float32, device=device)
+                             if any(c.modality == "audio" for c in conditions) else None)
+            encoders = GenerationModels(transformer=None, text_processor=None, video_decoder=None,
+                                        video_encoder=encoder, audio_encoder=audio_encoder)
+            conditionings = [
+                dataclasses.replace(_conditioning_to_cpu(prepare_conditioning(encoder, r)),
+                                    conditions=tuple(e.to("cpu") for e in encode_conditions(encoders, r)))
+                for r in requests
+            ]
+            del encoder, audio_encoder, encoders
             free_memory()
-        video_decoder = load_video_vae_decoder(checkpoint, dtype=dtype, device=device)
+        video_decoder = load_video_vae_decoder(pack.video_decoder_file(), dtype=dtype, device=device)
         audio_decoder = vocoder = None
-        if config.generate_audio:
+        if config.generate_audio or any(c.type == "audio_to_video" for c in conditions):
             try:
-                audio_decoder = load_audio_vae_decoder(checkpoint, dtype=torch.float32, device=device)
-                vocoder = load_vocoder(checkpoint, dtype=torch.float32, device=device)
+                audio_file = pack.audio_vae_file()
+                audio_decoder = load_audio_vae_decoder(audio_file, dtype=torch.float32, device=device)
+                vocoder = load_vocoder(audio_file, dtype=torch.float32, device=device)
             except ValueError as exc:
                 raise ValueError(f"{exc}\n(validation.generate_audio is on and needs the audio VAE and the vocoder "
                                  "from the checkpoint; set validation.generate_audio=False to sample video only)"
@@ -282,9 +304,9 @@ class Validator:
 
     @staticmethod
     def _prompt_features(
-        config: ValidationConfig, checkpoint: Path, *, device: torch.device | str, dtype: torch.dtype
+        config: ValidationConfig, pack: ModelPack, *, device: torch.device | str, dtype: torch.dtype
     ) -> tuple[list[PromptFeatures], PromptFeatures | None]:
-        uses_cfg = config.guidance.uses_cfg
+        uses_cfg = config.guidance.uses_cfg or (config.generate_audio and config.audio_guidance.uses_cfg)
         if config.prompt_features_path is not None:
             features, negative = load_prompt_features(config.prompt_features_path)
             if len(features) != len(config.prompts):
@@ -295,7 +317,11 @@ class Validator:
                                  "prompt features, which CFG needs (validation.guidance_scale != 1)")
             return features, negative
         texts = list(config.prompts) + ([config.negative_prompt] if uses_cfg else [])
-        encoded = encode_prompts(config.text_encoder_path, checkpoint, texts, device=device, dtype=dtype,
+        text_encoder = config.text_encoder_path or pack.text_encoder
+        if text_encoder is None:
+            raise ValueError("validation needs a text encoder to embed validation.prompts: set "
+                             "validation.text_encoder_path or model.text_encoder (or validation.prompt_features_path)")
+        encoded = encode_prompts(text_encoder, pack.transformer, texts, device=device, dtype=dtype,
                                  load_in_8bit=config.text_encoder_8bit)
         return encoded[: len(config.prompts)], encoded[-1] if uses_cfg else None
 
@@ -369,7 +395,9 @@ class Validator:
                         describe_clip(clip), path)
             if monitor is not None:
                 tag = f"validation/sample_{index + 1}"
-                if clip.num_frames == 1:
+                if clip.frames is None:
+                    pass  # audio only: logged below
+                elif clip.num_frames == 1:
                     monitor.log_image(tag, clip.frames[0], step)
                 else:
                     monitor.log_video(tag, clip.frames, clip.fps, step)

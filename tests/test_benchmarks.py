@@ -21,7 +21,7 @@ def test_bench_model_prints_time_and_memory_ratios():
 
 
 def test_bench_train_prints_step_time_and_overhead():
-    out = _run("tools/bench_train.py", "--preset", "tiny", "--steps", "3", "--warmup", "1", "--num-workers", "0")
+    out = _run("tools/bench_train.py", "--preset", "tiny", "--steps", "3", "--warmup", "1", "--num_workers", "0")
     assert "trainer overhead" in out and "samples/s" in out and "bare fwd+bwd" in out
 
 

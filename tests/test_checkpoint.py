@@ -462,15 +462,13 @@ def test_export_lora_file_layout_and_comfy_convention(tiny_ltx, tmp_path):
                        metadata={"reference_downscale_factor": "2"})
     with safe_open(str(path), framework="pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
-        alpha = f.get_tensor(f"diffusion_model.{LORA_MODULES[0]}.alpha")
         b = f.get_tensor(f"diffusion_model.{LORA_MODULES[0]}.lora_B.weight")
-    suffixes = ("lora_A.weight", "lora_B.weight", "alpha")
-    assert keys == {f"diffusion_model.{m}.{s}" for m in LORA_MODULES for s in suffixes}
-    assert alpha.shape == () and alpha.item() == RANK
+    assert keys == {f"diffusion_model.{m}.{s}" for m in LORA_MODULES for s in ("lora_A.weight", "lora_B.weight")}
     assert b.dtype == torch.bfloat16
     assert torch.equal(b, (lora[LORA_MODULES[0] + ".lora_B.weight"] * (ALPHA / RANK)).to(torch.bfloat16))
-    assert metadata["lora_rank"] == "4" and float(metadata["lora_alpha"]) == ALPHA
-    assert metadata["lora_scale_baked_into_B"] == "true" and metadata["reference_downscale_factor"] == "2"
+    assert metadata["ltxf_lora_rank"] == "4" and float(metadata["ltxf_training_alpha"]) == ALPHA
+    assert float(metadata["ltxf_scale_folded_into_lora_B"]) == ALPHA / RANK
+    assert metadata["reference_downscale_factor"] == "2"
 
     fused = _comfy_fuse(base_sd, path)
     for module in LORA_MODULES:
@@ -485,7 +483,7 @@ def test_load_lora_file_gives_the_effective_scale(tiny_ltx, tmp_path):
     expected, tolerance = _expected_and_tolerance(base_sd, lora, module, ALPHA / RANK)
 
     ours = load_lora_file(export_lora(tmp_path / "ours.safetensors", lora, rank=RANK, alpha=ALPHA))
-    assert set(ours.scales.values()) == {1.0} and ours.metadata["lora_scale_baked_into_B"] == "true"
+    assert set(ours.scales.values()) == {1.0} and float(ours.metadata["ltxf_scale_folded_into_lora_B"]) == 2.0
     assert set(ours.tensors) == set(lora)
 
     # A third-party ComfyUI file: unscaled B and alpha = 8 for rank 4.
@@ -522,9 +520,8 @@ def test_lora_files_with_bad_content_are_rejected(tmp_path):
         export_lora(tmp_path / "x.safetensors", {"m.lora_A.weight": a, "m.lora_B.weight": b}, rank=4, alpha=4,
                     metadata={"reference_downscale_factor": 2})
     odd = tmp_path / "odd.safetensors"
-    save_file({"diffusion_model.m.lora_A.weight": a, "diffusion_model.m.lora_B.weight": b,
-               "diffusion_model.norm.diff": torch.zeros(3)}, str(odd))
-    with pytest.raises(ValueError, match=r"odd\.safetensors: unsupported LoRA keys \(1\): diffusion_model\.norm\.diff"):
+    save_file({"diffusion_model.norm.diff": torch.zeros(3)}, str(odd))
+    with pytest.raises(ValueError, match=r"odd\.safetensors: no LoRA factors .*diffusion_model\.norm\.diff"):
         load_lora_file(odd)
     with pytest.raises(ValueError, match="LoRA file not found"):
         load_lora_file(tmp_path / "missing.safetensors")

@@ -99,15 +99,22 @@ def test_cli_overrides_and_help(capsys):
     from train import parse_config
 
     cfg = parse_config(
-        ["ltx2_av_lora", "--optim.learning_rate", "3e-4", "--lora.rank", "8", "--strategy.with_audio", "False"],
+        ["ltx2_av_lora", "--optim.learning_rate", "3e-4", "--lora.rank", "8", "--strategy.audio.is_generated",
+         "False"],
     )
-    assert cfg.optim.learning_rate == 3e-4 and cfg.lora.rank == 8 and not cfg.strategy.with_audio
+    assert cfg.optim.learning_rate == 3e-4 and cfg.lora.rank == 8 and not cfg.strategy.audio.is_generated
+    assert cfg.strategy.video.conditions[0].type == "first_frame"  # the rest of the preset is kept
     assert cfg.optim.steps == PRESETS["ltx2_av_lora"]().optim.steps
+    with pytest.raises(SystemExit):  # a config's own check, reported under the user's flag, no tyro internals
+        parse_config(["demo", "--optim.steps", "0"])
+    error = capsys.readouterr().err
+    assert "optim.steps must be >= 1" in error and "__tyro" not in error
     with pytest.raises(SystemExit):
         parse_config(["demo", "--help"])
     help_text = capsys.readouterr().out
     # Every flag is explained: the attribute docstrings reach --help.
     assert "--optim.learning_rate" in help_text and "Peak learning rate" in help_text
+    assert "--checkpoints.interval" in help_text and "exported once, at the end" in help_text
     assert "--model.checkpoint" in help_text and "Official LTX-2" in help_text
     assert "--validation.prompts" in help_text and "empty disables validation" in help_text
 

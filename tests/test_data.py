@@ -87,6 +87,7 @@ def test_reads_hand_written_official_files(tmp_path):
         "prompt_attention_mask",
         "audio_latents",
         "reference_latents",
+        "reference_fps",
     }
     assert sample["sample_id"] == "clips/a"
     assert sample["video_latents"].dtype == torch.bfloat16
@@ -575,3 +576,25 @@ def test_resumable_loader_counts_consumed_batches(num_workers):
     plan = data.BucketBatchSampler(keys, batch_size=2, seed=5)
     flat = [[f"dummy_{i:06d}" for i in b] for e in range(3) for b in plan.epoch_batches(e)]
     assert got + expected == flat[:7]
+
+
+def test_flexible_roles_audio_only_masks_and_reference_audio(tmp_path):
+    """Audio-only datasets (no latents/) read through audio_latents/; masks must cover their latents' grid."""
+    root = tmp_path / "data"
+    for name in ("a", "b"):
+        data.save_pt({"latents": torch.randn(8, 5, 16), "num_time_steps": 5, "frequency_bins": 16, "duration": 0.2},
+                     root / "audio_latents" / f"{name}.pt")
+        data.save_pt({"latents": torch.randn(8, 6, 16), "num_time_steps": 6, "frequency_bins": 16, "duration": 0.24},
+                     root / "reference_audio_latents" / f"{name}.pt")
+        data.save_pt({"mask": torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0])}, root / "audio_masks" / f"{name}.pt")
+        data.save_pt({"video_prompt_embeds": torch.randn(4, 8), "audio_prompt_embeds": torch.randn(4, 8),
+                      "prompt_attention_mask": torch.ones(4, dtype=torch.int64)}, root / "conditions" / f"{name}.pt")
+    sources = {"audio_latents": "audio_latents", "conditions": "conditions",
+               "reference_audio_latents": "reference_audio_latents", "audio_masks": "audio_masks"}
+    dataset = data.PrecomputedDataset(root, sources=sources, text_length=None)
+    batch = data.collate([dataset[0], dataset[1]])
+    assert "video_latents" not in batch and "fps" not in batch
+    assert batch["audio_mask"].shape == (2, 5) and batch["reference_audio_latents"].shape == (2, 8, 6, 16)
+    data.save_pt({"mask": torch.ones(4)}, root / "audio_masks" / "b.pt")
+    with pytest.raises(ValueError, match=r"b\.pt: mask shape \[4\] does not match its latents' grid \[5\]"):
+        data.PrecomputedDataset(root, sources=sources, text_length=None)

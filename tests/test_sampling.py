@@ -476,3 +476,29 @@ def test_denoise_never_reads_device_values_back():
             bool(out[0].sum() > 0)
     for o, e in zip(out, expected, strict=True):
         torch.testing.assert_close(o, e, atol=1e-6, rtol=1e-6)
+
+
+def test_state_builders_carry_the_keyframes_mask():
+    """Frozen streams keep their keyframe marks; conditioned tokens keep them; appended reference tokens are no
+    keyframes (mask 0), as the official pipelines build every video state."""
+    from ltxf.sampling import (
+        append_reference_tokens,
+        condition_tokens,
+        first_frame_keyframes_mask,
+        frozen_state,
+        init_latent_state,
+    )
+
+    keyframes = first_frame_keyframes_mask(2, 6, 3)
+    assert keyframes.tolist() == [[1, 1, 1, 0, 0, 0]] * 2
+    positions = torch.zeros(2, 3, 6, 2)
+    frozen = frozen_state(torch.ones(2, 6, 4), positions, keyframes_mask_BT=keyframes)
+    assert frozen.frozen and torch.equal(frozen.keyframes_mask, keyframes)
+    state = init_latent_state(torch.zeros(2, 6, 4), positions, keyframes_mask_BT=keyframes)
+    held = condition_tokens(state, torch.ones(2, 6, 4), torch.tensor([[0, 0, 0, 1, 1, 1]] * 2))
+    assert torch.equal(held.keyframes_mask, keyframes)
+    appended = append_reference_tokens(held, torch.ones(2, 2, 4), torch.zeros(2, 3, 2, 2))
+    assert appended.keyframes_mask.tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]] * 2
+    plain = append_reference_tokens(init_latent_state(torch.zeros(2, 6, 4), positions), torch.ones(2, 2, 4),
+                                    torch.zeros(2, 3, 2, 2))
+    assert plain.keyframes_mask is None and plain.num_tokens == 8

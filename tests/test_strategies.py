@@ -162,7 +162,8 @@ def test_registry_maps_names_and_resolves_strategy_owned_config():
     v2v = TrainConfig(strategy=StrategyConfig(name="video_to_video"))
     assert type(v2v.strategy) is VideoToVideoConfig
     assert registry.build_strategy(v2v).data_sources() == ("latents", "conditions", "reference_latents")
-    with pytest.raises(ValueError, match="unknown strategy 'nope'; registered: text_to_video, video_to_video"):
+    with pytest.raises(ValueError,
+                       match="unknown strategy 'nope'; registered: flexible, text_to_video, video_to_video"):
         registry.get_strategy("nope")
 
 

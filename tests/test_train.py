@@ -4,6 +4,7 @@ resume after a kill, Ctrl-C, non-finite loss and activation checkpointing."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -72,12 +73,13 @@ def test_demo_run_writes_checkpoints_tensorboard_and_lora(plain_run):
     assert not (run / "samples").exists()
 
     lora = load_lora_file(result.export_path)
-    assert lora.metadata["lora_rank"] == str(demo().lora.rank)
+    assert lora.metadata["ltxf_lora_rank"] == str(demo().lora.rank)
     with safe_open(str(result.export_path), "pt") as f:
         keys = list(f.keys())
     assert all(k.startswith("diffusion_model.transformer_blocks.") for k in keys)
     assert any(k.endswith(".attn1.to_q.lora_A.weight") for k in keys)
-    assert any(k.endswith(".audio_attn1.to_q.alpha") for k in keys)
+    assert any(k.endswith(".audio_attn1.to_q.lora_B.weight") for k in keys)
+    assert not any(k.endswith(".alpha") for k in keys)  # diffusers refuses files with alpha keys
 
 
 def test_validation_writes_samples_and_leaves_training_unchanged(plain_run, tmp_path):
@@ -319,16 +321,50 @@ def test_ic_lora_run_writes_reference_downscale_factor(tmp_path):
 
 
 def test_trained_connectors_are_exported_in_the_official_layout(tmp_path):
+    """A LoRA run's trained connectors go to their own file, with a warning at start that only ltxf reads it."""
     from ltxf.models.text import load_embeddings_processor
 
     cfg = small_demo(tmp_path / "run", steps=2)
-    result = main(replace(cfg, model=replace(cfg.model, train_connectors=True)))
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)  # on the logger itself: main() resets the root handlers
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("ltxf.train").addHandler(handler)
+    try:
+        result = main(replace(cfg, model=replace(cfg.model, train_connectors=True)))
+    finally:
+        logging.getLogger("ltxf.train").removeHandler(handler)
+    assert any("model.train_connectors with a LoRA" in w and "only ltxf reads" in w for w in warnings)
     exported = result.output_dir / "exports" / "text_connectors_step_000002.safetensors"
     trained = load_embeddings_processor(exported, with_feature_extractor=False)
     base = load_embeddings_processor(result.output_dir / "demo_assets" / "demo_model.safetensors",
                                      with_feature_extractor=False)
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
     assert changed, "the connectors were trained and exported"
+
+
+def test_full_fine_tune_exports_a_whole_checkpoint(tmp_path):
+    """Full fine-tuning with trained connectors: the export is the base file with the trained transformer and
+    connectors in place (in the export dtype), every other tensor and the metadata unchanged."""
+    from safetensors.torch import load_file
+
+    from ltxf.models.checkpoint import TRANSFORMER_PREFIX, read_metadata
+
+    cfg = small_demo(tmp_path / "run", steps=2)
+    result = main(replace(cfg, model=replace(cfg.model, training_mode="full", train_connectors=True)))
+    base_path = result.output_dir / "demo_assets" / "demo_model.safetensors"
+    base, exported = load_file(str(base_path)), load_file(str(result.export_path))
+    assert result.export_path.name == "model_weights_step_000002.safetensors"
+    assert set(exported) == set(base) and read_metadata(result.export_path) == read_metadata(base_path)
+    assert not (result.output_dir / "exports" / "text_connectors_step_000002.safetensors").exists()
+    changed = {k for k in base if not torch.equal(exported[k].float(), base[k].float())}
+    assert any(k.startswith(TRANSFORMER_PREFIX + "transformer_blocks.") for k in changed)
+    assert any(k.startswith(TRANSFORMER_PREFIX + "video_embeddings_connector.") for k in changed)
+    assert all(k.startswith(TRANSFORMER_PREFIX) for k in changed)
+    export_dtype = getattr(torch, cfg.checkpoints.export_dtype)
+    assert all(exported[k].dtype == export_dtype for k in changed)
+    for key in base:
+        if not key.startswith(TRANSFORMER_PREFIX):
+            assert exported[key].dtype == base[key].dtype and torch.equal(exported[key], base[key]), key
 
 
 def test_init_lora_keeps_the_files_effective_update(tmp_path):

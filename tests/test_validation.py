@@ -116,7 +116,6 @@ def assets(tmp_path_factory) -> dict[str, Path]:
         (dict(stg_blocks=(-1,)), "validation.stg_blocks"),
         (dict(guidance_rescale=1.5), "validation.guidance_rescale"),
         (dict(include_reference_in_output=True), "validation.include_reference_in_output"),
-        (dict(prompt_features_path=None), "validation.text_encoder_path"),
     ],
 )
 def test_config_errors_name_the_field(overrides, match):
@@ -340,3 +339,34 @@ def test_two_ranks_fsdp_three_prompts_match_one_process(assets, monkeypatch):
         info = probe_video(path)
         assert (info.num_frames, info.width, info.height, info.has_audio) == (9, 64, 64, True), path.name
     assert {"validation/sample_1", "validation/sample_3"} <= set(_accumulator(root / "two" / "tb").Tags()["images"])
+
+
+def test_per_sample_conditions_frozen_modality_and_audio_only_wav(assets, tmp_path):
+    """Sample 1 is video-to-audio (the given clip frozen and muxed into the .mp4), sample 2 video with an audio
+    prefix; a text-to-audio validation writes .wav files. Condition media are encoded once, at build."""
+    from ltxf.conditions import SampleCondition
+    from ltxf.media import write_audio, write_video
+    from tests.test_generate import test_pattern_frames
+
+    write_video(tmp_path / "clip.mp4", test_pattern_frames(9, 64, 64), 24.0)
+    t = torch.arange(16_000) / 16_000
+    write_audio(tmp_path / "tone.wav", (0.4 * torch.sin(2 * torch.pi * 330 * t))[None].repeat(2, 1), 16_000)
+    conditions = ((SampleCondition(type="video_to_audio", path=tmp_path / "clip.mp4"),),
+                  (SampleCondition(type="prefix", modality="audio", path=tmp_path / "tone.wav", duration=0.16),))
+    config = validation_config(assets["features2"], 2, conditions=conditions)
+    checkpoint = assets["checkpoint"]
+    validator = Validator.build(config, checkpoint=checkpoint, device="cpu", dtype=torch.float32)
+    assert all(c.conditions is not None for c in validator.conditionings)
+    transformer = load_transformer(checkpoint)
+    processor = load_embeddings_processor(checkpoint, with_feature_extractor=False)
+    paths = validator.run(0, transformer, text_processor=processor, output_dir=tmp_path / "run")
+    assert [p.name for p in paths] == ["step_000000_1.mp4", "step_000000_2.mp4"]
+    assert all(probe_video(p).has_audio for p in paths)
+
+    audio_only = validation_config(assets["features2"], 2, generate_video=False)
+    validator = Validator.build(audio_only, checkpoint=checkpoint, device="cpu", dtype=torch.float32)
+    paths = validator.run(0, transformer, text_processor=processor, output_dir=tmp_path / "t2a")
+    assert [p.name for p in paths] == ["step_000000_1.wav", "step_000000_2.wav"]
+    assert read_audio(paths[0]).sample_rate == DEMO_AUDIO_SAMPLE_RATE
+    with pytest.raises(ValueError, match="one tuple of conditions per prompt"):
+        validation_config(assets["features2"], 2, conditions=conditions[:1])

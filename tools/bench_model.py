@@ -16,7 +16,7 @@ imported only by the worker that runs it (``pip install --no-deps ltx-core``).
 Examples:
     python tools/bench_model.py --preset small
     python tools/bench_model.py --preset full-width --device cuda --dtype bfloat16 --steps 10
-    python tools/bench_model.py --preset small --measure-load   # also the host memory of checkpoint loading
+    python tools/bench_model.py --preset small --measure_load True   # also the host memory of checkpoint loading
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ltxf.cli import parse_bool  # noqa: E402
 from ltxf.models import checkpoint  # noqa: E402
 from ltxf.models.transformer import (  # noqa: E402
     AVTransformer,
@@ -254,7 +255,7 @@ def worker(spec: dict) -> dict:
 
 
 def _run_worker(spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-spec", json.dumps(spec)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker_spec", json.dumps(spec)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(f"{spec['impl']} worker failed:\n{out.stdout}\n{out.stderr}")
@@ -304,17 +305,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the timed ones")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved (reference, ltxf) process pairs")
-    parser.add_argument("--num-layers", type=int, default=None, help="override the preset's block count")
+    parser.add_argument("--num_layers", type=int, default=None, help="override the preset's block count")
     parser.add_argument("--frames", type=int, default=None, help="override the preset's latent frames")
     parser.add_argument("--impl", choices=["both", "ltxf", "reference"], default="both")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads per worker (default: torch's choice); 1 is steadier on a busy host")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
-    parser.add_argument("--measure-load", action="store_true",
+    parser.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU (default: by name)")
+    parser.add_argument("--measure_load", type=parse_bool, default=False, metavar="{True,False}",
                         help="also measure peak host memory of load_transformer (same dtype and float32 from bf16)")
-    parser.add_argument("--allocator-peak", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--allocator_peak", type=parse_bool, default=True, metavar="{True,False}",
                         help="on CPU, also measure the torch allocator peak of one extra profiled step")
-    parser.add_argument("--worker-spec", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker_spec", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker_spec is not None:

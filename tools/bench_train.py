@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     parser.add_argument("--steps", type=int, default=8, help="training steps (and bare repetitions)")
     parser.add_argument("--warmup", type=int, default=2, help="bare repetitions excluded from the timing")
-    parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers for the trainer run")
+    parser.add_argument("--num_workers", type=int, default=1, help="DataLoader workers for the trainer run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Caption videos and images with a local multimodal ``transformers`` model (nothing is downloaded) and write a
 dataset file (.json, .jsonl, .csv or .txt). Resumable: media that already have a caption are skipped.
 
-    python tools/caption_videos.py clips/ --model-path Qwen2.5-Omni-7B -o clips/dataset.json [--fps 3] [--no-audio]
+    python tools/caption_videos.py clips/ --model_path Qwen2.5-Omni-7B -o clips/dataset.json [--fps 3] [--audio False]
 
 Exit code: 0 when the output lists at least one caption, 1 when it lists none, 2 on a usage error.
 """

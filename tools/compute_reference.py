@@ -1,7 +1,7 @@
 """Make Canny edge-map reference videos (``<stem>_reference<ext>``) for IC-LoRA training and add a
 ``reference_path`` column to the dataset file.
 
-    python tools/compute_reference.py data/dataset.json [--override] [--output data/dataset_ic.json]
+    python tools/compute_reference.py data/dataset.json [--override True] [--output data/dataset_ic.json]
 
 Exit code: 0 when every media file has a reference, 1 when some could not be made, 2 on a usage error.
 """

@@ -2,7 +2,7 @@ r"""Decode precomputed latents back to MP4 (PNG for one frame) and audio latents
 will be trained on.
 
     python tools/decode_latents.py data/.precomputed/latents data/.precomputed/decoded_videos \
-        --model-path ltx-2.safetensors [--with-audio] [--seed 0]
+        --model_path ltx-2.safetensors [--with_audio True] [--seed 0]
 
 Exit code: 0 when at least one file is decoded (now or before), 1 when none is, 2 on a usage error.
 """

@@ -1,7 +1,7 @@
 r"""Encode the captions of a dataset file into conditions files (Gemma 3 + the checkpoint's feature extractor).
 
-    python tools/process_captions.py data/dataset.json --output-dir data/.precomputed/conditions \
-        --model-path ltx-2.safetensors --text-encoder-path gemma-3-12b-it [--lora-trigger TOK]
+    python tools/process_captions.py data/dataset.json --output_dir data/.precomputed/conditions \
+        --model_path ltx-2.safetensors --text_encoder_path gemma-3-12b-it [--lora_trigger TOK]
 
 Exit code: 0 when at least one caption has its conditions file, 1 when none does, 2 on a usage error.
 """

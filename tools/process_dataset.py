@@ -1,8 +1,8 @@
-r"""Preprocess a dataset (captions + videos, optionally audio and IC-LoRA references) into the official
+r"""Preprocess a dataset (captions + videos, audio unless --skip_audio True, IC-LoRA references) into the official
 ``.precomputed/`` layout that ``train.py`` reads.
 
-    python tools/process_dataset.py data/dataset.json --resolution-buckets "768x512x49" \
-        --model-path ltx-2.safetensors --text-encoder-path gemma-3-12b-it [--with-audio] [--decode]
+    python tools/process_dataset.py data/dataset.json --resolution_buckets "768x512x49" \
+        --model_path ltx-2.safetensors --text_encoder_path gemma-3-12b-it [--skip_audio True] [--decode True]
     torchrun --nproc_per_node 8 tools/process_dataset.py ...   # samples split across processes
 
 Exit code: 0 when at least one sample has its outputs, 1 when none does, 2 on a usage error (bad bucket string,

@@ -1,9 +1,9 @@
-r"""Encode the media of a dataset file into video latents (plus audio latents with ``--with-audio``, and IC-LoRA
-reference latents with ``--reference-column``), in the official layout.
+r"""Encode the media of a dataset file into video latents (plus audio latents with ``--with_audio True``, and IC-LoRA
+reference latents with ``--reference_column``), in the official layout.
 
-    python tools/process_videos.py data/dataset.csv --resolution-buckets "768x512x49" \
-        --output-dir data/.precomputed/latents --model-path ltx-2.safetensors \
-        [--with-audio --audio-output-dir data/.precomputed/audio_latents]
+    python tools/process_videos.py data/dataset.csv --resolution_buckets "768x512x49" \
+        --output_dir data/.precomputed/latents --model_path ltx-2.safetensors \
+        [--with_audio True --audio_output_dir data/.precomputed/audio_latents]
 
 Exit code: 0 when at least one sample has its latents, 1 when none does, 2 on a usage error.
 """

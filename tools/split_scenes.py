@@ -1,6 +1,6 @@
 """Split a long video into scenes, one MP4 per scene (with its audio).
 
-    python tools/split_scenes.py movie.mp4 scenes/ --filter-shorter-than 2s [--detector adaptive] [--save-images 3]
+    python tools/split_scenes.py movie.mp4 scenes/ --filter_shorter_than 2s [--detector adaptive] [--save_images 3]
 
 Exit code: 0 when at least one scene is written, 1 when none is, 2 on a usage error.
 """

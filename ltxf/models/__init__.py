@@ -1,4 +1,5 @@
-"""Pure-PyTorch LTX-2 / LTX-2.3 components and the loaders for official single-file checkpoints.
+"""Pure-PyTorch LTX-2 / LTX-2.3 / LTX-2.5 components and the loaders for official single-file checkpoints and
+LTX-2.5 split packs (:mod:`ltxf.models.pack` says which file holds which component).
 
 Each loader reads the config from the checkpoint's metadata, builds the module on the meta device, reads only
 its own tensors (cast to ``dtype`` as they are read) and loads them strictly.
@@ -12,7 +13,8 @@ from ltxf.models.audio_vae import (
     load_audio_vae_encoder,
 )
 from ltxf.models.checkpoint import detect_version, read_config
-from ltxf.models.gemma import GemmaTextEncoder, load_gemma_text_encoder
+from ltxf.models.gemma import GemmaTextEncoder, load_gemma_text_encoder, load_packed_text_encoder, load_text_encoder
+from ltxf.models.pack import ModelPack, check_gemma_pairing, resolve_pack
 from ltxf.models.text import EmbeddingsProcessor, TextContext, load_embeddings_processor
 from ltxf.models.transformer import (
     AVTransformer,
@@ -38,12 +40,14 @@ __all__ = [
     "AudioEncoder",
     "EmbeddingsProcessor",
     "GemmaTextEncoder",
+    "ModelPack",
     "Modality",
     "Perturbations",
     "TextContext",
     "TransformerConfig",
     "VideoDecoder",
     "VideoEncoder",
+    "check_gemma_pairing",
     "decode_audio",
     "decode_video",
     "detect_version",
@@ -53,10 +57,13 @@ __all__ = [
     "load_audio_vae_encoder",
     "load_embeddings_processor",
     "load_gemma_text_encoder",
+    "load_packed_text_encoder",
+    "load_text_encoder",
     "load_transformer",
     "load_video_vae_decoder",
     "load_video_vae_encoder",
     "load_vocoder",
     "read_config",
+    "resolve_pack",
     "save_transformer",
 ]

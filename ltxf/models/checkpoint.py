@@ -1,8 +1,10 @@
-"""The official single-file checkpoint format: config metadata, key prefixes, version detection, strict loading.
+"""The official checkpoint formats: config metadata, key prefixes, version detection, strict loading.
 
 An official LTX-2 / LTX-2.3 checkpoint is one ``.safetensors`` file. Its ``__metadata__["config"]`` entry is a
 JSON document with the sections ``transformer``, ``vae``, ``audio_vae``, ``vocoder`` and ``scheduler``; the
-tensors of every component live in the same file under the prefixes in :data:`COMPONENT_PREFIXES`.
+tensors of every component live in the same file under the prefixes below. LTX-2.5 ships a split pack instead
+(one file per component, a ``model_version`` metadata string on each; see :mod:`ltxf.models.pack`); the
+transformer file keeps the monolith's ``model.diffusion_model.`` layout.
 
 Loading is always the same three moves: build the module on the ``meta`` device from the config, read only the
 requested component's tensors (one at a time, cast on the fly, so host memory peaks near one copy of the
@@ -12,9 +14,11 @@ unexpected.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +28,7 @@ from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
-ModelVersion = Literal["ltx-2", "ltx-2.3"]
+ModelVersion = Literal["ltx-2", "ltx-2.3", "ltx-2.5"]
 
 # Where each component's tensors live inside an official checkpoint.
 TRANSFORMER_PREFIX = "model.diffusion_model."
@@ -73,15 +77,41 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
+_CONFIG_SOURCE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("ltxf_config_source", default=None)
+
+
+@contextlib.contextmanager
+def config_from(source: str | Path | None) -> Iterator[None]:
+    """Within the block, files without a ``config`` metadata entry (a transformer-only or VAE-only file someone
+    split off) take their config from the single file ``source``; ``None`` changes nothing. Files that carry a
+    config always use their own."""
+    if source is not None:
+        _check_is_file(Path(source))
+    token = _CONFIG_SOURCE.set(None if source is None else Path(source))
+    try:
+        yield
+    finally:
+        _CONFIG_SOURCE.reset(token)
+
+
 def read_config(path: str | Path) -> dict:
-    """Return the model config stored as JSON in the ``config`` metadata entry of an official checkpoint."""
+    """Return the model config stored as JSON in the ``config`` metadata entry of an official checkpoint.
+
+    A file without one (a split-off transformer or VAE) takes the config of the file given to
+    :func:`config_from`, if any.
+    """
     path = Path(path)
     metadata = read_metadata(path)
     if "config" not in metadata:
+        source = _CONFIG_SOURCE.get()
+        if source is not None and source != path:
+            logger.info("%s has no config metadata; using the config of %s", path, source)
+            return read_config(source)
         raise ValueError(
             f"{path} has no 'config' entry in its safetensors metadata; an official LTX-2 checkpoint stores "
             "its model config there (metadata keys found: "
-            f"{sorted(metadata) or 'none'})"
+            f"{sorted(metadata) or 'none'}). For a file split off a checkpoint, give the single file its config "
+            "comes from (tools/inference.py --config_from, or ltxf.models.checkpoint.config_from)"
         )
     try:
         config = json.loads(metadata["config"])
@@ -100,9 +130,7 @@ def config_section(config: Mapping, section: str, path: str | Path) -> dict:
     return value
 
 
-def list_keys(path: str | Path) -> list[str]:
-    """All tensor names in a safetensors file (reads the header only)."""
-    path = _check_is_file(Path(path))
+def _file_keys(path: Path) -> list[str]:
     try:
         with safe_open(str(path), framework="pt") as f:
             return list(f.keys())
@@ -110,20 +138,108 @@ def list_keys(path: str | Path) -> list[str]:
         raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
 
 
-def read_tensor_shapes(path: str | Path, keys: Iterable[str]) -> dict[str, tuple[int, ...]]:
-    """Shapes of the named tensors without reading their data."""
+def official_names(path: str | Path) -> dict[str, str]:
+    """``{key in the file: official name}`` for every tensor of a safetensors file (header only; see
+    :func:`official_key_names`)."""
     path = _check_is_file(Path(path))
+    return official_key_names(path, _file_keys(path))
+
+
+def list_keys(path: str | Path) -> list[str]:
+    """All tensor names in a safetensors file under their official names (reads the header only; see
+    :func:`official_key_names` for the layouts that are renamed)."""
+    return list(official_names(path).values())
+
+
+def read_tensor_shapes(path: str | Path, keys: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the named tensors (official names) without reading their data."""
+    path = _check_is_file(Path(path))
+    file_key_of = {official: key for key, official in official_key_names(path, _file_keys(path)).items()}
     shapes: dict[str, tuple[int, ...]] = {}
     with safe_open(str(path), framework="pt") as f:
-        available = set(f.keys())
+        available = set(file_key_of)
         for key in keys:
             if key in available:
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+                shapes[key] = tuple(f.get_slice(file_key_of[key]).get_shape())
     return shapes
+
+
+# Transformer config keys new in LTX-2.5 (their presence alone marks a 2.5-family config).
+LTX_2_5_SWITCHES = ("ff_bias", "audio_ff_bias", "use_prompt_adaln_single", "use_keyframes_abs_pos_embedding")
+# From this ``model_version`` on, a transformer must name the Gemma it was trained with (the pairing check).
+GEMMA_PAIRING_REQUIRED_FROM = (2, 4, 0)
+
+# -------------------------------------------------------------------------------------------------------------
+# Key layouts
+
+# Keys that only the transformer has, to recognise a bare (unprefixed) transformer state dict.
+_TRANSFORMER_MARKERS = ("transformer_blocks.", "patchify_proj.", "adaln_single.")
+_OTHER_COMPONENT_PREFIXES = ("vae.", "audio_vae.", "vocoder.", TEXT_PROJECTION_PREFIX)
+_VAE_PARTS = ("encoder.", "decoder.", "per_channel_statistics.")
+COMFY_TRANSFORMER_PREFIX = "diffusion_model."
+"""ComfyUI's diffusion-model files keep the transformer (and connectors) without the leading ``model.``."""
+
+
+def official_key_names(path: str | Path, keys: Iterable[str]) -> dict[str, str]:
+    """``{key in the file: official name}`` for the key layouts users have, decided from the keys themselves:
+
+    - official single files (``model.diffusion_model.``, ``vae.``, ...): unchanged;
+    - ComfyUI layout, the transformer under ``diffusion_model.``: renamed to ``model.diffusion_model.``;
+    - a bare transformer state dict (``transformer_blocks.*`` at the top): put under ``model.diffusion_model.``;
+    - a bare VAE (``encoder.*`` / ``decoder.*`` / ``per_channel_statistics.*`` at the top) whose config names
+      exactly one of ``vae`` / ``audio_vae``: put under that prefix.
+    """
+    keys = list(keys)
+    if any(k.startswith(TRANSFORMER_PREFIX) for k in keys) or not keys:
+        return {k: k for k in keys}
+    if any(k.startswith(COMFY_TRANSFORMER_PREFIX) for k in keys):
+        return {k: "model." + k if k.startswith(COMFY_TRANSFORMER_PREFIX) else k for k in keys}
+    if any(k.startswith(_TRANSFORMER_MARKERS) for k in keys):
+        return {k: k if k.startswith(_OTHER_COMPONENT_PREFIXES) else TRANSFORMER_PREFIX + k for k in keys}
+    if all(k.startswith(_VAE_PARTS) for k in keys):
+        try:
+            sections = {s for s in ("vae", "audio_vae") if s in read_config(path)}
+        except ValueError:
+            sections = set()
+        if len(sections) == 1:
+            prefix = sections.pop() + "."
+            return {k: prefix + k for k in keys}
+    return {k: k for k in keys}
 
 
 # -------------------------------------------------------------------------------------------------------------
 # Version detection
+
+
+def parse_model_version(text: str | None) -> tuple[int, ...]:
+    """The numeric dot-separated prefix of a ``model_version`` string, as the official parser reads it:
+    ``"2.5.0"`` -> (2, 5, 0), ``"2.3.rc1"`` -> (2, 3), ``"2.4-rc2"`` -> (2,), ``""`` / None -> ()."""
+    parts: list[int] = []
+    for part in (text or "").strip().split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def detect_model_version(transformer_config: Mapping, model_version: str | None = None,
+                         path: str | Path = "<config>") -> ModelVersion:
+    """Model version of a transformer config section plus the file's ``model_version`` metadata string.
+
+    The text path comes from :func:`detect_text_version`. A V2 config is LTX-2.5 when it carries any of the
+    2.5 switches (:data:`LTX_2_5_SWITCHES`) or its ``model_version`` is at least 2.4 (``-`` read as ``.``, as the
+    official pipelines do); the architecture itself is always built from the keys.
+    """
+    text_version = detect_text_version(transformer_config, path)
+    switches = sorted(k for k in LTX_2_5_SWITCHES if k in transformer_config)
+    numeric = parse_model_version((model_version or "").replace("-", "."))
+    if not switches and numeric < (2, 4):
+        return text_version
+    if text_version == "ltx-2":
+        why = f"keys {switches}" if switches else f"model_version {model_version!r}"
+        raise ValueError(f"{path}: the transformer config says LTX-2.5 ({why}) but has none of the V2 text keys "
+                         f"{sorted(V2_TEXT_KEYS)} that every LTX-2.3/2.5 config sets")
+    return "ltx-2.5"
 
 
 def detect_text_version(transformer_config: Mapping, path: str | Path = "<config>") -> ModelVersion:
@@ -149,9 +265,11 @@ def detect_text_version(transformer_config: Mapping, path: str | Path = "<config
     return "ltx-2.3"
 
 
-def detect_version(config: Mapping, path: str | Path = "<config>") -> ModelVersion:
-    """Model version of a full checkpoint config (the ``transformer`` section decides)."""
-    return detect_text_version(config_section(config, "transformer", path), path)
+def detect_version(config: Mapping, path: str | Path = "<config>", model_version: str | None = None
+                   ) -> ModelVersion:
+    """Model version of a checkpoint config (the ``transformer`` section decides, with the file's
+    ``model_version`` metadata when given; see :func:`detect_model_version`)."""
+    return detect_model_version(config_section(config, "transformer", path), model_version, path)
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -167,16 +285,17 @@ def read_tensors(
 ) -> dict[str, torch.Tensor]:
     """Read only the tensors that ``select`` keeps, renamed by it, one at a time.
 
-    ``select(file_key)`` returns the module key for a tensor to keep, or ``None`` to skip it (the tensor data is
-    never read). Floating-point tensors are cast to ``dtype`` as they are read, so peak host memory stays near
-    one copy of what is kept.
+    ``select(official_key)`` (the file's key under its official name, :func:`official_key_names`) returns the
+    module key for a tensor to keep, or ``None`` to skip it (the tensor data is never read). Floating-point
+    tensors are cast to ``dtype`` as they are read, so peak host memory stays near one copy of what is kept.
     """
     path = _check_is_file(Path(path))
     tensors: dict[str, torch.Tensor] = {}
+    official = official_key_names(path, _file_keys(path))
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for file_key in f.keys():
-                name = select(file_key)
+                name = select(official[file_key])
                 if name is None:
                     continue
                 tensor = f.get_tensor(file_key)
@@ -207,8 +326,9 @@ def strip_prefix(prefix: str, exclude: Iterable[str] = ()) -> Callable[[str], st
 def load_state_dict_strict(
     module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, source: str | Path
 ) -> torch.nn.Module:
-    """``load_state_dict(strict=True, assign=True)`` with an error that names the file and lists every
-    missing and unexpected key and every shape mismatch."""
+    """``load_state_dict(assign=True)`` that requires every tensor of the module: an error names the file and
+    lists every missing key and every shape mismatch. Keys the module has no place for (extra tensors some files
+    carry) are left out with a warning listing them, as ltx-core tolerates them."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -217,16 +337,19 @@ def load_state_dict_strict(
         for k in sorted(set(expected) & set(state_dict))
         if tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
-    if missing or unexpected or mismatched:
+    if missing or mismatched:
         parts = [f"{source}: the weights do not match the model built from its config."]
         if missing:
             parts.append(f"missing keys ({len(missing)}): {_abbreviate(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_abbreviate(unexpected)}")
         if mismatched:
             parts.append(f"shape mismatches ({len(mismatched)}): {_abbreviate(mismatched)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_abbreviate(unexpected)}")
         raise ValueError("\n  ".join(parts))
-    module.load_state_dict(dict(state_dict), strict=True, assign=True)
+    if unexpected:
+        logger.warning("%s: %d tensors have no place in the model and are ignored (unexpected keys): %s", source,
+                       len(unexpected), _abbreviate(unexpected))
+    module.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=True, assign=True)
     return module
 
 

@@ -236,7 +236,7 @@ def materialize_(
     in place from the safetensors file ``path``, unit by unit; returns ``module``.
 
     Args:
-        select: ``select(file_key) -> module_key | None``, as for :func:`ltxf.models.checkpoint.read_tensors`
+        select: ``select(official_key) -> module_key | None``, as for :func:`ltxf.models.checkpoint.read_tensors`
             (None: the tensor belongs to another component and is never read).
         device: where plain parameters go (a sharded module's shards are allocated on its mesh's device).
         units: submodule names loaded one after another (:func:`block_units`); the rest of the module is the
@@ -247,12 +247,15 @@ def materialize_(
     """
     path = Path(path)
     source = source or str(path)
-    names = {file_key: name for file_key in checkpoint.list_keys(path) if (name := select(file_key)) is not None}
+    # ``select`` sees official names (a ComfyUI-layout or bare file is renamed); the data is read by the file's key.
+    official = checkpoint.official_names(path)
+    names = {file_key: name for file_key, key in official.items() if (name := select(key)) is not None}
     file_keys = {name: file_key for file_key, name in names.items()}
     tensors = module.state_dict(keep_vars=True)
     buffers = {name for name, _ in module.named_buffers()}
     expected = {k: v for k, v in tensors.items() if not not_in_file(k)}
-    file_shapes = {names[file_key]: shape for file_key, shape in checkpoint.read_tensor_shapes(path, names).items()}
+    shapes = checkpoint.read_tensor_shapes(path, [official[file_key] for file_key in names])
+    file_shapes = {name: shapes[official[file_key]] for file_key, name in names.items()}
     _check_keys(expected, file_shapes, source)
 
     if is_sharded(module) and any(t.is_meta for t in tensors.values()):

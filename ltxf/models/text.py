@@ -35,6 +35,7 @@ from torch import nn
 from ltxf.models.attention import Attention
 from ltxf.models.checkpoint import (
     AUDIO_CONNECTOR_PREFIX,
+    LTX_2_5_SWITCHES,
     TEXT_PROJECTION_PREFIX,
     VIDEO_CONNECTOR_PREFIX,
     ModelVersion,
@@ -150,13 +151,16 @@ class EmbeddingsProcessorConfig:
         Keys (ltx-core defaults in brackets): ``connector_num_layers`` [2], ``connector_num_attention_heads``
         [30], ``connector_attention_head_dim`` [128], ``connector_num_learnable_registers`` [128],
         ``connector_apply_gated_attention`` [False], ``audio_connector_{num_layers,num_attention_heads,
-        attention_head_dim}`` [the video values], ``rope_type`` ["interleaved"], ``frequencies_precision``
+        attention_head_dim}`` [the video values], ``rope_type`` ["interleaved"; "split" for an LTX-2.5 config],
+        ``frequencies_precision``
         ["float64" -> double-precision grid], ``connector_positional_embedding_max_pos`` [[1]]. The version comes
         from :func:`ltxf.models.checkpoint.detect_text_version`.
         """
         cfg = transformer_config
         version = detect_text_version(cfg, source)
-        rope_type = cfg.get("rope_type", "interleaved")
+        # ltx-core 1.2 (LTX-2.5) changed the code default to "split"; a config with any 2.5 switch is read so.
+        is_25 = any(key in cfg for key in LTX_2_5_SWITCHES)
+        rope_type = cfg.get("rope_type", "split" if is_25 else "interleaved")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"{source}: transformer.rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
         max_pos = cfg.get("connector_positional_embedding_max_pos", [1])
@@ -548,11 +552,17 @@ def build_embeddings_processor_on_meta(
     path: str | Path,
     *,
     with_feature_extractor: bool = True,
-    gemma_hidden_size: int = GEMMA_HIDDEN_SIZE,
+    gemma_hidden_size: int | None = None,
     gemma_num_hidden_states: int | None = None,
+    text_encoder_path: str | Path | None = None,
 ) -> EmbeddingsProcessor:
     """The text embeddings processor (feature extractor + connectors) of an official checkpoint, built on the
     ``meta`` device; fill it with :func:`load_embeddings_processor_weights_`.
+
+    LTX-2.5 splits it over two files: the config and the connectors in the transformer file (``path``), the
+    feature extractor's ``text_embedding_projection.*`` in the packed text-encoder file (``text_encoder_path``,
+    whose Gemma config also gives the Gemma width and layer count). A single-file checkpoint needs no
+    ``text_encoder_path`` (a Gemma 3 directory passed there is ignored).
 
     The version comes from the config metadata (the ``transformer`` section's V2 text keys) and is cross-checked
     against the weights: the aggregate-embed keys (V1 ``aggregate_embed`` vs V2 ``{video,audio}_aggregate_embed``)
@@ -564,7 +574,8 @@ def build_embeddings_processor_on_meta(
         with_feature_extractor: False skips the aggregate projection (1-1.2 B parameters) when only cached
             features will be processed (training).
         gemma_hidden_size: Gemma width ``D``; the number of hidden states is inferred from the aggregate weight
-            (``in_features = D * L``). The official config stores neither; 3840 is Gemma-3-12B.
+            (``in_features = D * L``). The official single-file config stores neither; None means the packed text
+            encoder's ``hidden_size``, else 3840 (Gemma-3-12B).
         gemma_num_hidden_states: optional expected ``L`` (49 for Gemma-3-12B); checked against the weights.
     """
     path = Path(path)
@@ -572,6 +583,29 @@ def build_embeddings_processor_on_meta(
     transformer_config = config_section(config, "transformer", path)
     version = detect_text_version(transformer_config, path)
     keys = list_keys(path)
+    projection_path = path
+    has_projection = any(k.startswith(TEXT_PROJECTION_PREFIX) for k in keys)
+    packed = text_encoder_path is not None and Path(text_encoder_path).is_file()
+    if packed:
+        from ltxf.models.gemma import read_packed_text_encoder_config
+
+        gemma_config = read_packed_text_encoder_config(text_encoder_path)
+        text_config = gemma_config.get("text_config", gemma_config)
+        if gemma_hidden_size is None:
+            gemma_hidden_size = int(text_config["hidden_size"])
+        if gemma_num_hidden_states is None:
+            gemma_num_hidden_states = int(text_config["num_hidden_layers"]) + 1
+    gemma_hidden_size = GEMMA_HIDDEN_SIZE if gemma_hidden_size is None else gemma_hidden_size
+    if with_feature_extractor and not has_projection:
+        if not packed:
+            given = "" if text_encoder_path is None else f" (got {text_encoder_path}, not a packed file)"
+            raise ValueError(
+                f"{path}: no feature-extractor weights ({TEXT_PROJECTION_PREFIX}*) in this file: an LTX-2.5 split "
+                "transformer keeps them in the packed text-encoder file; pass that file as text_encoder_path "
+                f"(--model.text_encoder / --text-encoder-path){given}"
+            )
+        projection_path = Path(text_encoder_path)
+        keys = keys + [k for k in list_keys(projection_path) if k.startswith(TEXT_PROJECTION_PREFIX)]
 
     weights_version = _weights_version(keys, path)
     if weights_version is not None and weights_version != version:
@@ -588,9 +622,9 @@ def build_embeddings_processor_on_meta(
     num_hidden_states = GEMMA_NUM_HIDDEN_STATES if gemma_num_hidden_states is None else gemma_num_hidden_states
     if with_feature_extractor:
         weight_key = _V1_AGGREGATE_KEY if version == "ltx-2" else _V2_AGGREGATE_KEYS[0]
-        (weight_shape,) = read_tensor_shapes(path, [weight_key]).values()
+        (weight_shape,) = read_tensor_shapes(projection_path, [weight_key]).values()
         num_hidden_states = _infer_num_hidden_states(
-            weight_shape[1], gemma_hidden_size, gemma_num_hidden_states, weight_key, path
+            weight_shape[1], gemma_hidden_size, gemma_num_hidden_states, weight_key, projection_path
         )
 
     processor_config = EmbeddingsProcessorConfig.from_transformer_config(
@@ -609,7 +643,7 @@ def build_embeddings_processor_on_meta(
                 f"{config_key} or its default) but the weights under {prefix} have {num_layers}"
             )
     if with_feature_extractor:
-        _check_aggregate_shapes(path, processor_config)
+        _check_aggregate_shapes(projection_path, processor_config)
 
     with torch.device("meta"):
         return EmbeddingsProcessor(processor_config, with_feature_extractor=with_feature_extractor)
@@ -621,22 +655,28 @@ def load_embeddings_processor_weights_(
     *,
     device: torch.device | str = "cpu",
     transform: TensorTransform | None = None,
+    text_encoder_path: str | Path | None = None,
 ) -> EmbeddingsProcessor:
     """Fill a processor built by :func:`build_embeddings_processor_on_meta` (possibly sharded) from ``path``,
     component by component and block by block, each tensor cast to its parameter's dtype; strict per component
-    (see :mod:`ltxf.models.materialize`)."""
+    (see :mod:`ltxf.models.materialize`). The feature extractor comes from ``text_encoder_path`` (an LTX-2.5 packed
+    text encoder) when ``path`` does not hold it."""
     path = Path(path)
-    components: list[tuple[str, nn.Module | None]] = [
-        (VIDEO_CONNECTOR_PREFIX, processor.video_connector),
-        (AUDIO_CONNECTOR_PREFIX, processor.audio_connector),
-        (TEXT_PROJECTION_PREFIX, processor.feature_extractor),
+    projection_path = path
+    if processor.feature_extractor is not None and text_encoder_path is not None \
+            and not any(k.startswith(TEXT_PROJECTION_PREFIX) for k in list_keys(path)):
+        projection_path = Path(text_encoder_path)
+    components: list[tuple[str, nn.Module | None, Path]] = [
+        (VIDEO_CONNECTOR_PREFIX, processor.video_connector, path),
+        (AUDIO_CONNECTOR_PREFIX, processor.audio_connector, path),
+        (TEXT_PROJECTION_PREFIX, processor.feature_extractor, projection_path),
     ]
-    for file_prefix, module in components:
+    for file_prefix, module, source in components:
         if module is None:
             continue
         units = block_units(module, "transformer_1d_blocks") if hasattr(module, "transformer_1d_blocks") else ()
-        materialize_(module, path, strip_prefix(file_prefix), device=device, units=units, transform=transform,
-                     source=f"{path} [{file_prefix}*]")
+        materialize_(module, source, strip_prefix(file_prefix), device=device, units=units, transform=transform,
+                     source=f"{source} [{file_prefix}*]")
     return processor
 
 
@@ -646,18 +686,19 @@ def load_embeddings_processor(
     device: torch.device | str = "cpu",
     *,
     with_feature_extractor: bool = True,
-    gemma_hidden_size: int = GEMMA_HIDDEN_SIZE,
+    gemma_hidden_size: int | None = None,
     gemma_num_hidden_states: int | None = None,
+    text_encoder_path: str | Path | None = None,
 ) -> EmbeddingsProcessor:
-    """Load the text embeddings processor (feature extractor + connectors) from an official checkpoint:
-    :func:`build_embeddings_processor_on_meta` (every consistency check), then the text-side tensors only, cast to
-    ``dtype`` as they are read, strictly, nothing left on ``meta``. Arguments as there; ``dtype``, ``device``: of
-    the loaded parameters."""
+    """Load the text embeddings processor (feature extractor + connectors) from an official checkpoint (and, for
+    LTX-2.5, the packed text-encoder file holding the feature extractor): :func:`build_embeddings_processor_on_meta`
+    (every consistency check), then the text-side tensors only, cast to ``dtype`` as they are read, strictly,
+    nothing left on ``meta``. Arguments as there; ``dtype``, ``device``: of the loaded parameters."""
     path = Path(path)
     processor = build_embeddings_processor_on_meta(
         path, with_feature_extractor=with_feature_extractor, gemma_hidden_size=gemma_hidden_size,
-        gemma_num_hidden_states=gemma_num_hidden_states).to(dtype)
-    load_embeddings_processor_weights_(processor, path, device=device)
+        gemma_num_hidden_states=gemma_num_hidden_states, text_encoder_path=text_encoder_path).to(dtype)
+    load_embeddings_processor_weights_(processor, path, device=device, text_encoder_path=text_encoder_path)
     logger.info("loaded %s text embeddings processor from %s (%s, feature extractor: %s)", processor.config.version,
                 path, dtype, with_feature_extractor)
     return processor.eval()

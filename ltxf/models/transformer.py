@@ -9,6 +9,11 @@ a velocity per token. The two versions share this code path and differ by config
   cross-attention is unmodulated.
 * LTX-2.3: no caption projection; 9 AdaLN coefficients (the text cross-attention query is modulated too), the
   context is modulated by a prompt AdaLN of sigma, and every attention has a per-head gate.
+* LTX-2.5: LTX-2.3 plus four switches (``ff_bias``, ``audio_ff_bias``, ``use_prompt_adaln_single``,
+  ``use_keyframes_abs_pos_embedding``). The last adds one learned vector to the video tokens that the
+  ``keyframes_mask`` of the video :class:`Modality` marks (tokens whose latent encodes a single standalone frame).
+  As in ltx-core 1.2 (which defines 2.5; checked against its goldens), a stream's audio<->video AdaLN scale/shift
+  follows its own per-token timesteps; in LTX-2 / 2.3 (ltx-core 1.0) they follow the other stream's sigma.
 
 Parameter names equal those of the official checkpoints after ``model.diffusion_model.`` is stripped.
 
@@ -87,7 +92,7 @@ class TransformerConfig:
     """Architecture of the audio-video transformer. Defaults are the official checkpoints' values."""
 
     version: ModelVersion
-    """"ltx-2" (19B: caption projection inside the transformer) or "ltx-2.3" (22B)."""
+    """"ltx-2" (19B: caption projection inside the transformer), "ltx-2.3" (22B) or "ltx-2.5" (22B, split pack)."""
     num_layers: int = 48
     num_heads: int = 32
     head_dim: int = 128
@@ -116,10 +121,23 @@ class TransformerConfig:
     """Per-head attention gates (LTX-2.3)."""
     cross_attention_adaln: bool = False
     """9-coefficient AdaLN with modulated text cross-attention and prompt AdaLN (LTX-2.3)."""
+    use_prompt_adaln_single: bool = True
+    """With ``cross_attention_adaln``: the text K/V modulation adds a prompt AdaLN of sigma to the per-block
+    ``prompt_scale_shift_table``; False (LTX-2.5 "KV-cacheable" variants) uses the table alone."""
+    ff_bias: bool = True
+    """Biases in the video feed-forward (False in LTX-2.5)."""
+    audio_ff_bias: bool = True
+    """Biases in the audio feed-forward."""
+    keyframes_embedding: bool = False
+    """``use_keyframes_abs_pos_embedding`` (LTX-2.5): a learned ``[1, D]`` vector added to the video tokens that
+    the video Modality's ``keyframes_mask`` marks."""
 
     def __post_init__(self) -> None:
-        if self.version not in ("ltx-2", "ltx-2.3"):
-            raise ValueError(f"TransformerConfig.version must be 'ltx-2' or 'ltx-2.3', got {self.version!r}")
+        if self.version not in ("ltx-2", "ltx-2.3", "ltx-2.5"):
+            raise ValueError(f"TransformerConfig.version must be 'ltx-2', 'ltx-2.3' or 'ltx-2.5', got {self.version!r}")
+        if self.version == "ltx-2.5" and not self.cross_attention_adaln:
+            raise ValueError("TransformerConfig: an ltx-2.5 transformer has the LTX-2.3 architecture "
+                             "(cross_attention_adaln=True)")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"TransformerConfig.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
         for name in ("num_layers", "num_heads", "head_dim", "audio_num_heads", "audio_head_dim", "in_channels",
@@ -164,19 +182,34 @@ class TransformerConfig:
         return self.version == "ltx-2"
 
     @property
+    def cross_modulation_from_own_timesteps(self) -> bool:
+        """Where the audio<->video AdaLN scale/shift of a stream comes from. ltx-core 1.2 (which defines LTX-2.5,
+        proven by its goldens) evaluates it at the stream's own per-token timesteps; ltx-core 1.0 (LTX-2 / 2.3, the
+        oracle of those versions) at the other stream's sigma. The output gates follow the other stream's sigma in
+        both."""
+        return self.version == "ltx-2.5"
+
+    @property
+    def has_prompt_adaln(self) -> bool:
+        """``prompt_adaln_single`` / ``audio_prompt_adaln_single`` exist."""
+        return self.cross_attention_adaln and self.use_prompt_adaln_single
+
+    @property
     def num_adaln_rows(self) -> int:
         """AdaLN coefficients per block: shift/scale/gate for self-attention and FF (+ text cross-attention)."""
         return 9 if self.cross_attention_adaln else 6
 
     @classmethod
-    def from_checkpoint_config(cls, transformer_section: Mapping, *, path: str | Path = "<config>"
-                               ) -> TransformerConfig:
+    def from_checkpoint_config(cls, transformer_section: Mapping, *, path: str | Path = "<config>",
+                               model_version: str | None = None) -> TransformerConfig:
         """Build from the ``transformer`` section of an official checkpoint config.
 
         Checks every value the reference asserts (a ``ValueError`` names the key), detects the version with
-        :func:`ltxf.models.checkpoint.detect_text_version`, and fills absent keys with the reference's code
-        defaults (which differ from the checkpoint values for ``rope_type`` and
-        ``av_ca_timestep_scale_multiplier``, exactly as the reference reads such a file).
+        :func:`ltxf.models.checkpoint.detect_model_version` (the V2 text keys, the LTX-2.5 switches and the file's
+        ``model_version`` metadata string, passed as ``model_version``), and fills absent keys with the
+        reference's code defaults (which differ from the checkpoint values for ``rope_type`` and
+        ``av_ca_timestep_scale_multiplier``, exactly as the reference reads such a file). The architecture comes
+        from the keys alone, never from the version string.
         """
         section = dict(transformer_section)
         for key, expected in ASSERTED_CONFIG_VALUES.items():
@@ -184,7 +217,10 @@ class TransformerConfig:
             if actual != expected or (expected is not None and key not in section):
                 found = "missing" if key not in section else f"{actual!r}"
                 raise ValueError(f"{path}: transformer config key '{key}' is {found}; expected {expected!r}")
-        version = checkpoint.detect_text_version(section, path)
+        version = checkpoint.detect_model_version(section, model_version, path)
+        for key in checkpoint.LTX_2_5_SWITCHES:
+            if key in section and not isinstance(section[key], bool):
+                raise ValueError(f"{path}: transformer config key '{key}' must be true or false, got {section[key]!r}")
         rope_type = section.get("rope_type", "interleaved")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"{path}: transformer config key 'rope_type' is {rope_type!r}; expected one of "
@@ -217,6 +253,10 @@ class TransformerConfig:
                 norm_eps=section.get("norm_eps", 1e-6),
                 apply_gated_attention=bool(section.get("apply_gated_attention", False)),
                 cross_attention_adaln=bool(section.get("cross_attention_adaln", False)),
+                use_prompt_adaln_single=section.get("use_prompt_adaln_single", True),
+                ff_bias=section.get("ff_bias", True),
+                audio_ff_bias=section.get("audio_ff_bias", True),
+                keyframes_embedding=section.get("use_keyframes_abs_pos_embedding", False),
             )
         except ValueError as exc:
             raise ValueError(f"{path}: invalid transformer config: {exc}") from exc
@@ -249,8 +289,19 @@ class TransformerConfig:
         )
         if self.caption_channels is not None:
             section["caption_channels"] = self.caption_channels
-        if self.version == "ltx-2.3":
+        if self.version != "ltx-2":
             section.update(checkpoint.V2_TEXT_KEYS)
+        if self.version == "ltx-2.5":
+            # Written out in full so that a reader never depends on a code default.
+            section.update(ff_bias=self.ff_bias, audio_ff_bias=self.audio_ff_bias,
+                           use_prompt_adaln_single=self.use_prompt_adaln_single,
+                           use_keyframes_abs_pos_embedding=self.keyframes_embedding)
+        else:
+            for key, value, default in (("ff_bias", self.ff_bias, True), ("audio_ff_bias", self.audio_ff_bias, True),
+                                        ("use_prompt_adaln_single", self.use_prompt_adaln_single, True),
+                                        ("use_keyframes_abs_pos_embedding", self.keyframes_embedding, False)):
+                if value != default:
+                    section[key] = value
         return section
 
 
@@ -264,8 +315,8 @@ class Modality:
 
     Attributes:
         latent: ``[B, T, C]`` patchified noisy tokens (conditioning tokens included).
-        sigma: ``[B]`` noise level per sample; drives the *other* stream's audio<->video AdaLN and (LTX-2.3)
-            this stream's prompt AdaLN.
+        sigma: ``[B]`` noise level per sample; drives the *other* stream's audio<->video AdaLN (LTX-2.5: only its
+            output gate) and (LTX-2.3/2.5) this stream's prompt AdaLN.
         timesteps: ``[B, T]`` (or ``[B, T, 1]``) per-token noise level, 0 for clean conditioning tokens; or
             ``[B]`` / ``[B, 1]`` when every token of a sample shares one value.
         positions: ``[B, A, T, 2]`` ``[start, end)`` bounds: video ``A = 3`` (seconds, pixels, pixels), audio
@@ -275,6 +326,10 @@ class Modality:
         context_mask: ``[B, S]`` 1 = real token, 0 = padding (bool, int or float), or None for no masking. Pass
             None for an all-ones mask (the connectors' output): it lets SDPA use flash attention.
         attention_mask: ``[B, T, T]`` self-attention weights in ``[0, 1]`` (0 = blocked), or None.
+        keyframes_mask: video only, ``[B, T, 1]`` (or ``[B, T]``): non-zero marks a token whose latent encodes a
+            single standalone pixel frame (the first latent frame of a target; see :mod:`ltxf.latents`). With the
+            LTX-2.5 keyframe embedding the model adds ``keyframes_abs_pos_embedding`` to those tokens; None adds
+            nothing (ignored by models without the embedding).
         enabled: when False the stream is not updated by the blocks (its tokens still feed the other stream's
             cross-attention) and its output is the head applied to the un-updated tokens, as in the reference.
     """
@@ -286,6 +341,7 @@ class Modality:
     context: torch.Tensor
     context_mask: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    keyframes_mask: torch.Tensor | None = None
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -310,6 +366,10 @@ class Modality:
         if self.attention_mask is not None and tuple(self.attention_mask.shape) != (batch, num_tokens, num_tokens):
             raise ValueError(f"Modality.attention_mask must be [B, T, T] = {(batch, num_tokens, num_tokens)}, got "
                              f"{tuple(self.attention_mask.shape)}")
+        if self.keyframes_mask is not None and tuple(self.keyframes_mask.shape) not in (
+                (batch, num_tokens), (batch, num_tokens, 1)):
+            raise ValueError(f"Modality.keyframes_mask must be [B, T, 1] (or [B, T]) with B={batch}, T={num_tokens}; "
+                             f"got {tuple(self.keyframes_mask.shape)}")
 
 
 PERTURBATION_KINDS = ("video_self_attn", "audio_self_attn", "a2v", "v2a")
@@ -417,11 +477,15 @@ class StreamInputs(NamedTuple):
     cross_rope_cos: torch.Tensor | None
     cross_rope_sin: torch.Tensor | None
     cross_modulation: torch.Tensor | None
-    """``[B, 1, 4, D]`` audio<->video AdaLN (scale, shift rows) from the other stream's sigma."""
+    """``[B, 1, 4, D]`` audio<->video AdaLN (scale, shift rows) from the other stream's sigma, or ``[B, K, 4, D]``
+    per distinct timestep of this stream (LTX-2.5; rows looked up by ``cross_token_index``)."""
+    cross_token_index: torch.Tensor | None
+    """``[B, T]`` row of each token in ``cross_modulation.flatten(0, 1)``, or None (broadcast)."""
     cross_gate: torch.Tensor | None
     """``[B, 1, D]`` audio<->video output gate from the other stream's sigma."""
     prompt_modulation: torch.Tensor | None
-    """``[B, 1, 2, D]`` LTX-2.3 prompt AdaLN (shift, scale of the context) from this stream's sigma."""
+    """``[B, 1, 2, D]`` LTX-2.3 prompt AdaLN (shift, scale of the context) from this stream's sigma; None without
+    prompt AdaLN (LTX-2, or LTX-2.5 with ``use_prompt_adaln_single`` false)."""
     enabled: bool
 
 
@@ -624,12 +688,12 @@ class AVTransformerBlock(nn.Module):
 
         self.attn1 = attention(dim, **video_heads)
         self.attn2 = attention(dim, config.cross_attention_dim, **video_heads)
-        self.ff = FeedForward(dim)
+        self.ff = FeedForward(dim, bias=config.ff_bias)
         self.scale_shift_table = _table(rows, dim)
 
         self.audio_attn1 = attention(audio_dim, **audio_heads)
         self.audio_attn2 = attention(audio_dim, config.audio_cross_attention_dim, **audio_heads)
-        self.audio_ff = FeedForward(audio_dim)
+        self.audio_ff = FeedForward(audio_dim, bias=config.audio_ff_bias)
         self.audio_scale_shift_table = _table(rows, audio_dim)
 
         # Both directions use the audio head geometry.
@@ -673,23 +737,24 @@ class AVTransformerBlock(nn.Module):
         run_a2v, run_v2a = run_v and has_a, run_a and has_v
         if run_a2v or run_v2a:
             # Both directions read the tokens as they were before either cross-attention. The AdaLN rows are
-            # per sample ([B, 1, D]): they come from the other stream's sigma.
+            # per sample ([B, 1, D], from the other stream's sigma) or per distinct own timestep (LTX-2.5).
             v_rows = _cross_rows(self.scale_shift_table_a2v_ca_video, video)
             a_rows = _cross_rows(self.scale_shift_table_a2v_ca_audio, audio)
+            v_index, a_index = video.cross_token_index, audio.cross_token_index
             eps = self.norm_eps
             new_vx = vx
             if run_a2v:
                 out = self.audio_to_video_attn(
-                    _modulated_rms(vx, 1 + v_rows[0], v_rows[1], None, eps),
-                    _modulated_rms(ax, 1 + a_rows[0], a_rows[1], None, eps),
+                    _modulated_rms(vx, 1 + v_rows[0], v_rows[1], v_index, eps),
+                    _modulated_rms(ax, 1 + a_rows[0], a_rows[1], a_index, eps),
                     rope=(video.cross_rope_cos, video.cross_rope_sin),
                     k_rope=(audio.cross_rope_cos, audio.cross_rope_sin),
                 )
                 new_vx = _gated_add(vx, _skip(out, skips.a2v), v_rows[4], None)
             if run_v2a:
                 out = self.video_to_audio_attn(
-                    _modulated_rms(ax, 1 + a_rows[2], a_rows[3], None, eps),
-                    _modulated_rms(vx, 1 + v_rows[2], v_rows[3], None, eps),
+                    _modulated_rms(ax, 1 + a_rows[2], a_rows[3], a_index, eps),
+                    _modulated_rms(vx, 1 + v_rows[2], v_rows[3], v_index, eps),
                     rope=(audio.cross_rope_cos, audio.cross_rope_sin),
                     k_rope=(video.cross_rope_cos, video.cross_rope_sin),
                 )
@@ -731,8 +796,11 @@ class AVTransformerBlock(nn.Module):
         if prompt_table_2D is None:
             return x_BTD + text_attn(_rms(x_BTD, self.norm_eps), stream.context, mask=stream.context_mask)
         shift, scale1, gate = self._modulation(table_MD, stream, slice(6, 9))
-        kv_shift, kv_scale = (prompt_table_2D.to(stream.prompt_modulation.dtype)
-                              + stream.prompt_modulation).unbind(2)
+        if stream.prompt_modulation is None:  # LTX-2.5 without prompt AdaLN: the table alone, no sigma
+            kv_shift, kv_scale = prompt_table_2D.to(stream.context.dtype).unbind(0)
+        else:
+            kv_shift, kv_scale = (prompt_table_2D.to(stream.prompt_modulation.dtype)
+                                  + stream.prompt_modulation).unbind(2)
         context_BSD = stream.context * (1 + kv_scale) + kv_shift
         out = text_attn(_modulated_rms(x_BTD, scale1, shift, index, self.norm_eps), context_BSD,
                         mask=stream.context_mask)
@@ -746,10 +814,10 @@ class AVTransformerBlock(nn.Module):
 
 
 def _cross_rows(table_5D: torch.Tensor, stream: StreamInputs) -> list[torch.Tensor]:
-    """Audio<->video AdaLN rows ``[B, 1, D]``: A2V (scale, shift), V2A (scale, shift), gate."""
+    """Audio<->video AdaLN rows: A2V (scale, shift), V2A (scale, shift) ``[B, K, D]``, gate ``[B, 1, D]``."""
     table_5D = table_5D.to(stream.cross_modulation.dtype)
-    scale_shift_B14D = table_5D[:4] + stream.cross_modulation
-    return [*scale_shift_B14D.unbind(2), table_5D[4] + stream.cross_gate]
+    scale_shift_BK4D = table_5D[:4] + stream.cross_modulation
+    return [*scale_shift_BK4D.unbind(2), table_5D[4] + stream.cross_gate]
 
 
 def _skip(out_BTD: torch.Tensor, skip_B: torch.Tensor | None) -> torch.Tensor:
@@ -797,7 +865,7 @@ class AVTransformer(nn.Module):
             self.audio_caption_projection = CaptionProjection(config.caption_channels, audio_dim)
         else:
             self.caption_projection = self.audio_caption_projection = None
-        if config.cross_attention_adaln:
+        if config.has_prompt_adaln:
             self.prompt_adaln_single = AdaLNSingle(dim, 2)
             self.audio_prompt_adaln_single = AdaLNSingle(audio_dim, 2)
         else:
@@ -808,6 +876,11 @@ class AVTransformer(nn.Module):
         self.av_ca_audio_scale_shift_adaln_single = AdaLNSingle(audio_dim, 4)
         self.av_ca_a2v_gate_adaln_single = AdaLNSingle(dim, 1)
         self.av_ca_v2a_gate_adaln_single = AdaLNSingle(audio_dim, 1)
+
+        if config.keyframes_embedding:
+            self.keyframes_abs_pos_embedding = nn.Parameter(torch.zeros(1, dim))
+        else:
+            self.register_parameter("keyframes_abs_pos_embedding", None)
 
         self.transformer_blocks = nn.ModuleList([AVTransformerBlock(config) for _ in range(config.num_layers)])
 
@@ -870,6 +943,9 @@ class AVTransformer(nn.Module):
         batch = modality.latent.shape[0]
 
         x_BTD = getattr(self, f"{pre}patchify_proj")(modality.latent.to(dtype))
+        if video and self.keyframes_abs_pos_embedding is not None and modality.keyframes_mask is not None:
+            keyframes_BT1 = modality.keyframes_mask.reshape(batch, -1, 1)
+            x_BTD = x_BTD + (keyframes_BT1 > 0).to(dtype) * self.keyframes_abs_pos_embedding.to(dtype)
 
         values_BK, token_index_BT = self._distinct_timesteps(modality.timesteps)
         modulation_BKMD, embedded_BKD = self._adaln(getattr(self, f"{pre}adaln_single"), values_BK,
@@ -907,7 +983,7 @@ class AVTransformer(nn.Module):
         max_pos = cfg.positional_embedding_max_pos if video else cfg.audio_positional_embedding_max_pos
         rope_cos, rope_sin = rope(modality.positions, dim=dim, num_heads=num_heads, max_pos=max_pos)
 
-        cross = (None, None, None, None)
+        cross = (None, None, None, None, None)
         if other is not None:
             # Time axis only, in seconds for both streams: this is what synchronises audio and video. The tables
             # are spread over this stream's head count, as in the reference.
@@ -915,11 +991,18 @@ class AVTransformer(nn.Module):
             cross_cos, cross_sin = rope(modality.positions[:, :1], dim=cfg.audio_cross_attention_dim,
                                         num_heads=num_heads, max_pos=[cross_max_pos])
             other_sigma = other.sigma * cfg.timestep_scale_multiplier
-            scale_shift, _ = getattr(self, f"av_ca_{kind}_scale_shift_adaln_single")(other_sigma, dtype)
+            scale_shift_adaln = getattr(self, f"av_ca_{kind}_scale_shift_adaln_single")
+            if cfg.cross_modulation_from_own_timesteps:
+                scale_shift, _ = self._adaln(scale_shift_adaln, values_BK, tuple(values_BK.shape), dtype)
+                scale_shift = scale_shift.view(*values_BK.shape, 4, dim)
+                cross_index = token_index_BT
+            else:
+                scale_shift, _ = scale_shift_adaln(other_sigma, dtype)
+                scale_shift, cross_index = scale_shift.view(batch, 1, 4, dim), None
             gate_adaln = self.av_ca_a2v_gate_adaln_single if video else self.av_ca_v2a_gate_adaln_single
             factor = cfg.av_ca_timestep_scale_multiplier / cfg.timestep_scale_multiplier
             gate, _ = gate_adaln(other_sigma * factor, dtype)
-            cross = (cross_cos, cross_sin, scale_shift.view(batch, 1, 4, dim), gate.view(batch, 1, dim))
+            cross = (cross_cos, cross_sin, scale_shift, gate.view(batch, 1, dim), cross_index)
 
         stream = StreamInputs(
             modulation=modulation_BKMD,
@@ -933,6 +1016,7 @@ class AVTransformer(nn.Module):
             cross_rope_sin=cross[1],
             cross_modulation=cross[2],
             cross_gate=cross[3],
+            cross_token_index=cross[4],
             prompt_modulation=prompt_B12D,
             enabled=modality.enabled,
         )
@@ -1017,12 +1101,21 @@ def _cross_check_weights(config: TransformerConfig, path: Path) -> None:
             f"{path}: {described} {'expects' if config.apply_gated_attention else 'does not expect'} "
             f"to_gate_logits weights, but the checkpoint {'has' if has_gate else 'has none'}"
         )
-    has_prompt = any(k.startswith("prompt_adaln_single.") for k in keys)
-    if has_prompt != config.cross_attention_adaln:
-        raise ValueError(
-            f"{path}: {described} {'expects' if config.cross_attention_adaln else 'does not expect'} "
-            f"prompt_adaln_single weights, but the checkpoint {'has' if has_prompt else 'has none'}"
-        )
+    for present, expected, what, key in (
+        (any(k.startswith("prompt_adaln_single.") for k in keys), config.has_prompt_adaln,
+         "prompt_adaln_single weights", "cross_attention_adaln / use_prompt_adaln_single"),
+        (any(k.startswith("transformer_blocks.") and k.endswith(".ff.net.2.bias") and ".audio_ff." not in k
+             for k in keys), config.ff_bias, "video feed-forward biases (ff.net.*.bias)", "ff_bias"),
+        (any(k.endswith(".audio_ff.net.2.bias") for k in keys), config.audio_ff_bias,
+         "audio feed-forward biases (audio_ff.net.*.bias)", "audio_ff_bias"),
+        ("keyframes_abs_pos_embedding" in keys, config.keyframes_embedding, "keyframes_abs_pos_embedding",
+         "use_keyframes_abs_pos_embedding"),
+    ):
+        if present != expected:
+            raise ValueError(
+                f"{path}: the config ({key} = {expected}) {'expects' if expected else 'does not expect'} {what}, "
+                f"but the checkpoint {'has' if present else 'has none'}: the weights and the config disagree"
+            )
     adaln_key = prefix + "adaln_single.linear.weight"
     shapes = checkpoint.read_tensor_shapes(path, [adaln_key])
     if adaln_key in shapes:
@@ -1037,19 +1130,27 @@ def _cross_check_weights(config: TransformerConfig, path: Path) -> None:
             )
 
 
+def read_transformer_config(path: str | Path) -> TransformerConfig:
+    """The :class:`TransformerConfig` of a checkpoint file (monolith or LTX-2.5 split transformer file): its
+    ``transformer`` config section plus its ``model_version`` metadata (header only)."""
+    path = Path(path)
+    metadata = checkpoint.read_metadata(path)
+    config_dict = checkpoint.read_config(path)
+    return TransformerConfig.from_checkpoint_config(checkpoint.config_section(config_dict, "transformer", path),
+                                                    path=path, model_version=metadata.get("model_version"))
+
+
 def build_transformer_on_meta(
     path: str | Path, *, max_distinct_timesteps: int | None = DEFAULT_MAX_DISTINCT_TIMESTEPS
 ) -> AVTransformer:
     """The transformer of an official checkpoint, built on the ``meta`` device (no memory, no weights read).
 
-    Reads the config from the file's metadata, detects the version with the reference rules and cross-checks it
-    against the weight names and shapes in the header. Inject LoRA, parallelize, then fill it with
-    :func:`load_transformer_weights_`.
+    Reads the config (and ``model_version``) from the file's metadata, detects the version with the reference
+    rules and cross-checks it against the weight names and shapes in the header. Inject LoRA, parallelize, then
+    fill it with :func:`load_transformer_weights_`.
     """
     path = Path(path)
-    config_dict = checkpoint.read_config(path)
-    config = TransformerConfig.from_checkpoint_config(checkpoint.config_section(config_dict, "transformer", path),
-                                                      path=path)
+    config = read_transformer_config(path)
     _cross_check_weights(config, path)
     with torch.device("meta"):
         return AVTransformer(config, max_distinct_timesteps=max_distinct_timesteps)
@@ -1078,7 +1179,8 @@ def load_transformer(
     *,
     max_distinct_timesteps: int | None = DEFAULT_MAX_DISTINCT_TIMESTEPS,
 ) -> AVTransformer:
-    """Load the transformer of an official single-file checkpoint (LTX-2 or LTX-2.3).
+    """Load the transformer of an official checkpoint: an LTX-2 / LTX-2.3 single file or an LTX-2.5 split-pack
+    transformer file (same ``model.diffusion_model.`` layout; the text connectors it holds are skipped here).
 
     Builds it on ``meta`` (:func:`build_transformer_on_meta`, which checks the config against the weights), then
     reads only the transformer tensors (``model.diffusion_model.*`` minus the text connectors) block by block,
@@ -1093,13 +1195,17 @@ def load_transformer(
     return model
 
 
-def save_transformer(model: AVTransformer, path: str | Path, config: Mapping) -> Path:
+def save_transformer(model: AVTransformer, path: str | Path, config: Mapping,
+                     extra_metadata: Mapping[str, str] = ()) -> Path:
     """Write the transformer in the official layout (``model.diffusion_model.`` keys, ``config`` metadata).
 
     ``config`` is the full checkpoint config (all sections); its ``transformer`` section must describe ``model``.
+    ``extra_metadata`` is written alongside (an LTX-2.5 export keeps the pack's ``model_version``,
+    ``gemma_source_checkpoint`` and ``license``).
     """
     section = checkpoint.config_section(config, "transformer", path)
-    described = TransformerConfig.from_checkpoint_config(section, path=path)
+    described = TransformerConfig.from_checkpoint_config(section, path=path,
+                                                         model_version=dict(extra_metadata).get("model_version"))
     if described != model.config:
         diff = {f.name: (getattr(described, f.name), getattr(model.config, f.name))
                 for f in dataclasses.fields(TransformerConfig)
@@ -1107,5 +1213,5 @@ def save_transformer(model: AVTransformer, path: str | Path, config: Mapping) ->
         raise ValueError(f"{path}: the config's transformer section does not describe this model "
                          f"(config vs model: {diff})")
     tensors = {checkpoint.TRANSFORMER_PREFIX + k: v for k, v in model.state_dict().items()}
-    return checkpoint.write_checkpoint(path, tensors, config)
+    return checkpoint.write_checkpoint(path, tensors, config, extra_metadata)
 

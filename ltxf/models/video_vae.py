@@ -39,9 +39,9 @@ from torch import nn
 from ltxf.models.checkpoint import (
     VIDEO_VAE_DECODER_PREFIX,
     VIDEO_VAE_ENCODER_PREFIX,
-    VIDEO_VAE_STATISTICS_PREFIX,
     check_nothing_on_meta,
     config_section,
+    list_keys,
     load_state_dict_strict,
     read_config,
     read_tensors,
@@ -123,7 +123,8 @@ class VideoVAEConfig:
     encoder_blocks: tuple[VAEBlockSpec, ...]
     """Encoder stages in order, after the patchify and ``conv_in``."""
     decoder_blocks: tuple[VAEBlockSpec, ...]
-    """Decoder stages in checkpoint order, i.e. mirrored: the decoder runs them last to first."""
+    """Decoder stages in checkpoint order, i.e. mirrored: the decoder runs them last to first. Empty for the
+    encoder of an LTX-2.5 diffusion-decoder VAE (its decoder is not a conv decoder)."""
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 128
@@ -162,7 +163,7 @@ class VideoVAEConfig:
                     raise ValueError(f"{field_name}[{i}] ({spec.kind}): num_layers and multiplier must be >= 1")
         encoder = self.compression("encoder_blocks")
         decoder = self.compression("decoder_blocks")
-        if encoder != decoder:
+        if self.decoder_blocks and encoder != decoder:
             raise ValueError(
                 f"encoder_blocks compress (time, space) by {encoder} but decoder_blocks expand by {decoder}; "
                 "the encoder and decoder of one VAE must match"
@@ -777,22 +778,56 @@ def decode_video(
 # Loading
 
 
+DIFFUSION_VAE_CLASS = "CausalDiffusionVAE"
+
+
 def read_video_vae_config(path: str | Path) -> VideoVAEConfig:
-    """The video VAE config of an official checkpoint (its ``vae`` metadata section)."""
-    return VideoVAEConfig.from_checkpoint_config(config_section(read_config(path), "vae", path), path=path)
+    """The video VAE config of an official checkpoint (its ``vae`` metadata section).
+
+    For the LTX-2.5 diffusion-decoder VAE (``_class_name`` ``CausalDiffusionVAE``, nested ``encoder`` /
+    ``decoder`` sections) this is the config of its conv encoder, with no decoder blocks."""
+    vae = config_section(read_config(path), "vae", path)
+    if vae.get("_class_name") == DIFFUSION_VAE_CLASS:
+        encoder = vae.get("encoder")
+        if not isinstance(encoder, Mapping) or "blocks" not in encoder or "out_channels" not in encoder:
+            raise ValueError(f"{path}: a {DIFFUSION_VAE_CLASS} config needs an 'encoder' section with 'blocks' and "
+                             "'out_channels'")
+        if encoder.get("base_channels", encoder["out_channels"]) != encoder["out_channels"]:
+            raise ValueError(f"{path}: encoder base_channels {encoder.get('base_channels')} != latent channels "
+                             f"{encoder['out_channels']}; ltxf's conv encoder starts at the latent width")
+        flat = {"encoder_blocks": encoder["blocks"], "decoder_blocks": [], "latent_channels": encoder["out_channels"]}
+        for key in ("dims", "in_channels", "patch_size", "norm_layer", "latent_log_var", "spatial_padding_mode"):
+            if key in encoder:
+                flat[key] = encoder[key]
+        return VideoVAEConfig.from_checkpoint_config(flat, path=path)
+    return VideoVAEConfig.from_checkpoint_config(vae, path=path)
 
 
-def _select_component(prefix: str) -> Callable[[str], str | None]:
+def _select_component(prefix: str, statistics_prefix: str) -> Callable[[str], str | None]:
     def select(key: str) -> str | None:
         if key.startswith(prefix):
             return key[len(prefix) :]
-        if key.startswith(VIDEO_VAE_STATISTICS_PREFIX):
-            name = key[len(VIDEO_VAE_STATISTICS_PREFIX) :]
+        if key.startswith(statistics_prefix):
+            name = key[len(statistics_prefix) :]
             if name in STATISTICS_NAMES:
                 return _STATISTICS_MODULE + name
         return None
 
     return select
+
+
+def video_vae_key_prefix(path: str | Path) -> str:
+    """The key prefix of the video VAE under the names :func:`ltxf.models.checkpoint.list_keys` gives: ``"vae."``
+    for a single-file checkpoint and for a standalone VAE file (the LTX-2.5 split pack stores bare ``encoder.`` /
+    ``decoder.`` / ``per_channel_statistics.`` keys, which the reader names officially); ``""`` for bare keys a
+    reader leaves as they are. Decided from the header."""
+    keys = list_keys(path)
+    if any(k.startswith("vae.") for k in keys):
+        return "vae."
+    if any(k.startswith(("encoder.", "decoder.", "per_channel_statistics.")) for k in keys):
+        return ""
+    raise ValueError(f"{path}: no video VAE tensors (neither 'vae.*' keys of a single-file checkpoint nor the bare "
+                     "'encoder.*' / 'decoder.*' / 'per_channel_statistics.*' keys of a standalone VAE file)")
 
 
 def _load(
@@ -802,7 +837,10 @@ def _load(
     cfg = read_video_vae_config(path)
     with torch.device("meta"):
         module = module_cls(cfg)
-    tensors = read_tensors(path, _select_component(prefix), dtype=dtype, device=device)
+    file_prefix = video_vae_key_prefix(path)
+    component = prefix.removeprefix("vae.")
+    tensors = read_tensors(path, _select_component(file_prefix + component, file_prefix + "per_channel_statistics."),
+                           dtype=dtype, device=device)
     load_state_dict_strict(module, tensors, source=path)
     check_nothing_on_meta(module, path)
     logger.info("loaded %s from %s (%s tensors)", module_cls.__name__, path, len(tensors))
@@ -822,5 +860,12 @@ def load_video_vae_decoder(
 ) -> VideoDecoder:
     """Build the video VAE decoder from an official checkpoint's config and load only its tensors
     (``vae.decoder.*`` and the two ``vae.per_channel_statistics`` entries), strictly. Returned in eval mode;
-    the LTX-2 decoder's ``timestep_scale_multiplier`` stays frozen."""
+    the LTX-2 decoder's ``timestep_scale_multiplier`` stays frozen.
+
+    The LTX-2.5 diffusion-decoder VAE file is refused with a message naming the conv VAE (same latent space,
+    same encoder) to decode with instead."""
+    if not read_video_vae_config(path).decoder_blocks:
+        raise ValueError(f"{path} is the LTX-2.5 diffusion-decoder video VAE ({DIFFUSION_VAE_CLASS}); ltxf decodes "
+                         "with the conv VAE of the same pack (ltx-2.5-video-vae-conv*.safetensors: the same latent "
+                         "space and encoder): pass that file as the video VAE (--model.video_vae / --video-vae-path)")
     return _load(path, VideoDecoder, VIDEO_VAE_DECODER_PREFIX, dtype, device)

@@ -1,7 +1,7 @@
 """Caption text: the official clean-ups before text encoding, and automatic captioning with a local multimodal model.
 
-Before encoding (``process_captions``): ``--remove-llm-prefixes`` strips the first matching phrase of
-:data:`LLM_PREFIXES` (after stripping whitespace), and ``--lora-trigger`` prepends the trigger word and a space.
+Before encoding (``process_captions``): ``--remove_llm_prefixes`` strips the first matching phrase of
+:data:`LLM_PREFIXES` (after stripping whitespace), and ``--lora_trigger`` prepends the trigger word and a space.
 
 Captioning (``caption_videos``): a :class:`Captioner` turns a :class:`MediaSample` (frames sampled at a fixed
 rate, plus the audio track when wanted) into text. :class:`TransformersCaptioner` runs any local ``transformers``
@@ -51,7 +51,7 @@ LLM_PREFIXES: tuple[str, ...] = (
     "In the video,", "In this video,", "In this video clip,", "In the clip,", "Caption:",
     *(f"{subject} {verb}" for subject in _LLM_SUBJECTS for verb in _LLM_VERBS),
 )  # fmt: skip
-"""Openings that captioning models add; ``--remove-llm-prefixes`` removes the first that matches."""
+"""Openings that captioning models add; ``--remove_llm_prefixes`` removes the first that matches."""
 
 
 def remove_llm_prefix(caption: str) -> str:

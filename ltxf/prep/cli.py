@@ -7,8 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-import tyro
-
+from ltxf.cli import parse
 from ltxf.faults import FlagError, parse_errors_as_one_line, report_error
 
 ConfigT = TypeVar("ConfigT")
@@ -22,7 +21,8 @@ def run_tool(
     description: str | None,
     args: Sequence[str] | None = None,
 ) -> int:
-    """Parse ``args`` into ``config_type``, call ``run(config)`` and return ``exit_code(result)``.
+    """Parse ``args`` into ``config_type`` (the :mod:`ltxf.cli` convention), call ``run(config)`` and return
+    ``exit_code(result)``.
 
     Invalid flags and values (tyro's errors, a ``ValueError`` from a config's checks) and a ``ValueError`` raised
     while running (a missing model, a malformed dataset file) are printed as one ``error:`` line (with the
@@ -30,7 +30,7 @@ def run_tool(
     """
     try:
         with parse_errors_as_one_line():
-            config = tyro.cli(config_type, args=args, description=description)
+            config = parse(config_type, args=args, description=description)
     except FlagError as exc:
         return report_error(exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,14 +1,17 @@
 """Dataset files: the CSV / JSON / JSONL tables that list media and captions, as the official tools read them.
 
-A dataset file is a table with (by default) a ``caption`` column and a ``media_path`` column, plus optionally a
-reference column for IC-LoRA (conventionally ``reference_path``):
+A dataset file is a table with the official ltx-trainer 1.2 columns: ``caption``, ``video`` (legacy ``media_path``)
+and optionally ``audio`` (an audio file instead of the clip's own track, or the only media of an audio-only
+dataset), ``reference_video`` (legacy ``ref_media_path``; ltxf's own tools write ``reference_path``),
+``reference_audio``, ``video_mask`` and ``audio_mask``:
 
 * ``.csv``: a header row, then one row per sample (UTF-8, an optional BOM is ignored);
 * ``.json``: a list of objects;
 * ``.jsonl``: one object per line (blank lines are ignored).
 
 Media paths are relative to the dataset file's folder; outputs are named after that relative path
-(``clips/a.mp4`` -> ``latents/clips/a.pt``). An absolute path is accepted if it lies inside that folder.
+(``clips/a.mp4`` -> ``latents/clips/a.pt``). Absolute paths and paths outside the folder are accepted as the
+official tool does; their outputs are named ``_external/<absolute path without its root>``.
 
 ``caption_videos`` also writes ``.txt`` pairs (``<stem>_captions.txt`` and ``<stem>_paths.txt``, one entry per
 line), which :func:`read_records` reads back.
@@ -36,6 +39,19 @@ WRITABLE_SUFFIXES = (".csv", ".json", ".jsonl", ".txt")
 DEFAULT_CAPTION_COLUMN = "caption"
 DEFAULT_MEDIA_COLUMN = "media_path"
 DEFAULT_REFERENCE_COLUMN = "reference_path"
+VIDEO_COLUMN = "video"
+AUDIO_COLUMN = "audio"
+REFERENCE_VIDEO_COLUMN = "reference_video"
+REFERENCE_AUDIO_COLUMN = "reference_audio"
+VIDEO_MASK_COLUMN = "video_mask"
+AUDIO_MASK_COLUMN = "audio_mask"
+# Column names that stand for one another (official 1.2 name first, then its legacy names).
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    VIDEO_COLUMN: (VIDEO_COLUMN, DEFAULT_MEDIA_COLUMN),
+    DEFAULT_MEDIA_COLUMN: (DEFAULT_MEDIA_COLUMN, VIDEO_COLUMN),
+    REFERENCE_VIDEO_COLUMN: (REFERENCE_VIDEO_COLUMN, "ref_media_path", DEFAULT_REFERENCE_COLUMN),
+}
+EXTERNAL_DIR = "_external"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +78,16 @@ class DatasetEntry:
     """The media path relative to the dataset folder; outputs are named after it."""
     reference_path: Path | None = None
     """Absolute path of the IC-LoRA reference media, when a reference column was asked for."""
+    has_video: bool = True
+    """False for an audio-only row (no video column): ``media_path`` is then the audio file."""
+    audio_path: Path | None = None
+    """The ``audio`` column: the audio to encode instead of the clip's own track."""
+    reference_audio_path: Path | None = None
+    """The ``reference_audio`` column (audio IC-LoRA)."""
+    video_mask_path: Path | None = None
+    """The ``video_mask`` column: an image or video, bright = kept (conditioning), dark = generated."""
+    audio_mask_path: Path | None = None
+    """The ``audio_mask`` column: a ``.pt`` tensor or a ``.wav`` whose loud parts are kept."""
     values: dict[str, Any] = field(default_factory=dict)
     """The whole row as read."""
 
@@ -170,10 +196,11 @@ def read_records(path: str | Path) -> list[Record]:
 
 
 def relative_media_path(raw: str, base_dir: Path, location: str, column: str) -> tuple[Path, PurePosixPath]:
-    """``(absolute path, path relative to base_dir)`` of a media path as written in a dataset file.
+    """``(absolute path, output name)`` of a media path as written in a dataset file.
 
-    Raises ``ValueError`` naming ``location`` and ``column`` for an empty path or one outside ``base_dir``
-    (outputs are named after the relative path, so it must not climb out of the folder).
+    The output name is the path relative to ``base_dir``; a path outside it (absolute, or climbing out with
+    ``..``) is named ``_external/<its absolute path without the root>`` so outputs never leave the output folder.
+    Raises ``ValueError`` naming ``location`` and ``column`` for an empty path.
     """
     text = raw.strip()
     if not text:
@@ -184,13 +211,20 @@ def relative_media_path(raw: str, base_dir: Path, location: str, column: str) ->
     try:
         rel = normalized.relative_to(base)
     except ValueError:
-        raise ValueError(
-            f"{location}: column {column!r} = {text!r} points outside the dataset folder {base}; media must live "
-            "inside it (outputs are named after the path relative to it)"
-        ) from None
+        rel = Path(EXTERNAL_DIR, *normalized.parts[1:])
     if not rel.parts:
         raise ValueError(f"{location}: column {column!r} = {text!r} is the dataset folder itself, not a file")
     return normalized, PurePosixPath(rel.as_posix())
+
+
+def resolve_column(records: Sequence[Record], column: str) -> str:
+    """``column``, or the first of its aliases (:data:`COLUMN_ALIASES`) that the file has, so a 1.2 file
+    (``video``) and a legacy one (``media_path``) both read with either name."""
+    names = set().union(*(r.values for r in records)) if records else set()
+    for name in COLUMN_ALIASES.get(column, (column,)):
+        if name in names:
+            return name
+    return column
 
 
 def _string_value(record: Record, column: str, *, required: bool) -> str | None:
@@ -230,10 +264,28 @@ def read_dataset(
     base_dir = path.parent
     entries: list[DatasetEntry] = []
     seen: dict[PurePosixPath, str] = {}
-    for record in read_records(path):
-        media = _string_value(record, media_column, required=True)
-        assert media is not None
-        media_path, rel_path = relative_media_path(media, base_dir, record.location, media_column)
+    records = read_records(path)
+    media_column = resolve_column(records, media_column)
+    reference_required = reference_column is not None
+    if reference_column is not None:
+        reference_column = resolve_column(records, reference_column)
+    elif records and any(name in r.values for r in records for name in ("reference_video", "ref_media_path")):
+        # The official tool encodes a reference whenever the file has the column.
+        reference_column = resolve_column(records, REFERENCE_VIDEO_COLUMN)
+    for record in records:
+        optional = {}
+        for name in (AUDIO_COLUMN, REFERENCE_AUDIO_COLUMN, VIDEO_MASK_COLUMN, AUDIO_MASK_COLUMN):
+            value = _string_value(record, name, required=False)
+            optional[name] = (None if value is None or not value.strip()
+                              else relative_media_path(value, base_dir, record.location, name)[0])
+        has_video = media_column in record.values or optional[AUDIO_COLUMN] is None
+        if has_video:
+            media = _string_value(record, media_column, required=True)
+            assert media is not None
+            media_path, rel_path = relative_media_path(media, base_dir, record.location, media_column)
+        else:  # audio-only: named after the audio file
+            media_path, rel_path = relative_media_path(record.values[AUDIO_COLUMN], base_dir, record.location,
+                                                       AUDIO_COLUMN)
         if rel_path in seen:
             logger.warning("%s: media %s is already listed at %s; skipping the repeat", record.location, rel_path,
                            seen[rel_path])
@@ -242,9 +294,9 @@ def read_dataset(
         caption = _string_value(record, caption_column, required=require_captions)
         reference_path = None
         if reference_column is not None:
-            reference = _string_value(record, reference_column, required=True)
-            assert reference is not None
-            reference_path, _ = relative_media_path(reference, base_dir, record.location, reference_column)
+            reference = _string_value(record, reference_column, required=reference_required)
+            if reference is not None and reference.strip():
+                reference_path, _ = relative_media_path(reference, base_dir, record.location, reference_column)
         entries.append(
             DatasetEntry(
                 index=len(entries),
@@ -253,6 +305,11 @@ def read_dataset(
                 media_path=media_path,
                 rel_path=rel_path,
                 reference_path=reference_path,
+                has_video=has_video,
+                audio_path=optional[AUDIO_COLUMN],
+                reference_audio_path=optional[REFERENCE_AUDIO_COLUMN],
+                video_mask_path=optional[VIDEO_MASK_COLUMN],
+                audio_mask_path=optional[AUDIO_MASK_COLUMN],
                 values=dict(record.values),
             )
         )

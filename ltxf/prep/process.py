@@ -41,12 +41,14 @@ import tyro
 from ltxf import media
 from ltxf.config import torch_dtype
 from ltxf.data import save_pt
+from ltxf.models.pack import CONDITIONS_TEXT_ENCODER_KEY
 from ltxf.monitor import Progress
 from ltxf.prep.buckets import Bucket, choose_bucket, fit_to_bucket, format_buckets, parse_buckets
 from ltxf.prep.captions import prepare_caption
 from ltxf.prep.dataset_file import (
     DEFAULT_CAPTION_COLUMN,
     DEFAULT_MEDIA_COLUMN,
+    VIDEO_COLUMN,
     DatasetEntry,
     read_dataset,
 )
@@ -186,6 +188,9 @@ def encode_captions(
                 "audio_prompt_embeds": audio,
                 "prompt_attention_mask": features.prompt_attention_mask[i].to("cpu", torch.int64).clone(),
             }
+            identity = getattr(text_encoder, "identity", None)
+            if identity is not None:  # which Gemma made these features (the official reader ignores the key)
+                data[CONDITIONS_TEXT_ENCODER_KEY] = identity
             save_pt(data, output_file(output_dir, entry))
             summary.processed.append(entry.rel_path.as_posix())
         progress.advance(len(batch))
@@ -196,15 +201,18 @@ def encode_captions(
 def load_text_models(
     model_path: Path, text_encoder_path: Path, *, device: torch.device, dtype: torch.dtype, load_in_8bit: bool
 ) -> tuple[Any, torch.nn.Module]:
-    """The Gemma text encoder and the checkpoint's text embeddings processor, on ``device``."""
-    from ltxf.models.gemma import load_gemma_text_encoder
+    """The Gemma text encoder (a Gemma 3 directory or an LTX-2.5 packed file, checked to pair with the
+    transformer) and the checkpoint's text embeddings processor, on ``device``."""
+    from ltxf.models.gemma import load_text_encoder
+    from ltxf.models.pack import check_gemma_pairing
     from ltxf.models.text import load_embeddings_processor
 
-    text_encoder = load_gemma_text_encoder(text_encoder_path, dtype=dtype, device=device, load_in_8bit=load_in_8bit)
+    check_gemma_pairing(model_path, text_encoder_path)
+    text_encoder = load_text_encoder(text_encoder_path, dtype=dtype, device=device, load_in_8bit=load_in_8bit)
     processor = load_embeddings_processor(
         model_path, dtype, device, with_feature_extractor=True,
         gemma_hidden_size=text_encoder.model.config.hidden_size,
-        gemma_num_hidden_states=text_encoder.num_hidden_states,
+        gemma_num_hidden_states=text_encoder.num_hidden_states, text_encoder_path=text_encoder_path,
     )
     return text_encoder, processor
 
@@ -212,7 +220,7 @@ def load_text_models(
 @dataclass(frozen=True, kw_only=True)
 class ProcessCaptionsConfig:
     """Encode the captions of a dataset file into ``conditions`` files (Gemma 3 + the checkpoint's feature
-    extractor), one ``<media path>.pt`` per sample under ``--output-dir``."""
+    extractor), one ``<media path>.pt`` per sample under ``--output_dir``."""
 
     dataset_file: Annotated[Path, tyro.conf.Positional]
     """Dataset file (.csv, .json or .jsonl) with caption and media-path columns; paths relative to it."""
@@ -221,7 +229,7 @@ class ProcessCaptionsConfig:
     model_path: Path
     """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) holding the text feature extractor."""
     text_encoder_path: Path
-    """Local Gemma 3 model directory (weights + tokenizer)."""
+    """Local Gemma 3 model directory (weights + tokenizer), or the LTX-2.5 packed text-encoder file."""
     caption_column: str = DEFAULT_CAPTION_COLUMN
     """Column holding the captions."""
     media_column: str = DEFAULT_MEDIA_COLUMN
@@ -343,6 +351,71 @@ def _video_latent_file(latents_BCFHW: torch.Tensor, fps: float) -> dict[str, Any
             "fps": float(fps)}
 
 
+def _audio_latent_file(audio_encoder: torch.nn.Module, waveform: torch.Tensor, rate: int) -> dict[str, Any]:
+    from ltxf.models.audio_vae import encode_audio
+
+    latents = encode_audio(audio_encoder, waveform, rate)[0].to("cpu", torch.float32).clone()
+    return {"latents": latents, "num_time_steps": int(latents.shape[1]), "frequency_bins": int(latents.shape[2]),
+            "duration": waveform.shape[1] / rate}
+
+
+def causal_frame_groups(num_frames: int, temporal_factor: int = 8) -> list[range]:
+    """Pixel frames behind each latent frame of the causal video VAE: ``[0], [1..8], [9..16], ...``."""
+    groups = [range(0, 1)]
+    for start in range(1, num_frames, temporal_factor):
+        groups.append(range(start, min(start + temporal_factor, num_frames)))
+    return groups
+
+
+def video_mask_latent(mask_FHW: torch.Tensor, *, spatial_factor: int = 32, temporal_factor: int = 8) -> torch.Tensor:
+    """A pixel mask ``[F, H, W]`` in ``[0, 1]`` (bright = kept) -> float32 ``{0, 1}`` ``[F', H', W']``.
+
+    Each latent cell is the mean over its ``spatial_factor`` x ``spatial_factor`` pixels, then the maximum over the
+    pixel frames the causal VAE puts in that latent frame (``[0], [1..8], ...``; the official tool groups
+    ``[0..7], [8..15], ...``, one frame off the latents), then ``> 0.5`` (conditioning)."""
+    pooled_FHW = torch.nn.functional.avg_pool2d(mask_FHW.float()[:, None], spatial_factor)[:, 0]
+    groups = causal_frame_groups(mask_FHW.shape[0], temporal_factor)
+    grouped = torch.stack([pooled_FHW[g.start:g.stop].amax(dim=0) for g in groups])
+    return (grouped > 0.5).float()
+
+
+def load_video_mask(path: Path, bucket: Bucket, *, anchor: tuple[float, float] | None = None) -> torch.Tensor:
+    """A mask image or video -> float32 ``[F', H', W']`` for a clip in ``bucket``: fitted (cover + crop) exactly like
+    the clip so it stays aligned, grayscale (channel mean), an image repeated over every frame, a short video's
+    last frame repeated; then :func:`video_mask_latent`."""
+    frames = media.read_video(path, max_frames=bucket.num_frames).frames
+    if frames.shape[0] < bucket.num_frames:
+        frames = torch.cat([frames, frames[-1:].expand(bucket.num_frames - frames.shape[0], -1, -1, -1)])
+    fitted_CFHW = fit_to_bucket(frames, bucket, anchor=anchor)
+    return video_mask_latent((fitted_CFHW.mean(dim=0) + 1.0) / 2.0)
+
+
+def load_audio_mask(path: Path, num_time_steps: int) -> torch.Tensor:
+    """An audio mask -> float32 ``{0, 1}`` ``[T]`` (1 = kept): a ``.pt`` tensor (key ``mask`` or its first value),
+    flattened and resized (nearest) to ``T`` as officially; or a sound file whose mean ``|waveform|`` over each
+    latent step's window (over channels) exceeds 0.5 (the official tool samples single waveform points)."""
+    if path.suffix.lower() == ".pt":
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a per-sample problem
+            raise ValueError(f"{path}: cannot be read as a mask ({exc})") from exc
+        if isinstance(data, dict):
+            data = data["mask"] if "mask" in data else next(iter(data.values()), None)
+        if not isinstance(data, torch.Tensor) or data.numel() == 0:
+            raise ValueError(f"{path}: expected a tensor (or a dict with 'mask'), got {type(data).__name__}")
+        values = torch.nn.functional.interpolate(data.float().flatten()[None, None], size=num_time_steps,
+                                                 mode="nearest")[0, 0]
+    else:
+        waveform = media.read_audio(path).waveform.abs().mean(dim=0)
+        values = torch.nn.functional.adaptive_avg_pool1d(waveform[None, None], num_time_steps)[0, 0]
+    return (values > 0.5).float()
+
+
+def subsample_reference(video_CFHW: torch.Tensor, temporal_factor: int) -> torch.Tensor:
+    """Keep frame 0 then every ``temporal_factor``-th frame (official ``--reference-temporal-scale-factor``)."""
+    return video_CFHW[:, ::temporal_factor]
+
+
 def encode_video_latents(encoder: torch.nn.Module, video_CFHW: torch.Tensor, *, tiling: bool) -> torch.Tensor:
     """One clip ``[3, F, H, W]`` -> latents ``[1, C, F', H', W']`` (optionally spatially tiled, 512/128 px)."""
     from ltxf.models.video_vae import encode_video
@@ -362,82 +435,98 @@ def _crop_anchor(mode: str, seed: int, entry: DatasetEntry) -> tuple[float, floa
     return float(u[0]), float(u[1])
 
 
+@dataclass(frozen=True, kw_only=True)
+class OutputDirs:
+    """Where :func:`encode_media` writes (None: that output is not made)."""
+
+    latents: Path
+    audio: Path | None = None
+    reference: Path | None = None
+    reference_audio: Path | None = None
+    video_masks: Path | None = None
+    audio_masks: Path | None = None
+
+    @classmethod
+    def official(cls, root: Path, *, audio: bool = True) -> OutputDirs:
+        """The official 1.2 layout under ``root`` (``.precomputed``)."""
+        return cls(latents=root / "latents", audio=root / "audio_latents" if audio else None,
+                   reference=root / "reference_latents", reference_audio=root / "reference_audio_latents",
+                   video_masks=root / "video_masks", audio_masks=root / "audio_masks")
+
+
+def choose_audio_duration(durations: Sequence[float], available: float) -> float | None:
+    """The longest of ``durations`` (seconds) that ``available`` seconds of audio fill, or None."""
+    fitting = [d for d in durations if d <= available + 1e-6]
+    return max(fitting) if fitting else None
+
+
 def encode_media(
     entries: Sequence[DatasetEntry],
     *,
     buckets: Sequence[Bucket],
     latents_dir: str | Path,
-    video_encoder: torch.nn.Module,
+    video_encoder: torch.nn.Module | None,
     audio_encoder: torch.nn.Module | None = None,
     audio_dir: str | Path | None = None,
     reference_dir: str | Path | None = None,
     reference_downscale_factor: int = 1,
+    reference_temporal_scale_factor: int = 1,
     reshape_mode: Literal["center", "random"] = "center",
     seed: int = 0,
     tiling: bool = False,
     overwrite: bool = False,
+    extra_dirs: OutputDirs | None = None,
+    audio_durations: Sequence[float] = (),
 ) -> PrepSummary:
-    """Encode clips (and their audio / IC-LoRA references) with loaded encoders into the official files.
+    """Encode clips (and their audio / IC-LoRA references / masks) with loaded encoders into the official files.
 
-    Audio is encoded when ``audio_encoder`` and ``audio_dir`` are given; references when ``reference_dir`` is
-    given (entries must carry ``reference_path``). Random crops use one offset per sample, shared by target and
-    reference, derived from ``seed`` and the media path.
+    Audio is encoded when ``audio_encoder`` and ``audio_dir`` are given: the row's ``audio`` file if it has one,
+    else the clip's own track, cut to the clip's F/fps seconds. References when ``reference_dir`` is given
+    (entries must carry ``reference_path``), scaled down in space by ``reference_downscale_factor`` and in time by
+    ``reference_temporal_scale_factor`` (frame 0, then every S-th; its ``fps`` is the clip's / S). ``extra_dirs``
+    adds the flexible strategy's inputs for rows that have the columns: ``reference_audio_latents/``,
+    ``video_masks/`` and ``audio_masks/``. Audio-only rows (no video column) are cut to the longest of
+    ``audio_durations`` that they fill. Random crops use one offset per sample, shared by target, reference and
+    mask, derived from ``seed`` and the media path.
     """
-    from ltxf.models.audio_vae import encode_audio
-
     latents_dir = Path(latents_dir)
     audio_dir = None if audio_dir is None or audio_encoder is None else Path(audio_dir)
     reference_dir = None if reference_dir is None else Path(reference_dir)
+    extra = extra_dirs or OutputDirs(latents=latents_dir)
     summary = PrepSummary(stage="videos")
     progress = Progress(len(entries), "videos", log=logger)
     for entry in entries:
         name = entry.rel_path.as_posix()
-        video_out = output_file(latents_dir, entry)
-        audio_out = None if audio_dir is None else output_file(audio_dir, entry)
-        reference_out = None if reference_dir is None else output_file(reference_dir, entry)
-        need_video = overwrite or not video_out.exists()
-        need_reference = reference_out is not None and (overwrite or not reference_out.exists())
-        need_audio = audio_out is not None and (overwrite or not audio_out.exists())
-        if need_audio and not (need_video or need_reference) and not _has_audio_track(entry.media_path):
+        outputs = {
+            "video": output_file(latents_dir, entry) if entry.has_video else None,
+            "audio": None if audio_dir is None else output_file(audio_dir, entry),
+            "reference": None if reference_dir is None or entry.reference_path is None
+            else output_file(reference_dir, entry),
+            "reference_audio": None if extra.reference_audio is None or entry.reference_audio_path is None
+            or audio_encoder is None else output_file(extra.reference_audio, entry),
+            "video_mask": None if extra.video_masks is None or entry.video_mask_path is None or not entry.has_video
+            else output_file(extra.video_masks, entry),
+            "audio_mask": None if extra.audio_masks is None or entry.audio_mask_path is None or audio_dir is None
+            else output_file(extra.audio_masks, entry),
+        }
+        todo = {key for key, path in outputs.items() if path is not None and (overwrite or not path.exists())}
+        if "audio" in todo and entry.has_video and entry.audio_path is None and not (todo - {"audio"}) \
+                and not _has_audio_track(entry.media_path):
             # Resuming: the clip is done and simply has no audio; do not decode it again to find that out.
-            need_audio = False
+            todo.discard("audio")
             summary.without_audio.append(name)
-        if not (need_video or need_reference or need_audio):
+        if not todo:
             summary.existing.append(name)
             progress.advance()
             continue
         try:
-            anchor = _crop_anchor(reshape_mode, seed, entry)
-            clip = load_clip(entry.media_path, buckets, anchor=anchor)
-            reference_video = None
-            if need_reference:
-                if entry.reference_path is None:
-                    raise ValueError(f"{entry.location}: no reference path")
-                reference_bucket = clip.bucket.scaled_down(reference_downscale_factor)
-                reference_video = load_clip_in_bucket(entry.reference_path, reference_bucket, anchor=anchor)
-            if need_video:
-                save_pt(_video_latent_file(encode_video_latents(video_encoder, clip.video, tiling=tiling), clip.fps),
-                        video_out)
-            if reference_video is not None:
-                latents = encode_video_latents(video_encoder, reference_video, tiling=tiling)
-                save_pt(_video_latent_file(latents, clip.fps), reference_out)
-            if need_audio and (clip.is_image or not _has_audio_track(entry.media_path)):
-                logger.warning("%s: no audio track; video latents written, no audio latents", entry.media_path)
-                summary.without_audio.append(name)
-            elif need_audio:
-                try:
-                    duration = clip.bucket.num_frames / clip.fps
-                    waveform, rate = fitted_waveform(entry.media_path, duration)
-                except ValueError as exc:
-                    # As in the official tool, a clip whose audio cannot be read is kept without audio latents.
-                    logger.warning("%s: audio unreadable (%s); video latents written, no audio latents",
-                                   entry.media_path, exc)
-                    summary.without_audio.append(name)
-                else:
-                    latents = encode_audio(audio_encoder, waveform, rate)[0].to("cpu", torch.float32).clone()
-                    save_pt({"latents": latents, "num_time_steps": int(latents.shape[1]),
-                             "frequency_bins": int(latents.shape[2]), "duration": waveform.shape[1] / rate},
-                            audio_out)
+            if entry.has_video:
+                _encode_video_entry(entry, todo, outputs, summary, buckets=buckets, video_encoder=video_encoder,
+                                    audio_encoder=audio_encoder, reference_downscale_factor=reference_downscale_factor,
+                                    reference_temporal_scale_factor=reference_temporal_scale_factor,
+                                    anchor=_crop_anchor(reshape_mode, seed, entry), tiling=tiling)
+            else:
+                _encode_audio_entry(entry, todo, outputs, audio_encoder=audio_encoder, durations=audio_durations)
         except ValueError as exc:
             logger.warning("skipping %s: %s", name, exc)
             summary.skipped.append((name, str(exc)))
@@ -447,6 +536,81 @@ def encode_media(
         progress.advance()
     progress.finish()
     return summary
+
+
+def _write_audio_mask(entry: DatasetEntry, audio_out: Path, mask_out: Path) -> None:
+    num_time_steps = int(torch.load(audio_out, map_location="cpu", weights_only=True)["num_time_steps"])
+    save_pt({"mask": load_audio_mask(entry.audio_mask_path, num_time_steps)}, mask_out)
+
+
+def _encode_video_entry(
+    entry: DatasetEntry, todo: set[str], outputs: dict[str, Path | None], summary: PrepSummary, *,
+    buckets: Sequence[Bucket], video_encoder: torch.nn.Module, audio_encoder: torch.nn.Module | None,
+    reference_downscale_factor: int, reference_temporal_scale_factor: int, anchor: tuple[float, float] | None,
+    tiling: bool,
+) -> None:
+    name = entry.rel_path.as_posix()
+    clip = load_clip(entry.media_path, buckets, anchor=anchor)
+    duration = clip.bucket.num_frames / clip.fps
+    reference_video = None
+    if "reference" in todo:
+        reference_bucket = clip.bucket.scaled_down(reference_downscale_factor)
+        reference_video = subsample_reference(load_clip_in_bucket(entry.reference_path, reference_bucket,
+                                                                  anchor=anchor), reference_temporal_scale_factor)
+    if "video" in todo:
+        save_pt(_video_latent_file(encode_video_latents(video_encoder, clip.video, tiling=tiling), clip.fps),
+                outputs["video"])
+    if reference_video is not None:
+        latents = encode_video_latents(video_encoder, reference_video, tiling=tiling)
+        save_pt(_video_latent_file(latents, clip.fps / reference_temporal_scale_factor), outputs["reference"])
+    if "video_mask" in todo:
+        save_pt({"mask": load_video_mask(entry.video_mask_path, clip.bucket, anchor=anchor)}, outputs["video_mask"])
+    if "reference_audio" in todo:
+        waveform, rate = fitted_waveform(entry.reference_audio_path, duration)
+        save_pt(_audio_latent_file(audio_encoder, waveform, rate), outputs["reference_audio"])
+    if "audio" in todo:
+        source = entry.audio_path or entry.media_path
+        if entry.audio_path is None and (clip.is_image or not _has_audio_track(entry.media_path)):
+            logger.warning("%s: no audio track; video latents written, no audio latents", entry.media_path)
+            summary.without_audio.append(name)
+            return
+        try:
+            waveform, rate = fitted_waveform(source, duration)
+        except ValueError as exc:
+            if entry.audio_path is not None:
+                raise
+            # As in the official tool, a clip whose audio cannot be read is kept without audio latents.
+            logger.warning("%s: audio unreadable (%s); video latents written, no audio latents", source, exc)
+            summary.without_audio.append(name)
+            return
+        save_pt(_audio_latent_file(audio_encoder, waveform, rate), outputs["audio"])
+    if outputs["audio_mask"] is not None and ("audio_mask" in todo or "audio" in todo) and outputs["audio"].exists():
+        _write_audio_mask(entry, outputs["audio"], outputs["audio_mask"])
+
+
+def _encode_audio_entry(
+    entry: DatasetEntry, todo: set[str], outputs: dict[str, Path | None], *, audio_encoder: torch.nn.Module | None,
+    durations: Sequence[float],
+) -> None:
+    """An audio-only row: the audio cut to the longest ``--audio_durations`` bucket it fills."""
+    if audio_encoder is None or outputs["audio"] is None:
+        raise ValueError(f"{entry.location}: an audio-only row (no video column) needs audio encoding (drop "
+                         "--skip_audio True)")
+    if not durations:
+        raise ValueError(f"{entry.location}: an audio-only row needs --audio_durations (seconds, e.g. '2.0;4.0')")
+    audio = media.read_audio(entry.media_path, max_duration=max(durations) + 1.0)
+    duration = choose_audio_duration(durations, audio.duration)
+    if duration is None:
+        raise ValueError(f"{entry.media_path}: {audio.duration:.3f}s of audio, shorter than every --audio_durations "
+                         f"bucket {sorted(durations)}")
+    if "audio" in todo:
+        waveform = audio.waveform[:, : int(duration * audio.sample_rate)]
+        save_pt(_audio_latent_file(audio_encoder, waveform, audio.sample_rate), outputs["audio"])
+    if "reference_audio" in todo:
+        waveform, rate = fitted_waveform(entry.reference_audio_path, duration)
+        save_pt(_audio_latent_file(audio_encoder, waveform, rate), outputs["reference_audio"])
+    if outputs["audio_mask"] is not None and ("audio_mask" in todo or "audio" in todo):
+        _write_audio_mask(entry, outputs["audio"], outputs["audio_mask"])
 
 
 def _has_audio_track(path: Path) -> bool:
@@ -461,6 +625,8 @@ def _has_audio_track(path: Path) -> bool:
 def media_problem(entry: DatasetEntry, buckets: Sequence[Bucket]) -> str | None:
     """Why a sample cannot be processed, judged from the file headers (None when it looks fine): the media or the
     reference cannot be opened, or the clip has fewer frames than every bucket."""
+    if not entry.has_video:
+        return None  # audio-only rows are checked when their audio is read
     try:
         info = media.probe_video(entry.media_path)
         if choose_bucket(buckets, width=info.width, height=info.height, num_frames=info.num_frames) is None:
@@ -489,6 +655,36 @@ def check_reference_factor(factor: int, buckets: Sequence[Bucket], has_reference
     return factor
 
 
+def check_reference_temporal_factor(factor: int, buckets: Sequence[Bucket]) -> int:
+    """``--reference_temporal_scale_factor``: >= 1; above 1 a single bucket whose ``frames - 1`` is a multiple of
+    ``8 * factor`` (the subsampled reference must be 8k + 1 frames for the VAE)."""
+    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+        raise ValueError(f"reference_temporal_scale_factor must be an integer >= 1, got {factor!r}")
+    if factor > 1:
+        if len(buckets) > 1:
+            raise ValueError(f"reference_temporal_scale_factor={factor} needs a single resolution bucket, got "
+                             f"{format_buckets(buckets)}")
+        if (buckets[0].num_frames - 1) % (8 * factor):
+            raise ValueError(f"reference_temporal_scale_factor={factor}: bucket {buckets[0]} has "
+                             f"{buckets[0].num_frames} frames; frames - 1 must be a multiple of {8 * factor} so the "
+                             "reference keeps 8k + 1 frames")
+    return factor
+
+
+def parse_audio_durations(spec: str | None) -> tuple[float, ...]:
+    """``'2.0;4.0'`` -> (2.0, 4.0); None -> ()."""
+    if spec is None or not spec.strip():
+        return ()
+    try:
+        durations = tuple(float(part) for part in spec.split(";") if part.strip())
+    except ValueError:
+        raise ValueError(f"--audio_durations: expected seconds separated by ';' (e.g. '2.0;4.0'), got {spec!r}") \
+            from None
+    if not durations or any(not d > 0 for d in durations):
+        raise ValueError(f"--audio_durations: every duration must be > 0, got {spec!r}")
+    return durations
+
+
 @dataclass(frozen=True, kw_only=True)
 class ProcessVideosConfig:
     """Encode the media of a dataset file into video latents (and audio / IC-LoRA reference latents)."""
@@ -500,7 +696,12 @@ class ProcessVideosConfig:
     output_dir: Path
     """Where the video latents go (mirrors the media paths)."""
     model_path: Path
-    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) holding the video (and audio) VAE."""
+    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) holding the video (and audio) VAE, or an LTX-2.5
+    transformer file (then --video_vae_path / --audio_vae_path name the VAEs)."""
+    video_vae_path: Path | None = None
+    """Video VAE file (LTX-2.5 split pack); default: inside --model_path."""
+    audio_vae_path: Path | None = None
+    """Audio VAE file (LTX-2.5 split pack); default: inside --model_path."""
     video_column: str = DEFAULT_MEDIA_COLUMN
     """Column holding the media paths."""
     device: str | None = None
@@ -517,11 +718,11 @@ class ProcessVideosConfig:
     with_audio: bool = False
     """Also encode each clip's audio track (trimmed/padded to the clip's F/fps seconds) with the audio VAE."""
     audio_output_dir: Path | None = None
-    """Where audio latents go; required with --with-audio."""
+    """Where audio latents go; required with --with_audio."""
     reference_column: str | None = None
-    """IC-LoRA: column with the reference media; its latents go to --reference-output-dir under the TARGET's name."""
+    """IC-LoRA: column with the reference media; its latents go to --reference_output_dir under the TARGET's name."""
     reference_output_dir: Path | None = None
-    """Where reference latents go; required with --reference-column."""
+    """Where reference latents go; required with --reference_column."""
     reference_downscale_factor: int = 1
     """Encode references at the bucket's size divided by this (>1 needs a single bucket)."""
     overwrite: bool = False
@@ -530,19 +731,22 @@ class ProcessVideosConfig:
     def __post_init__(self) -> None:
         parse_buckets(self.resolution_buckets)
         if self.with_audio and self.audio_output_dir is None:
-            raise ValueError("--audio-output-dir is required with --with-audio")
+            raise ValueError("--audio_output_dir is required with --with_audio")
         if self.reference_column is not None and self.reference_output_dir is None:
-            raise ValueError("--reference-output-dir is required with --reference-column")
+            raise ValueError("--reference_output_dir is required with --reference_column")
 
 
 def load_media_encoders(
-    model_path: Path, *, device: torch.device, dtype: torch.dtype, with_audio: bool
+    model_path: Path, *, device: torch.device, dtype: torch.dtype, with_audio: bool,
+    video_vae_path: Path | None = None, audio_vae_path: Path | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     from ltxf.models.audio_vae import load_audio_vae_encoder
+    from ltxf.models.pack import resolve_pack
     from ltxf.models.video_vae import load_video_vae_encoder
 
-    video_encoder = load_video_vae_encoder(model_path, dtype, device)
-    audio_encoder = load_audio_vae_encoder(model_path, torch.float32, device) if with_audio else None
+    pack = resolve_pack(model_path, video_vae=video_vae_path, audio_vae=audio_vae_path)
+    video_encoder = load_video_vae_encoder(pack.video_vae_file(), dtype, device)
+    audio_encoder = load_audio_vae_encoder(pack.audio_vae_file(), torch.float32, device) if with_audio else None
     return video_encoder, audio_encoder
 
 
@@ -559,7 +763,8 @@ def process_videos(config: ProcessVideosConfig) -> PrepSummary:
     mine = shard(entries, rank, world)
     device = resolve_device(config.device)
     video_encoder, audio_encoder = load_media_encoders(
-        config.model_path, device=device, dtype=resolve_dtype(config.vae_dtype, device), with_audio=config.with_audio
+        config.model_path, device=device, dtype=resolve_dtype(config.vae_dtype, device), with_audio=config.with_audio,
+        video_vae_path=config.video_vae_path, audio_vae_path=config.audio_vae_path,
     )
     try:
         return encode_media(
@@ -711,7 +916,12 @@ class DecodeLatentsConfig:
     output_dir: Annotated[Path, tyro.conf.Positional]
     """Where the .mp4 files (.png for one-frame latents) go."""
     model_path: Path
-    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) holding the VAE decoders and the vocoder."""
+    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors) holding the VAE decoders and the vocoder, or an LTX-2.5
+    transformer file with --video_vae_path / --audio_vae_path."""
+    video_vae_path: Path | None = None
+    """Video VAE file (LTX-2.5 split pack); default: inside --model_path."""
+    audio_vae_path: Path | None = None
+    """Audio VAE + vocoder file (LTX-2.5 split pack); default: inside --model_path."""
     device: str | None = None
     """Torch device; default: cuda when available, else cpu."""
     vae_dtype: DTypeName = "auto"
@@ -729,6 +939,12 @@ class DecodeLatentsConfig:
     overwrite: bool = False
     """Re-decode files whose outputs exist."""
 
+    def pack(self) -> Any:
+        """The :class:`ltxf.models.pack.ModelPack` the decoders come from."""
+        from ltxf.models.pack import resolve_pack
+
+        return resolve_pack(self.model_path, video_vae=self.video_vae_path, audio_vae=self.audio_vae_path)
+
 
 def decode_latents(config: DecodeLatentsConfig) -> PrepSummary:
     """Decode ``config.latents_dir`` (and audio latents with ``with_audio``) with this process's share of files."""
@@ -741,7 +957,8 @@ def decode_latents(config: DecodeLatentsConfig) -> PrepSummary:
         raise ValueError(f"latents folder {latents_dir} does not exist")
     rank, world = rank_and_world_size()
     device = resolve_device(config.device)
-    decoder = load_video_vae_decoder(config.model_path, resolve_dtype(config.vae_dtype, device), device)
+    pack = config.pack()
+    decoder = load_video_vae_decoder(pack.video_decoder_file(), resolve_dtype(config.vae_dtype, device), device)
     summary = decode_video_dir(latents_dir, output_dir, decoder=decoder, seed=config.seed, tiling=config.vae_tiling,
                                overwrite=config.overwrite, rank=rank, world_size=world)
     del decoder
@@ -751,8 +968,8 @@ def decode_latents(config: DecodeLatentsConfig) -> PrepSummary:
         if not audio_dir.is_dir():
             raise ValueError(f"audio latents folder {audio_dir} does not exist")
         audio_out = Path(config.audio_output_dir or output_dir.parent / "decoded_audio")
-        audio_decoder = load_audio_vae_decoder(config.model_path, torch.float32, device)
-        vocoder = load_vocoder(config.model_path, torch.float32, device)
+        audio_decoder = load_audio_vae_decoder(pack.audio_vae_file(), torch.float32, device)
+        vocoder = load_vocoder(pack.audio_vae_file(), torch.float32, device)
         summary = summary.merged(decode_audio_dir(audio_dir, audio_out, decoder=audio_decoder, vocoder=vocoder,
                                                   overwrite=config.overwrite, rank=rank, world_size=world))
     return summary
@@ -764,22 +981,31 @@ def decode_latents(config: DecodeLatentsConfig) -> PrepSummary:
 
 @dataclass(frozen=True, kw_only=True)
 class ProcessDatasetConfig:
-    """Turn a dataset file (captions + media) into a training-ready .precomputed folder in the official layout:
-    conditions/ (text features), latents/ (video), and optionally audio_latents/, reference_latents/ (IC-LoRA)
-    and decoded_* previews."""
+    """Turn an official 1.2 dataset file (columns caption, video, audio, reference_video, reference_audio,
+    video_mask, audio_mask; legacy media_path / ref_media_path) into a training-ready .precomputed folder in the
+    official layout: conditions/, latents/, audio_latents/ (unless --skip_audio True), and for the rows that have the
+    columns reference_latents/, reference_audio_latents/, video_masks/, audio_masks/; decoded_* previews with
+    --decode."""
 
     dataset_path: Annotated[Path, tyro.conf.Positional]
     """Dataset file (.csv, .json or .jsonl) with caption and media-path columns; paths relative to it."""
     resolution_buckets: str
     """Buckets as 'WxHxF;WxHxF' (W, H multiples of 32; F = 8k + 1), e.g. '768x512x49;512x512x97'."""
     model_path: Path
-    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors): VAEs, audio VAE, vocoder, text feature extractor."""
+    """Official LTX-2 / LTX-2.3 checkpoint (.safetensors): VAEs, audio VAE, vocoder, text feature extractor; or
+    the LTX-2.5 transformer file (with --video_vae_path, --audio_vae_path and the packed text encoder)."""
     text_encoder_path: Path
-    """Local Gemma 3 model directory (weights + tokenizer)."""
+    """Local Gemma 3 model directory (weights + tokenizer), or the LTX-2.5 packed text-encoder file (it also holds
+    the text feature extractor)."""
+    video_vae_path: Path | None = None
+    """Video VAE file (LTX-2.5 split pack; the conv or the diffusion-decoder VAE, whose encoder is the same conv
+    encoder); default: inside --model_path."""
+    audio_vae_path: Path | None = None
+    """Audio VAE file (LTX-2.5 split pack); default: inside --model_path."""
     caption_column: str = DEFAULT_CAPTION_COLUMN
     """Column holding the captions."""
-    video_column: str = DEFAULT_MEDIA_COLUMN
-    """Column holding the media paths."""
+    video_column: str = VIDEO_COLUMN
+    """Column holding the video paths (official 1.2 'video'; the legacy 'media_path' is read too)."""
     batch_size: int = 8
     """Prompts encoded per Gemma forward pass (media are encoded one clip at a time)."""
     device: str | None = None
@@ -803,11 +1029,19 @@ class ProcessDatasetConfig:
     decode: bool = False
     """Also decode the latents to decoded_videos/ (+ decoded_reference_videos/, decoded_audio/) for inspection."""
     reference_column: str | None = None
-    """IC-LoRA: column with the reference media; latents go to reference_latents/ under the TARGET's name."""
+    """IC-LoRA: column with the reference media (default: 'reference_video' or legacy 'ref_media_path' when the file
+    has it); latents go to reference_latents/ under the TARGET's name."""
     reference_downscale_factor: int = 1
     """Encode references at the bucket size divided by this (>= 1; > 1 needs a single bucket)."""
-    with_audio: bool = False
-    """Also encode each clip's audio track into audio_latents/ (clips without audio are reported and kept)."""
+    reference_temporal_scale_factor: int = 1
+    """Encode references with frame 0 then every S-th frame (fps / S); > 1 needs a single bucket whose
+    frames - 1 is a multiple of 8 * S."""
+    skip_audio: bool = False
+    """Do not encode audio. By default each row's audio (its 'audio' column, else the clip's own track, cut to the
+    clip's F/fps seconds) goes to audio_latents/; clips without audio are reported and kept."""
+    audio_durations: str | None = None
+    """Audio-only datasets (rows with an 'audio' column and no video): duration buckets in seconds, e.g. '2.0;4.0';
+    each file is cut to the longest bucket it fills."""
     load_text_encoder_in_8bit: bool = False
     """Load Gemma with bitsandbytes 8-bit weights (CUDA only)."""
     overwrite: bool = False
@@ -821,6 +1055,8 @@ class ProcessDatasetConfig:
             raise ValueError(f"reference_downscale_factor must be >= 1, got {self.reference_downscale_factor}")
         if self.reference_column is not None:
             check_reference_factor(self.reference_downscale_factor, buckets, True)
+        check_reference_temporal_factor(self.reference_temporal_scale_factor, buckets)
+        parse_audio_durations(self.audio_durations)
 
     @property
     def resolved_output_dir(self) -> Path:
@@ -837,9 +1073,10 @@ def process_dataset(config: ProcessDatasetConfig) -> PrepSummary:
     if len(buckets) > 1:
         logger.warning("several resolution buckets: train with batch_size 1 (or a bucketed sampler), since samples "
                        "of different buckets cannot be stacked")
-    factor = check_reference_factor(config.reference_downscale_factor, buckets, config.reference_column is not None)
     entries = read_dataset(config.dataset_path, caption_column=config.caption_column, media_column=config.video_column,
                            reference_column=config.reference_column)
+    factor = check_reference_factor(config.reference_downscale_factor, buckets,
+                                    any(e.reference_path is not None for e in entries))
     rank, world = rank_and_world_size()
     mine = shard(entries, rank, world)
     logger.info("rank %d/%d: %d of %d samples -> %s", rank, world, len(mine), len(entries), out)
@@ -858,16 +1095,22 @@ def process_dataset(config: ProcessDatasetConfig) -> PrepSummary:
             precheck.skipped.append((entry.rel_path.as_posix(), problem))
 
     captions = process_captions_for(readable, config, out / "conditions", device)
+    with_audio = not config.skip_audio
     video_encoder, audio_encoder = load_media_encoders(
-        config.model_path, device=device, dtype=resolve_dtype(config.vae_dtype, device), with_audio=config.with_audio
+        config.model_path, device=device, dtype=resolve_dtype(config.vae_dtype, device), with_audio=with_audio,
+        video_vae_path=config.video_vae_path, audio_vae_path=config.audio_vae_path,
     )
+    has_reference = any(e.reference_path is not None for e in readable)
     try:
         videos = encode_media(
             readable, buckets=buckets, latents_dir=out / "latents", video_encoder=video_encoder,
-            audio_encoder=audio_encoder, audio_dir=out / "audio_latents" if config.with_audio else None,
-            reference_dir=out / "reference_latents" if config.reference_column else None,
-            reference_downscale_factor=factor, reshape_mode=config.reshape_mode, seed=config.seed,
-            tiling=config.vae_tiling, overwrite=config.overwrite,
+            audio_encoder=audio_encoder, audio_dir=out / "audio_latents" if with_audio else None,
+            reference_dir=out / "reference_latents" if has_reference else None,
+            reference_downscale_factor=factor,
+            reference_temporal_scale_factor=config.reference_temporal_scale_factor,
+            reshape_mode=config.reshape_mode, seed=config.seed, tiling=config.vae_tiling, overwrite=config.overwrite,
+            extra_dirs=OutputDirs.official(out, audio=with_audio),
+            audio_durations=parse_audio_durations(config.audio_durations),
         )
     finally:
         del video_encoder, audio_encoder
@@ -888,17 +1131,19 @@ def process_dataset(config: ProcessDatasetConfig) -> PrepSummary:
     if config.decode:
         decode = DecodeLatentsConfig(
             latents_dir=out / "latents", output_dir=out / "decoded_videos", model_path=config.model_path,
+            video_vae_path=config.video_vae_path, audio_vae_path=config.audio_vae_path,
             device=config.device, vae_dtype=config.vae_dtype, vae_tiling=config.vae_tiling, seed=config.seed,
-            with_audio=config.with_audio and (out / "audio_latents").is_dir(),
+            with_audio=with_audio and (out / "audio_latents").is_dir(),
             audio_latents_dir=out / "audio_latents", audio_output_dir=out / "decoded_audio",
             overwrite=config.overwrite,
         )
         if (out / "latents").is_dir():
             decode_latents(decode).log()
-        if config.reference_column and (out / "reference_latents").is_dir():
+        if has_reference and (out / "reference_latents").is_dir():
             from ltxf.models.video_vae import load_video_vae_decoder
 
-            decoder = load_video_vae_decoder(config.model_path, resolve_dtype(config.vae_dtype, device), device)
+            decoder = load_video_vae_decoder(decode.pack().video_decoder_file(),
+                                             resolve_dtype(config.vae_dtype, device), device)
             decode_video_dir(out / "reference_latents", out / "decoded_reference_videos", decoder=decoder,
                              seed=config.seed, tiling=config.vae_tiling, overwrite=config.overwrite, rank=rank,
                              world_size=world).log()

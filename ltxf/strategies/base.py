@@ -163,14 +163,21 @@ class Strategy(Protocol):
 
     config: StrategyConfig
 
-    def data_sources(self) -> tuple[str, ...]:
-        """Dataset folders the strategy reads (``latents``, ``conditions``, ``audio_latents``, ...)."""
+    def data_sources(self) -> tuple[str, ...] | Mapping[str, str]:
+        """Dataset folders the strategy reads (``latents``, ``conditions``, ``audio_latents``, ...), or a mapping
+        dataset role (:data:`ltxf.data.ROLES`, :data:`ltxf.data.CONDITION_ROLES`) -> folder name."""
         ...
 
     def prepare_inputs(
-        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype
+        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype,
+        shared_key: torch.Tensor | None = None,
     ) -> ModelInputs:
-        """Noise the batch and build the transformer inputs and targets; all randomness from ``key`` [B]."""
+        """Noise the batch and build the transformer inputs and targets; all randomness from ``key`` [B] and,
+        for draws that apply to the whole micro-batch (a reference that changes the sequence length), from
+        ``shared_key`` [1] (keyed by seed, step and micro-batch: the same on every process).
+
+        The result has ``video`` / ``audio`` (:class:`~ltxf.models.transformer.Modality` or None, at least one)
+        and ``sigma_B``; :meth:`per_sample_losses` receives it back."""
         ...
 
     def per_sample_losses(
@@ -182,3 +189,24 @@ class Strategy(Protocol):
     def export_metadata(self, samples: Sequence[SampleInfo]) -> dict[str, str]:
         """String metadata for the exported LoRA (at least ``ltxf_strategy``), from the dataset's samples."""
         ...
+
+
+def training_keyframes_mask(
+    policy: str, batch_size: int, num_tokens: int, tokens_per_frame: int, *, num_leading: int = 0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor | None:
+    """The video ``Modality.keyframes_mask`` ``[B, num_leading + T, 1]`` for ``strategy.keyframes_mask``:
+    'first_frame' marks the target's first latent frame (as inference does), never the ``num_leading`` tokens
+    placed before the target (IC-LoRA references, not marked in inference either); 'none' gives None (the
+    official 1.2 trainer). Only models with the LTX-2.5 keyframe embedding read it."""
+    if policy == "none":
+        return None
+    if policy != "first_frame":
+        raise ValueError(f"strategy.keyframes_mask must be 'first_frame' or 'none', got {policy!r}")
+    from ltxf.sampling import first_frame_keyframes_mask
+
+    mask_BT = first_frame_keyframes_mask(batch_size, num_tokens, tokens_per_frame, device=device)
+    if num_leading:
+        mask_BT = torch.cat([mask_BT.new_zeros(batch_size, num_leading), mask_BT], dim=1)
+    return mask_BT[..., None]
+

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["build_strategy", "get_strategy", "register", "resolve_strategy_config", "strategy_names"]
 
 _BUILT_IN: dict[str, str] = {
+    "flexible": "ltxf.strategies.flexible:Flexible",
     "text_to_video": "ltxf.strategies.text_to_video:TextToVideo",
     "video_to_video": "ltxf.strategies.video_to_video:VideoToVideo",
 }

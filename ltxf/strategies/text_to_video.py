@@ -22,6 +22,7 @@ from ltxf.strategies.base import (
     noise_video,
     per_sample_noise,
     sample_sigmas,
+    training_keyframes_mask,
 )
 from ltxf.timesteps import noise_latents
 
@@ -66,6 +67,8 @@ def prepare_text_to_video(
         positions=video_positions_for_batch(batch_size, num_frames, height, width, batch["fps"], device=device),
         context=context.video_context.to(dtype),
         context_mask=context.context_mask,
+        keyframes_mask=training_keyframes_mask(strategy.keyframes_mask, batch_size, num_frames * height * width,
+                                               height * width, device=device),
     )
 
     audio = None
@@ -115,7 +118,8 @@ class TextToVideo:
         return ("latents", "conditions", "audio_latents") if self.config.with_audio else ("latents", "conditions")
 
     def prepare_inputs(
-        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype
+        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype,
+        shared_key: torch.Tensor | None = None,
     ) -> ModelInputs:
         return prepare_text_to_video(batch, context, strategy=self.config, flow=self.flow,
                                      generators=generators_from_key(key), dtype=dtype)

@@ -18,7 +18,14 @@ from ltxf.config import FlowConfig, StrategyConfig
 from ltxf.latents import patchify_video
 from ltxf.models.text import TextContext
 from ltxf.models.transformer import Modality
-from ltxf.strategies.base import ModelInputs, StepLosses, compute_losses, generators_from_key, noise_video
+from ltxf.strategies.base import (
+    ModelInputs,
+    StepLosses,
+    compute_losses,
+    generators_from_key,
+    noise_video,
+    training_keyframes_mask,
+)
 from ltxf.strategies.text_to_video import video_positions_for_batch
 
 if TYPE_CHECKING:
@@ -94,6 +101,8 @@ def prepare_video_to_video(
         positions=positions,
         context=context.video_context.to(dtype),
         context_mask=context.context_mask,
+        keyframes_mask=training_keyframes_mask(strategy.keyframes_mask, batch_size, num_frames * height * width,
+                                               height * width, num_leading=num_ref, device=device),
     )
     return ModelInputs(
         video=video,
@@ -120,7 +129,8 @@ class VideoToVideo:
         return ("latents", "conditions", "reference_latents")
 
     def prepare_inputs(
-        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype
+        self, batch: Mapping[str, torch.Tensor], context: TextContext, key: torch.Tensor, *, dtype: torch.dtype,
+        shared_key: torch.Tensor | None = None,
     ) -> ModelInputs:
         return prepare_video_to_video(batch, context, strategy=self.config, flow=self.flow,
                                       generators=generators_from_key(key), dtype=dtype)

@@ -192,3 +192,74 @@ def test_loading_peak_host_memory_is_about_one_copy(tmp_path):
     growth_mib, size_mib = map(float, out.stdout.split())
     assert size_mib > 100
     assert growth_mib < 1.5 * size_mib, f"loading grew RSS by {growth_mib:.0f} MiB for {size_mib:.0f} MiB of weights"
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Key layouts users have: ComfyUI files, split-off transformer-only and VAE-only files
+
+
+@pytest.fixture(scope="module")
+def demo_file(tmp_path_factory):
+    from ltxf.demo import build_demo_checkpoint
+
+    return build_demo_checkpoint(tmp_path_factory.mktemp("demo") / "demo.safetensors", seed=0)
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _rewrite(source, target, rename, *, keep=lambda key: True, metadata=True):
+    from safetensors.torch import load_file
+
+    tensors = {rename(k): v for k, v in load_file(str(source)).items() if keep(k)}
+    save_file(tensors, str(target), metadata=checkpoint.read_metadata(source) if metadata else None)
+    return target
+
+
+def test_comfyui_layout_reads_like_the_official_file(demo_file, tmp_path):
+    """ComfyUI keeps the transformer and the connectors under ``diffusion_model.`` (no ``model.``)."""
+    from ltxf.demo import DEMO_GEMMA_HIDDEN
+    from ltxf.models.text import load_embeddings_processor
+    from ltxf.models.video_vae import load_video_vae_decoder
+
+    comfy = _rewrite(demo_file, tmp_path / "comfy.safetensors", lambda k: k.removeprefix("model."))
+    assert any(k.startswith("diffusion_model.") for k in checkpoint._file_keys(comfy))
+    assert _same_state(load_transformer(comfy), load_transformer(demo_file))
+    assert _same_state(load_embeddings_processor(comfy, gemma_hidden_size=DEMO_GEMMA_HIDDEN),
+                       load_embeddings_processor(demo_file, gemma_hidden_size=DEMO_GEMMA_HIDDEN))
+    assert _same_state(load_video_vae_decoder(comfy), load_video_vae_decoder(demo_file))
+    assert checkpoint.detect_version(checkpoint.read_config(comfy)) == "ltx-2.3"
+
+
+def test_transformer_only_and_vae_only_files(demo_file, tmp_path):
+    from ltxf.models.video_vae import load_video_vae_decoder, load_video_vae_encoder
+
+    reference = load_transformer(demo_file)
+    # A bare transformer state dict with its config in the metadata.
+    bare = _rewrite(demo_file, tmp_path / "bare.safetensors", lambda k: k.removeprefix(PREFIX),
+                    keep=lambda k: k.startswith(PREFIX))
+    assert _same_state(load_transformer(bare), reference)
+    # The same without metadata: refused with a hint, read with the config of a given single file.
+    plain = _rewrite(demo_file, tmp_path / "plain.safetensors", lambda k: k, keep=lambda k: k.startswith(PREFIX),
+                     metadata=False)
+    with pytest.raises(ValueError, match=r"plain\.safetensors has no .config. entry .*--config_from"):
+        load_transformer(plain)
+    with checkpoint.config_from(demo_file):
+        assert _same_state(load_transformer(plain), reference)
+    with pytest.raises(ValueError, match="no 'config' entry"):
+        load_transformer(plain)  # the config source applies inside the block only
+
+    # A VAE-only file, with the official prefix and without, with and without config metadata.
+    vae_only = _rewrite(demo_file, tmp_path / "vae.safetensors", lambda k: k, keep=lambda k: k.startswith("vae."),
+                        metadata=False)
+    with checkpoint.config_from(demo_file):
+        assert _same_state(load_video_vae_decoder(vae_only), load_video_vae_decoder(demo_file))
+    config = checkpoint.read_config(demo_file)
+    bare_vae = tmp_path / "bare_vae.safetensors"
+    from safetensors.torch import load_file
+
+    save_file({k.removeprefix("vae."): v for k, v in load_file(str(demo_file)).items() if k.startswith("vae.")},
+              str(bare_vae), metadata={"config": json.dumps({"vae": config["vae"]})})
+    assert _same_state(load_video_vae_encoder(bare_vae), load_video_vae_encoder(demo_file))

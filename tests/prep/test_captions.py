@@ -154,9 +154,9 @@ def test_caption_media_resumes_and_overrides(captioner, media_dir, suffix):
 
 
 def test_caption_videos_tool(llava_dir, media_dir):
-    code = load_tool("caption_videos").main([str(media_dir / "a.mp4"), "--model-path", str(llava_dir),
-                                            "--max-new-tokens", "3", "--device", "cpu"])
+    code = load_tool("caption_videos").main([str(media_dir / "a.mp4"), "--model_path", str(llava_dir),
+                                            "--max_new_tokens", "3", "--device", "cpu"])
     assert code == 0
     rows = json.loads((media_dir / "a.mp4.dataset.json").read_text())
     assert [r["media_path"] for r in rows] == ["a.mp4"] and len(rows[0]["caption"].split()) == 3
-    assert load_tool("caption_videos").main([str(media_dir / "nothing"), "--model-path", str(llava_dir)]) == 2
+    assert load_tool("caption_videos").main([str(media_dir / "nothing"), "--model_path", str(llava_dir)]) == 2

@@ -54,10 +54,9 @@ def test_custom_columns_and_absolute_paths_inside(tmp_path):
         ("d.csv", 'caption,media_path\n"a",x.mp4\nb,y.mp4,extra\n', r"d\.csv line 3: expected 2 fields"),
         ("d.csv", 'caption,media_path\n"unterminated,x.mp4\n', r"d\.csv line \d+: malformed CSV"),
         ("d.csv", "", "the CSV file is empty"),
-        ("d.json", '[{"caption": "a", "video": "x.mp4"}]', r"entry 0: missing column 'media_path'"),
+        ("d.json", '[{"caption": "a", "clip": "x.mp4"}]', r"entry 0: missing column 'media_path'"),
         ("d.json", '[{"caption": 3, "media_path": "x.mp4"}]', r"entry 0: column 'caption' must be a string"),
         ("d.json", '[{"caption": "a", "media_path": "  "}]', r"entry 0: column 'media_path' is empty"),
-        ("d.json", '[{"caption": "a", "media_path": "../x.mp4"}]', "points outside the dataset folder"),
         ("d.json", "[]", "lists no samples"),
         ("d.yaml", "a: b", "unsupported dataset file type '.yaml'"),
     ],
@@ -87,3 +86,35 @@ def test_csv_columns_are_the_union(tmp_path):
     path = tmp_path / "d.csv"
     write_records(path, [{"media_path": "a.mp4"}, {"media_path": "b.mp4", "caption": "b", "n": 3}])
     assert Path(path).read_text().splitlines() == ["media_path,caption,n", "a.mp4,,", "b.mp4,b,3"]
+
+
+def test_official_1_2_columns_legacy_names_and_outside_paths(tmp_path):
+    """A 1.2 dataset file reads as it is: ``video`` (or legacy ``media_path``), ``reference_video`` (or legacy
+    ``ref_media_path``), ``audio``, ``reference_audio``, ``video_mask``, ``audio_mask``; media outside the folder
+    are accepted and named under _external/."""
+    outside = tmp_path / "elsewhere" / "o.mp4"
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [
+        {"caption": "a", "video": "a.mp4", "reference_video": "ra.mp4", "video_mask": "ma.png",
+         "audio_mask": "ma.pt", "reference_audio": "ra.wav"},
+        {"caption": "b", "video": str(outside), "audio": "../b.wav"},
+    ]
+    (folder / "d.json").write_text(json.dumps(rows))
+    a, b = read_dataset(folder / "d.json")
+    assert a.rel_path == PurePosixPath("a.mp4") and a.reference_path == folder / "ra.mp4"
+    assert a.video_mask_path == folder / "ma.png" and a.audio_mask_path == folder / "ma.pt"
+    assert a.reference_audio_path == folder / "ra.wav" and a.audio_path is None
+    assert b.media_path == outside and b.rel_path == PurePosixPath("_external", *outside.parts[1:])
+    assert b.audio_path == tmp_path / "b.wav" and b.has_video
+    legacy = [{"caption": "a", "media_path": "a.mp4", "ref_media_path": "r.mp4"}]
+    (folder / "l.json").write_text(json.dumps(legacy))
+    (entry,) = read_dataset(folder / "l.json", media_column="video")
+    assert entry.media_path == folder / "a.mp4" and entry.reference_path == folder / "r.mp4"
+
+
+def test_audio_only_rows_are_named_after_the_audio(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"caption": "rain", "audio": "s/rain.wav"}\n')
+    (entry,) = read_dataset(tmp_path / "d.jsonl", media_column="video")
+    assert not entry.has_video and entry.media_path == tmp_path / "s" / "rain.wav"
+    assert entry.rel_path == PurePosixPath("s/rain.wav") and entry.audio_path == entry.media_path

@@ -53,9 +53,9 @@ def dataset(tmp_path_factory) -> Path:
 def processed(dataset, tiny_checkpoint, tiny_gemma, tmp_path_factory):
     tool = load_tool("process_dataset")
     args = [
-        str(dataset / "dataset.json"), "--resolution-buckets", "64x64x17;96x64x9;64x64x1",
-        "--model-path", str(tiny_checkpoint), "--text-encoder-path", str(tiny_gemma),
-        "--with-audio", "--decode", "--remove-llm-prefixes", "--lora-trigger", "tok", "--device", "cpu",
+        str(dataset / "dataset.json"), "--resolution_buckets", "64x64x17;96x64x9;64x64x1",
+        "--model_path", str(tiny_checkpoint), "--text_encoder_path", str(tiny_gemma),
+        "--decode", "True", "--remove_llm_prefixes", "True", "--lora_trigger", "tok", "--device", "cpu",
     ]
     start = time.perf_counter()
     code = tool.main(args)
@@ -92,7 +92,9 @@ def test_files_have_the_official_keys_shapes_and_dtypes(processed):
     assert image["latents"].shape == (128, 1, 2, 2) and image["fps"] == 1.0
 
     conditions = torch.load(out / "conditions" / "clips" / "a.pt", weights_only=True)
-    assert set(conditions) == {"video_prompt_embeds", "audio_prompt_embeds", "prompt_attention_mask"}
+    # + which text encoder made them (an extra key the official reader ignores)
+    assert set(conditions) == {"video_prompt_embeds", "audio_prompt_embeds", "prompt_attention_mask", "text_encoder"}
+    assert conditions["text_encoder"] == "gemma3"
     assert conditions["video_prompt_embeds"].shape == (1024, 32)
     assert conditions["video_prompt_embeds"].dtype == conditions["audio_prompt_embeds"].dtype == torch.bfloat16
     mask = conditions["prompt_attention_mask"]

@@ -46,7 +46,7 @@ def write_dataset(root: Path, rows: list[dict], name: str = "dataset.json") -> P
 
 
 def videos_args(dataset: Path, checkpoint: Path, out: Path, buckets: str = "64x64x9", *extra: str) -> list[str]:
-    return [str(dataset), "--resolution-buckets", buckets, "--output-dir", str(out / "latents"), "--model-path",
+    return [str(dataset), "--resolution_buckets", buckets, "--output_dir", str(out / "latents"), "--model_path",
             str(checkpoint), "--device", "cpu", *extra]
 
 
@@ -84,7 +84,7 @@ def test_missing_audio_track_keeps_the_clip(tmp_path, tiny_checkpoint, caplog):
     write_clip(tmp_path / "silent.mp4", num_frames=9, height=64, width=64, audio=False)
     write_clip(tmp_path / "loud.mp4", num_frames=9, height=64, width=64)
     dataset = write_dataset(tmp_path, [{"media_path": "silent.mp4"}, {"media_path": "loud.mp4"}])
-    args = videos_args(dataset, tiny_checkpoint, tmp_path, "64x64x9", "--with-audio", "--audio-output-dir",
+    args = videos_args(dataset, tiny_checkpoint, tmp_path, "64x64x9", "--with_audio", "True", "--audio_output_dir",
                        str(tmp_path / "audio_latents"))
     assert load_tool("process_videos").main(args) == 0
     assert (tmp_path / "latents" / "silent.pt").is_file() and (tmp_path / "latents" / "loud.pt").is_file()
@@ -92,7 +92,7 @@ def test_missing_audio_track_keeps_the_clip(tmp_path, tiny_checkpoint, caplog):
     assert (tmp_path / "audio_latents" / "loud.pt").is_file()
     assert "silent.mp4: no audio track; video latents written, no audio latents" in caplog.text
     assert "1 without audio" in caplog.text
-    with pytest.raises(ValueError, match="--audio-output-dir is required"):
+    with pytest.raises(ValueError, match="--audio_output_dir is required"):
         ProcessVideosConfig(dataset_file=dataset, resolution_buckets="64x64x9", output_dir=tmp_path,
                             model_path=tiny_checkpoint, with_audio=True)
 
@@ -256,7 +256,7 @@ def test_process_dataset_with_references_and_decode(tmp_path, tiny_checkpoint, t
                                        {"caption": "b", "media_path": "t2.mp4", "reference_path": "gone.mp4"}])
     config = process.ProcessDatasetConfig(
         dataset_path=dataset, resolution_buckets="96x64x9", model_path=tiny_checkpoint, text_encoder_path=tiny_gemma,
-        reference_column="reference_path", decode=True, device="cpu",
+        reference_column="reference_path", decode=True, device="cpu", skip_audio=True,
     )
     summary = process.process_dataset(config)
     # A missing reference skips its sample before any model runs: no orphan conditions file.

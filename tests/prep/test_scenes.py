@@ -92,8 +92,8 @@ def test_parse_duration():
 def test_split_scenes_tool(three_scenes, tmp_path):
     out = tmp_path / "out"
     stats = tmp_path / "stats.csv"
-    code = load_tool("split_scenes").main([str(three_scenes), str(out), "--filter-shorter-than", "1s",
-                                          "--save-images", "2", "--stats-file", str(stats)])
+    code = load_tool("split_scenes").main([str(three_scenes), str(out), "--filter_shorter_than", "1s",
+                                          "--save_images", "2", "--stats_file", str(stats)])
     assert code == 0
     # The 20-frame scene (0.83 s) is filtered out; the rest are numbered in order.
     written = sorted(p.name for p in out.glob("*.mp4"))
