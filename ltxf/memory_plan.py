@@ -259,9 +259,15 @@ def plan_memory(cfg: Any, config: dict, resolution: Resolution, *, fps: float = 
     weights_dtype = torch.float32 if full else compute_dtype
     quantization = cfg.model.quantization
     batch = cfg.optim.batch_size
-    with_audio = cfg.strategy.with_audio
+    # What the run's strategy reads decides the streams (asked through the registry, like the trainer does).
+    from ltxf.strategies.registry import build_strategy
+
+    roles = set(build_strategy(cfg).data_sources())
+    with_audio = "audio_latents" in roles
     video_tokens, audio_tokens = tokens or tokens_for(config, resolution, with_audio=with_audio, fps=fps)
-    if tokens is None and cfg.strategy.name == "video_to_video":
+    if tokens is None and "latents" not in roles:
+        video_tokens = 0  # an audio-only run
+    if tokens is None and "reference_latents" in roles:
         video_tokens *= 2  # the clean reference tokens come first (at full size unless downscaled)
     text_tokens = text_tokens or cfg.data.text_length or 1024
     components: dict[str, float] = {}

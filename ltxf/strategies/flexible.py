@@ -51,10 +51,10 @@ from ltxf.rng import make_generator
 from ltxf.strategies.base import (
     StepLosses,
     masked_mse_per_sample,
-    noisy_tokens,
     sample_sigmas,
     training_keyframes_mask,
 )
+from ltxf.timesteps import noise_latents
 
 if TYPE_CHECKING:
     from ltxf.data import SampleInfo
@@ -453,7 +453,7 @@ def prepare_stream(
                                  for g in streams(key, name, "noise")]).to(device)
         sigma_B = sample_sigmas(flow, grid.num_tokens, streams(key, name, "sigma")).to(device)
         timesteps_BT = sigma_B[:, None].expand(batch_size, grid.num_tokens).clone()
-        latent_BTC = noisy_tokens(clean_BTC, noise_BTC, timesteps_BT)
+        latent_BTC = noise_latents(clean_BTC, noise_BTC, timesteps_BT)
         target_BTC = noise_BTC - clean_BTC
         loss_mask_BT = torch.ones(batch_size, grid.num_tokens, dtype=torch.bool, device=device)
         mask_BT = batch.get(MASK_KEYS[name])
