@@ -235,15 +235,7 @@ def is_complete_checkpoint(path: str | Path) -> bool:
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """All complete checkpoints of a run as ``(step, path)``, oldest first. Incomplete ones are skipped."""
-    root = _checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _STEP_DIR_RE.match(child.name)
-        if match and child.is_dir() and is_complete_checkpoint(child):
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    return [(step, path) for step, path in step_directories(run_dir) if is_complete_checkpoint(path)]
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
