@@ -9,7 +9,7 @@ A script can call the steps one by one (``tests/test_train.py`` and ``experiment
     validator = build_validator(plan)             # before the model: Gemma's peak does not stack on it
     model = build_model(plan)                     # transformer + connectors, LoRA, AC / compile / FSDP2
     params = build_trainables(plan, model)        # the trainable tensors, keyed by state-dict name
-    state = init_or_resume(plan, params, tx, data)  # TrainState at step 0, or restored from the newest checkpoint
+    state = init_or_resume(plan, params, tx, data, log_window)  # step 0, or restored from the newest checkpoint
     run = Run(plan=plan, model=model, ...)         # (see build_run)
     outcome = train_loop(run, state)              # steps, logging, checkpoints, validation, SIGINT/SIGTERM
     export_path = finish(run, outcome)            # final checkpoint, last validation, weights export
@@ -278,7 +278,7 @@ def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_u
     ``transform(name, tensor)`` and ``on_unit(unit_name, module)`` are the plain loader's hooks for the transformer
     (contract in :mod:`ltxf.models.materialize`).
     """
-    cfg, device, mesh = plan.cfg, plan.dist.device, plan.mesh
+    cfg, device = plan.cfg, plan.dist.device
     pack = model_pack(cfg)
     path = pack.transformer
     swap = cfg.parallel.blocks_to_swap
@@ -294,7 +294,6 @@ def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_u
         # fp32 adapters (and AdamW moments): bf16 moments cannot decay and small updates round away.
         targets = inject_lora(transformer, cfg.lora, dtype=torch.float32)
         logger.info("LoRA rank %d alpha %g on %d modules", cfg.lora.rank, cfg.lora.alpha, len(targets))
-    reduce_dtype = torch_dtype(cfg.parallel.reduce_dtype)
     load_first = bool(swap) or quantized
     if not load_first:
         _parallelize_transformer(transformer, plan)
@@ -314,18 +313,25 @@ def build_model(plan: RunPlan, *, transform: TensorTransform | None = None, on_u
         if cfg.model.init_lora is not None:
             apply_initial_lora(transformer, cfg.model.init_lora, cfg.lora)
     transformer.train()
+    return Model(transformer=transformer, text_processor=build_text_connectors(plan, path),
+                 checkpoint_config=read_config(path), pack=pack)
 
+
+def build_text_connectors(plan: RunPlan, path: Path) -> nn.Module:
+    """The text connectors (no feature extractor: training reads cached features), created on meta and loaded
+    like the transformer; trained ones are an FSDP2 unit on the run's mesh, frozen ones may live on the host
+    (``parallel.offload_text_connectors``)."""
+    cfg, device = plan.cfg, plan.dist.device
     trained = cfg.model.train_connectors
     text_processor = build_embeddings_processor_on_meta(path, with_feature_extractor=False)
     text_processor.to(torch.float32 if trained else plan.compute_dtype).requires_grad_(trained)
     if trained:
-        parallelize_text_connectors(text_processor, mesh=mesh, reduce_dtype=reduce_dtype)
+        parallelize_text_connectors(text_processor, mesh=plan.mesh, reduce_dtype=torch_dtype(cfg.parallel.reduce_dtype))
     offload_text = cfg.parallel.offload_text_connectors
     load_embeddings_processor_weights_(text_processor, path, device=torch.device("cpu") if offload_text else device)
     if offload_text:
         offload_text_connectors(text_processor, device)
-    return Model(transformer=transformer, text_processor=text_processor.eval(), checkpoint_config=read_config(path),
-                 pack=pack)
+    return text_processor.eval()
 
 
 def _parallelize_transformer(transformer: nn.Module, plan: RunPlan) -> None:
