@@ -35,6 +35,7 @@ from ltxf.faults import (
 )
 from ltxf.train import main
 from tests.distributed.dcp_roundtrip_worker import full_state, zeros_like_state
+from tests.processes import wait_for_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,13 +91,7 @@ def test_sigterm_to_every_process_saves_a_checkpoint_and_exits_75(tmp_path, demo
     run = _run_dir(tmp_path, demo_assets)
     proc = _cli(run, "--optim.steps", "1000", "--checkpoints.interval", "500", "--data.num_workers", "1",
                 new_session=True)
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "step 1/1000" in line:
-            break
-    else:
-        raise AssertionError("training ended before its first step:\n" + "".join(seen))
+    seen = wait_for_line(proc.stderr, "step 1/1000")
     os.killpg(proc.pid, signal.SIGTERM)
     code, out, err = _finish(proc)
     err = "".join(seen) + err

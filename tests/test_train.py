@@ -26,6 +26,7 @@ from ltxf.demo import DEMO_AUDIO_SAMPLE_RATE, build_demo_assets, demo_transforme
 from ltxf.media import probe_video, read_audio
 from ltxf.step import NonFiniteLossError
 from ltxf.train import main
+from tests.processes import wait_for_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -226,14 +227,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(tmp_path):
     run = tmp_path / "run"
     proc = _run_cli(run, "--checkpoints.interval", "100", "--optim.steps", "1000", "--data.num_workers", "1",
                     new_session=True)
-    seen = []
-    # The progress line of step 1 is printed inside the loop, where the first Ctrl-C only sets a flag.
-    for line in proc.stdout:
-        seen.append(line)
-        if "step 1/1000" in line:
-            break
-    else:
-        raise AssertionError("training ended before its first step:\n" + "".join(seen))
+    seen = wait_for_line(proc.stdout, "step 1/1000")
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     out = "".join(seen) + out

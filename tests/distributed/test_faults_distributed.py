@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ltxf.checkpoint import latest_checkpoint, read_checkpoint_metadata
 from ltxf.faults import EXIT_INTERRUPTED
+from tests.processes import wait_for_line
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,13 +56,7 @@ def test_sigterm_on_one_rank_stops_both_after_a_common_checkpoint(tmp_path):
            "500", "--validation.interval", "None"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if "step 1/1000" in line:
-            break
-    else:
-        raise AssertionError("training ended before its first step:\n" + "".join(seen))
+    seen = wait_for_line(proc.stdout, "step 1/1000")
     os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)  # rank 1 only: rank 0 learns it from the agreement
     started = time.monotonic()
     out, _ = proc.communicate(timeout=300)
